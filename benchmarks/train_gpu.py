@@ -27,12 +27,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
+import lora_peers  # benchmarks/lora_peers.py: the two LoRA set-ups, shared with train_cpu.py
+from kimitune.model import KimiLinearConfig
+from lora_peers import random_state
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
 PROFILE = False
 DEVICE = "cuda"  # --smoke runs the tiny preset on the CPU to check the script itself
-LORA_R, LORA_ALPHA = 16, 32
 
 
 @dataclass
@@ -85,57 +86,15 @@ def flops_per_token(cfg: KimiLinearConfig, seq: int, lora_params: int) -> float:
 
 def random_model(cfg: KimiLinearConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random bf16 weights (kimitune's initialisation), as a CPU state dict both tools load."""
-    torch.manual_seed(seed)
-    with torch.device(DEVICE):
-        model = KimiLinearForCausalLM(cfg).to(torch.bfloat16)
-    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    del model
-    return state
+    return random_state(cfg, torch.bfloat16, DEVICE, seed)
 
 
 def build_kimitune(cfg, state, row: Row):
-    from kimitune.adapters import LoraSettings, apply_lora
-
-    with torch.device("meta"):
-        model = KimiLinearForCausalLM(cfg)
-    model.load_state_dict({k: v.to(DEVICE) for k, v in state.items()}, assign=True)
-    settings = LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear",
-                            target_experts=row.tool == "kimitune+experts")
-    apply_lora(model, settings)
-    model.set_gradient_checkpointing(row.ckpt)
-    model.train()
-
-    def loss_fn(ids):
-        return model(ids, labels=ids, return_logits=False).loss
-
-    return model, loss_fn
+    return lora_peers.build_kimitune(cfg, state, DEVICE, row.ckpt, experts=row.tool == "kimitune+experts")
 
 
 def build_peer(cfg, state, row: Row):
-    from peft import LoraConfig, get_peft_model
-    from transformers import KimiLinearConfig as HFConfig
-    from transformers import KimiLinearForCausalLM as HFModel
-
-    hf_dict = cfg.to_dict()
-    hf_dict["num_key_value_heads"] = cfg.num_attention_heads  # transformers' MLA needs it (ours ignores it)
-    hf_cfg = HFConfig(**hf_dict)
-    with torch.device("meta"):
-        model = HFModel._from_config(hf_cfg, torch_dtype=torch.bfloat16, experts_implementation="grouped_mm")
-    missing, unexpected = model.load_state_dict({k: v.to(DEVICE) for k, v in state.items()}, strict=False,
-                                                assign=True)
-    if missing or unexpected:
-        raise RuntimeError(f"peer weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.config.use_cache = False
-    if row.ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
-                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
-    model.train()
-
-    def loss_fn(ids):
-        return model(input_ids=ids, labels=ids, use_cache=False).loss
-
-    return model, loss_fn
+    return lora_peers.build_peer(cfg, state, DEVICE, torch.bfloat16, row.ckpt)
 
 
 def _sync() -> None:
@@ -149,6 +108,7 @@ def measure(cfg, state, row: Row, warmup: int, steps: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     build = build_peer if row.tool == "peer" else build_kimitune
     model, loss_fn = build(cfg, state, row)
+    model_gib = torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
     params = [p for p in model.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-4, fused=DEVICE == "cuda" or None)
@@ -178,14 +138,15 @@ def measure(cfg, state, row: Row, warmup: int, steps: int) -> dict:
             print(f"--- profile: {row} ---")
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
         result = {"tokens_per_s": row.seq / seconds, "step_ms": 1000 * seconds, "first_loss": losses[0].item(),
-                  "peak_gib": _peak_gib()}
+                  "peak_gib": _peak_gib(), "weights_gib": model_gib}
     except torch.cuda.OutOfMemoryError:
         result = {"oom": True, "peak_gib": _peak_gib()}
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), 989e12)
     if "tokens_per_s" in result:
         result["mfu"] = flops_per_token(cfg, row.seq, lora_params) * result["tokens_per_s"] / peak
-    result.update(tool=row.tool, seq=row.seq, ckpt=row.ckpt, trainable=lora_params)
+    result.update(tool=row.tool, seq=row.seq, ckpt=row.ckpt, trainable=lora_params,
+                  planned_gib=lora_peers.planned_peak_gib(cfg, row.tool, row.seq, row.ckpt))
     del model, opt, loss_fn, params
     gc.collect()
     if DEVICE == "cuda":
@@ -227,12 +188,12 @@ def main() -> None:
         result = measure(cfg, state, row, args.warmup, args.steps)
         results.append(result)
         print(json.dumps(result), flush=True)
-    print(f"\n| tool | seq | checkpointing | tokens/s | MFU | peak GiB | trainable |\n|---|---|---|---|---|---|---|")
+    print(f"\n| tool | seq | checkpointing | tokens/s | MFU | peak GiB | planned GiB | trainable |\n|---|---|---|---|---|---|---|---|")
     for r in results:
         speed = "OOM" if r.get("oom") else f"{r['tokens_per_s'] / 1e3:.1f}k"
         mfu = "-" if r.get("oom") else f"{100 * r['mfu']:.1f}%"
         print(f"| {r['tool']} | {r['seq']} | {'on' if r['ckpt'] else 'off'} | {speed} | {mfu} | "
-              f"{r['peak_gib']:.1f} | {r['trainable'] / 1e6:.1f}M |")
+              f"{r['peak_gib']:.1f} | {r['planned_gib']:.1f} | {r['trainable'] / 1e6:.1f}M |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -1,7 +1,8 @@
-"""The `kimitune` command line: train, preprocess, inspect (and the commands later issues add)."""
+"""The `kimitune` command line: train, preprocess, inspect, plan (and the commands later issues add)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Fine-tune Moonshot AI's Kimi Linear models from a chat dataset and a YAML file.",
 )
-console = Console()
+console = Console(quiet=os.environ.get("RANK", "0") != "0")  # under torchrun only rank 0 prints
+# Warnings and errors go to stderr, so that `--json` output and `generate`'s stdout stay machine-readable.
+diagnostics = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")
 
 OVERRIDE_HELP = (
     "Any config key can be overridden after CONFIG as --key value (dashes or underscores), "
@@ -51,10 +54,10 @@ def _load(config: Path, extra: list[str]):
     try:
         cfg, warnings = load_config(config, parse_overrides(extra))
     except ConfigError as err:
-        console.print(f"[red]error:[/] {err}")
+        diagnostics.print(f"[red]error:[/] {err}")
         raise typer.Exit(2) from None
     for warning in warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        diagnostics.print(f"[yellow]warning:[/] {warning}")
     return cfg
 
 
@@ -128,6 +131,65 @@ def inspect(
         raise typer.Exit(2) from None
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Predict the peak GPU memory of training CONFIG (no weights are loaded) and, when it does not fit "
+    f"--gpu-memory, the settings that would make it fit. {OVERRIDE_HELP}",
+)
+def plan(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="The YAML config file."),
+    gpu_memory: str = typer.Option("80GiB", help="The GPU's memory: 80GiB (H100), 141GB (H200), 24GiB, ..."),
+    json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    from kimitune.plan import load_model_config, parse_memory, plan_json, predict_peak_memory, suggest_settings
+
+    cfg = _load(config, ctx.args)
+    try:
+        gpu = parse_memory(gpu_memory)
+        model_config = load_model_config(cfg)
+        memory = predict_peak_memory(cfg, model_config)
+        suggestions = [] if memory.fits(gpu) else suggest_settings(cfg, model_config, gpu)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+    if json_output:
+        typer.echo(plan_json(memory, gpu, suggestions))
+        return
+    _print_plan(memory, gpu, suggestions)
+
+
+def _print_plan(memory, gpu: float, suggestions) -> None:
+    from rich.table import Table
+
+    gib = 2**30
+    table = Table(title=f"predicted peak GPU memory: {memory.tokens:,} tokens per micro-batch")
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    table.add_column("note", style="dim")
+    for item in memory.items:
+        table.add_row(item.name, f"{item.bytes / gib:.2f}", item.note)
+    table.add_row("[bold]peak allocated[/]", f"[bold]{memory.peak_allocated_gib:.2f}[/]",
+                  "torch.cuda.max_memory_allocated")
+    table.add_row("[bold]device total[/]", f"[bold]{memory.device_total_gib:.2f}[/]",
+                  "+ allocator overhead and CUDA context")
+    console.print(table)
+    fits = memory.fits(gpu)
+    verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
+    console.print(f"{verdict} in {gpu / gib:.1f} GiB", highlight=False)
+    if fits:
+        return
+    if not suggestions:
+        console.print("nothing tried fits: use more GPUs (FSDP2 through torchrun), a GPU with more memory, or a "
+                      "smaller model", highlight=False)
+        return
+    hints = Table(title="settings that would make it fit", show_header=True)
+    hints.add_column("change")
+    hints.add_column("device total GiB", justify="right")
+    for suggestion in suggestions:
+        hints.add_row(suggestion.text, f"{suggestion.plan.device_total_gib:.2f}")
+    console.print(hints)
+
+
 # ----- inference and export (issue 6): thin wrappers over kimitune.infer -----
 
 SAMPLING_HELP = {
@@ -142,7 +204,7 @@ DEVICE_HELP = "auto (a GPU when there is one), cpu or cuda; bfloat16 on a GPU, f
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[red]error:[/] {err}")
+    diagnostics.print(f"[red]error:[/] {err}")
     raise typer.Exit(2) from None
 
 

@@ -56,6 +56,35 @@ class DatasetConfig(_Strict):
     field: str | None = None
 
 
+class FsdpConfig(_Strict):
+    """``fsdp_config:``: how ``torchrun ... -m kimitune train`` shards the model (FSDP2; Axolotl's keys, which may
+    also carry Axolotl's older ``fsdp_`` prefix). Without torchrun these have no effect."""
+
+    offload_params: bool = Field(default=False, description="Keep sharded weights, gradients and optimizer "
+                                 "state in CPU memory (CPUOffloadPolicy); the optimizer steps on the CPU.")
+    cpu_offload_pin_memory: bool = Field(default=True, description="Pin the offloaded CPU memory.")
+    reshard_after_forward: bool = Field(default=True, description="Free each layer's gathered weights after its "
+                                        "forward (gather again in the backward); false keeps them, faster.")
+    activation_checkpointing: bool = Field(default=False, description="Recompute each decoder layer's "
+                                           "activations in the backward (as gradient_checkpointing).")
+
+
+# Axolotl's fsdp_config keys that kimitune accepts but that change nothing here.
+FSDP_INERT_KEYS: dict[str, str] = {
+    "auto_wrap_policy": "kimitune always shards per decoder layer",
+    "transformer_layer_cls_to_wrap": "kimitune always shards per decoder layer",
+    "state_dict_type": "checkpoints hold whole weights (PEFT / release layout) and a sharded optimizer state",
+    "sharding_strategy": "kimitune always shards fully (FSDP2)",
+    "cpu_ram_efficient_loading": "every rank loads the weights, then shards them",
+    "sync_module_states": "every rank builds the same weights",
+    "use_orig_params": "FSDP2 always keeps the original parameters",
+    "limit_all_gathers": "FSDP2 needs no rate limiting",
+    "forward_prefetch": "FSDP2 prefetches the next layer itself",
+    "backward_prefetch": "FSDP2 prefetches the next layer itself",
+    "version": "set fsdp_version at the top level",
+}
+
+
 class TrainConfig(_Strict):
     """Everything a `kimitune train` run reads from its YAML file."""
 
@@ -68,8 +97,11 @@ class TrainConfig(_Strict):
     trust_remote_code: bool = Field(
         default=False, description="Lets the tokenizer's own code run (the Kimi tokenizer needs it)."
     )
-    load_in_8bit: bool = False
-    load_in_4bit: bool = False
+    # Quantised frozen weights (kimitune.quant): every linear and the experts; embeddings, norms, router, head kept.
+    load_in_8bit: bool = Field(default=False, description="Frozen weights in int8, one scale per row (LLM.int8).")
+    load_in_4bit: bool = Field(default=False, description="Frozen weights in 4-bit, blocks of 64 (QLoRA).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_use_double_quant: bool = Field(default=False, description="Also quantise the 4-bit block scales.")
     bf16: bool | Literal["auto"] = "auto"
     fp16: bool | None = None
     tf32: bool | None = None
@@ -145,6 +177,10 @@ class TrainConfig(_Strict):
     )
     max_bad_steps: int = Field(default=5, gt=0, description="Non-finite steps in a row before the run stops.")
 
+    # --- several GPUs (torchrun; kimitune.train.distributed) --------------------------------------------
+    fsdp_version: int | None = Field(default=None, description="2 (FSDP2, the only kind); optional.")
+    fsdp_config: FsdpConfig | None = None
+
     # --- evaluation, checkpoints, logging --------------------------------------------------------------
     eval_steps: int | None = Field(default=None, gt=0)
     evals_per_epoch: int | None = Field(default=None, gt=0)
@@ -154,13 +190,19 @@ class TrainConfig(_Strict):
     logging_steps: int = Field(default=1, gt=0)
     output_dir: str = "./outputs"
     resume_from_checkpoint: str | bool | None = None
-    use_tensorboard: bool = False
+    # Experiment trackers, with Axolotl's keys (kimitune.train.metrics): W&B is on when wandb_project is set (unless
+    # use_wandb: false), MLflow when use_mlflow or mlflow_experiment_name is set, TensorBoard with use_tensorboard.
+    use_tensorboard: bool = Field(default=False, description="Write <output_dir>/tensorboard event files.")
+    use_wandb: bool | None = None
     wandb_project: str | None = None
     wandb_entity: str | None = None
     wandb_name: str | None = None
+    wandb_run_id: str | None = Field(default=None, description="W&B run id (resumes that run when it exists).")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = None
     use_mlflow: bool = False
     mlflow_tracking_uri: str | None = None
     mlflow_experiment_name: str | None = None
+    mlflow_run_name: str | None = None
     plugins: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -169,10 +211,15 @@ class TrainConfig(_Strict):
             raise ValueError("set exactly one of base_model (a checkpoint) or init_from_config (random weights)")
         if self.load_in_8bit and self.load_in_4bit:
             raise ValueError("load_in_8bit and load_in_4bit are exclusive")
-        if self.adapter == "qlora" and not (self.load_in_4bit or self.load_in_8bit):
-            raise ValueError("adapter: qlora needs load_in_4bit: true (or load_in_8bit: true)")
+        if self.adapter == "qlora" and not self.load_in_4bit:
+            raise ValueError("adapter: qlora is LoRA on a 4-bit base: set load_in_4bit: true (for an 8-bit base use "
+                             "adapter: lora with load_in_8bit: true)")
         if (self.load_in_4bit or self.load_in_8bit) and self.adapter is None:
-            raise ValueError("quantised weights are frozen: load_in_8bit/load_in_4bit need an adapter")
+            raise ValueError("quantised weights are frozen, so full fine-tuning (adapter unset) cannot train them: "
+                             "set adapter: lora / qlora, or drop load_in_8bit / load_in_4bit")
+        bnb_keys = sorted(k for k in self.model_fields_set if k.startswith("bnb_4bit_"))
+        if bnb_keys and not self.load_in_4bit:
+            raise ValueError(f"{', '.join(bnb_keys)} only apply with load_in_4bit: true")
         ce_keys = sorted(k for k in self.model_fields_set if k.startswith("ce_lora_"))
         if ce_keys and self.adapter != "ce_lora":
             raise ValueError(f"{', '.join(ce_keys)} only apply with adapter: ce_lora (adapter is {self.adapter})")
@@ -181,6 +228,8 @@ class TrainConfig(_Strict):
             if not 0.0 <= value < 1.0:
                 key = "ce_lora_sparsity" if name is None else f"ce_lora_sparsity[{name!r}]"
                 raise ValueError(f"{key} must be in [0, 1), got {value}")
+        if self.fsdp_version not in (None, 2):
+            raise ValueError(f"fsdp_version: kimitune shards with FSDP2 only: set 2 (got {self.fsdp_version})")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("set warmup_steps or warmup_ratio, not both")
         if self.eval_steps is not None and self.evals_per_epoch is not None:
@@ -213,13 +262,12 @@ INERT_KEYS: dict[str, str] = {
     "local_rank": "set by torchrun",
     "debug": "no debug mode",
     "deepspeed": "kimitune uses FSDP2 through torchrun, not DeepSpeed",
-    "fsdp": "multi-GPU runs are configured by torchrun, not this key",
-    "fsdp_config": "multi-GPU runs are configured by torchrun, not this key",
+    "fsdp": "run under torchrun to shard with FSDP2; fsdp_config sets its options",
     "special_tokens": "the tokenizer's own special tokens are used",
     "tokens": "the tokenizer's own vocabulary is used",
     "wandb_watch": "gradients are not streamed to W&B",
     "wandb_log_model": "checkpoints are not uploaded to W&B",
-    "wandb_mode": "use the WANDB_MODE environment variable",
+    "hf_mlflow_log_artifacts": "checkpoints are not uploaded to MLflow",
     "loss_watchdog_threshold": "kimitune stops on non-finite steps instead (max_bad_steps)",
     "loss_watchdog_patience": "kimitune stops on non-finite steps instead (max_bad_steps)",
     "logging_first_step": "every logging_steps step is logged",
@@ -264,12 +312,20 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> tuple[TrainConf
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
     _check_keys(raw, TrainConfig, source, INERT_KEYS)
+    if isinstance(raw.get("fsdp_config"), dict):  # Axolotl's older spelling prefixes every key with fsdp_
+        fsdp = {key.removeprefix("fsdp_"): value for key, value in raw["fsdp_config"].items()}
+        _check_keys(fsdp, FsdpConfig, f"{source}: fsdp_config", FSDP_INERT_KEYS)
+        fsdp_warnings = [f"`fsdp_config.{key}` has no effect in kimitune: {FSDP_INERT_KEYS[key]}"
+                          for key in fsdp if key in FSDP_INERT_KEYS and fsdp[key] not in (None, False, [], "")]
+        raw = raw | {"fsdp_config": {k: v for k, v in fsdp.items() if k not in FSDP_INERT_KEYS}}
+    else:
+        fsdp_warnings = []
     for field in ("datasets", "test_datasets"):
         for i, entry in enumerate(raw.get(field) or []):
             if not isinstance(entry, dict):
                 raise ConfigError(f"{source}: {field}[{i}] must be a mapping with at least `path`")
             _check_keys(entry, DatasetConfig, f"{source}: {field}[{i}]", {})
-    warnings = [
+    warnings = fsdp_warnings + [
         f"`{key}` has no effect in kimitune: {reason}"
         for key, reason in INERT_KEYS.items()
         if raw.get(key) not in (None, False, [], {}, "")

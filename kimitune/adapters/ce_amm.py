@@ -36,6 +36,7 @@ from torch import nn
 from torch.autograd import Function
 
 from kimitune.ops.grouped_mm import grouped_linear
+from kimitune.quant.matmul import dequantized
 
 # Kept rows and Double-LoRA ranks are rounded up to multiples of 8, so every bf16 row the grouped matmul reads is a
 # multiple of 16 bytes (what torch._grouped_mm needs on the GPU; otherwise it falls back to a per-expert loop).
@@ -162,6 +163,7 @@ class RowSampledInputGrad(nn.Module):
         super().__init__()
         if not 0.0 < sparsity < 1.0:
             raise ValueError(f"CE-LoRA sparsity must be in (0, 1) for an approximated product, got {sparsity!r}")
+        weight = dequantized(weight)  # a quantised base (QLoRA): the SVD and row norms of its dequantised values
         if refresh_steps <= 0:
             raise ValueError(f"CE-LoRA refresh_steps must be positive, got {refresh_steps!r}")
         out_features, in_features = weight.shape[-2:]
@@ -204,6 +206,7 @@ class RowSampledInputGrad(nn.Module):
     @torch.no_grad()
     def refresh(self, weight: torch.Tensor, grad_output: torch.Tensor, offsets: torch.Tensor | None) -> None:
         """Chooses the kept rows from this ``dY`` and gathers their residual rows ``R[S, :]``."""
+        weight = dequantized(weight)
         squares = grad_output.float().square()
         if self.stacked:
             column_sq = squares.new_zeros(weight.shape[0], self.out_features)
@@ -238,18 +241,40 @@ class RowSampledInputGrad(nn.Module):
                 f"double_rank={self.double_rank}, refresh_steps={self.refresh_steps}, adaptive={self.adaptive}")
 
 
+def _keep_weight(ctx, weight, *tensors: torch.Tensor) -> None:
+    """Saves a float weight (and ``tensors``) for backward; a quantised one is kept as a reference (its buffers
+    live in the model anyway)."""
+    if isinstance(weight, torch.Tensor):
+        ctx.weight = None
+        ctx.save_for_backward(weight, *tensors)
+    else:
+        ctx.weight = weight
+        ctx.save_for_backward(*tensors)
+
+
+def _kept_weight(ctx):
+    """What ``_keep_weight`` kept: the weight alone, or ``(weight, *tensors)``."""
+    saved = ctx.saved_tensors
+    if ctx.weight is not None:
+        saved = (ctx.weight, *saved)
+    return saved[0] if len(saved) == 1 else saved
+
+
 class ApproxLinearFunction(Function):
-    """``F.linear(x, W, b)`` exactly forward; backward gives only dX, through ``RowSampledInputGrad``."""
+    """``F.linear(x, W, b)`` exactly forward; backward gives only dX, through ``RowSampledInputGrad``.
+
+    ``W`` may be a ``QuantizedWeight`` (QLoRA base): dequantised for the forward product and, in the backward,
+    only when the kept rows are refreshed."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, approx: RowSampledInputGrad):
         ctx.approx, ctx.input_shape, ctx.input_dtype = approx, x.shape, x.dtype
-        ctx.save_for_backward(weight)
-        return torch.nn.functional.linear(x, weight, bias)
+        _keep_weight(ctx, weight)
+        return torch.nn.functional.linear(x, dequantized(weight), bias)
 
     @staticmethod
     def backward(ctx, grad_output):
-        (weight,) = ctx.saved_tensors
+        weight = _kept_weight(ctx)
         grad = ctx.approx.input_grad(weight, grad_output.reshape(-1, grad_output.shape[-1]))
         return grad.reshape(ctx.input_shape).to(ctx.input_dtype), None, None, None
 
@@ -260,11 +285,11 @@ class ApproxGroupedLinearFunction(Function):
     @staticmethod
     def forward(ctx, x, weight, offsets, approx: RowSampledInputGrad):
         ctx.approx, ctx.input_dtype = approx, x.dtype
-        ctx.save_for_backward(weight, offsets)
-        return grouped_linear(x, weight, offsets)
+        _keep_weight(ctx, weight, offsets)
+        return grouped_linear(x, dequantized(weight), offsets)
 
     @staticmethod
     def backward(ctx, grad_output):
-        weight, offsets = ctx.saved_tensors
+        weight, offsets = _kept_weight(ctx)
         grad = ctx.approx.input_grad(weight, grad_output, offsets)
         return grad.to(ctx.input_dtype), None, None, None

@@ -146,7 +146,7 @@ class CeExpertsLora(ExpertsLora):
 
 
 def _check_frozen(*tensors: torch.Tensor | None) -> None:
-    if any(t is not None and t.requires_grad for t in tensors):
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):  # a QuantizedWeight is frozen
         raise RuntimeError("CE-LoRA approximates the input gradient of frozen weights only, but a base weight "
                            "requires grad: freeze it (apply_ce_lora freezes every base parameter)")
 

@@ -2,16 +2,20 @@
 
 A linear layer ``y = x W^T + b`` becomes ``y = x W^T + b + s * dropout(x) A^T B^T`` with ``A`` [r, in]
 (Kaiming-uniform, as PEFT) and ``B`` [out, r] (zeros), so a fresh adapter leaves the model unchanged. The scale
-``s`` is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA. The adapter is float32 whatever the base dtype.
+``s`` is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA. The adapter is stored in float32 whatever the base
+dtype; its products run in the base's compute dtype (``lora_compute_dtype``).
 
 Stacked experts get one independent adapter per expert and projection: ``A`` [E, r, in], ``B`` [E, out, r], and
 expert ``e`` computes ``x W_e^T + s * dropout(x) A_e^T B_e^T``. This is what PEFT 0.21 computes for
 ``target_parameters`` on transformers' ``KimiLinearExperts`` (``W_e + s * B_e A_e``, same ``r``, same scale),
 stored in another layout (``peft_format.py`` converts).
 
-Base parameters keep their names (``q_proj.weight`` stays ``q_proj.weight``). Adapter parameters:
-``<linear>.lora_A`` [r, in], ``<linear>.lora_B`` [out, r]; ``<experts>.lora.<projection>.lora_A`` [E, r, in],
-``...lora_B`` [E, out, r] with projection ``gate_up_proj`` or ``down_proj``.
+Base parameters keep their names (``q_proj.weight`` stays ``q_proj.weight``). A quantised base (QLoRA,
+``kimitune.quant``) works the same way: its ``weight`` is a ``QuantizedWeight`` module taken over like a
+Parameter, and ``base_output`` computes through ``kimitune.quant.matmul``'s frozen products, which take both.
+Adapter parameters: ``<linear>.lora_A`` [r, in], ``<linear>.lora_B`` [out, r];
+``<experts>.lora.<projection>.lora_A`` [E, r, in], ``...lora_B`` [E, out, r] with projection ``gate_up_proj`` or
+``down_proj``.
 
 Extension point (CE-LoRA): an adapted layer computes both terms itself, the frozen product in ``base_output``
 and the low-rank one in ``lora_output`` (``LoraLinear`` and ``ExpertsLora`` alike); a variant that changes
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimitune.ops.grouped_mm import grouped_linear
+from kimitune.quant.matmul import frozen_grouped_linear, frozen_linear
 
 LORA_DTYPE = torch.float32
 
@@ -35,6 +40,17 @@ LORA_DTYPE = torch.float32
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023), else ``alpha / r``, as PEFT."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the low-rank products run in: autocast's inside an autocast region, else the input's, but never
+    below float32 for float32 input. The adapter's Parameters stay float32 (optimizer and updates are exact); the
+    products run at the frozen layer's precision, as under PEFT with autocast. Computing them in float32 from bf16
+    activations, as PEFT does without autocast, costs a float32 copy of every adapted layer's input (kept for the
+    backward) and float32 GEMMs (benchmarks/RESULTS.md, GPU training, has the before and after)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.promote_types(x.dtype, LORA_DTYPE)
 
 
 def _init_lora_a(weight: torch.Tensor) -> None:
@@ -76,13 +92,14 @@ class LoraLinear(nn.Module):
         _init_lora_a(self.lora_A.data)
 
     def base_output(self, x: torch.Tensor) -> torch.Tensor:
-        """``x W^T + b``: the frozen product."""
-        return F.linear(x, self.weight, self.bias)
+        """``x W^T + b``: the frozen product (``weight`` a Parameter or a quantised ``QuantizedWeight``)."""
+        return frozen_linear(x, self.weight, self.bias)
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
-        """``s * dropout(x) A^T B^T``, computed in the adapter's dtype."""
-        x = self.lora_dropout(x).to(self.lora_A.dtype)
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        """``s * dropout(x) A^T B^T`` in the compute dtype (see ``lora_compute_dtype``)."""
+        dtype = lora_compute_dtype(x)
+        x = self.lora_dropout(x).to(dtype)
+        return F.linear(F.linear(x, self.lora_A.to(dtype)) * self.scaling, self.lora_B.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_output(x)
@@ -130,13 +147,15 @@ class ExpertsLora(nn.Module):
         _init_lora_a(self.lora_A.data)
 
     def base_output(self, weight: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """``x W_e^T`` per expert group: the frozen product."""
-        return grouped_linear(x, weight, offsets)
+        """``x W_e^T`` per expert group: the frozen product (``weight`` a Parameter or a ``QuantizedWeight``)."""
+        return frozen_grouped_linear(x, weight, offsets)
 
     def lora_output(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """``s * dropout(x) A_e^T B_e^T`` per expert group, computed in the adapter's dtype."""
-        x = self.lora_dropout(x).to(self.lora_A.dtype)
-        return grouped_linear(grouped_linear(x, self.lora_A, offsets), self.lora_B, offsets) * self.scaling
+        """``s * dropout(x) A_e^T B_e^T`` per expert group, in the compute dtype (see ``lora_compute_dtype``)."""
+        dtype = lora_compute_dtype(x)
+        x = self.lora_dropout(x).to(dtype)
+        hidden = grouped_linear(x, self.lora_A.to(dtype), offsets) * self.scaling
+        return grouped_linear(hidden, self.lora_B.to(dtype), offsets)
 
     def forward(self, weight: torch.Tensor, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         base = self.base_output(weight, x, offsets)

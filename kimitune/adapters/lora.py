@@ -160,8 +160,14 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def merge_lora(model: nn.Module) -> list[str]:
     """Folds every adapter into its base weight and removes it, leaving the plain model; returns merged names.
 
-    Each sum ``W + s B A`` is formed in float32 (at least) and rounded once to the base weight's dtype.
+    Each sum ``W + s B A`` is formed in float32 (at least) and rounded once to the base weight's dtype. A
+    quantised base (QLoRA) is refused: merge the saved adapter onto the float checkpoint (``kimitune merge-lora``).
     """
+    from kimitune.quant import is_quantized
+
+    if is_quantized(model):
+        raise ValueError("merge_lora: the base weights are quantised (load_in_8bit / load_in_4bit); merge the saved "
+                         "adapter onto the unquantised base checkpoint instead: kimitune merge-lora BASE ADAPTER OUT")
     merged = list(lora_modules(model))
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
@@ -175,12 +181,18 @@ def merge_lora(model: nn.Module) -> list[str]:
 
 
 def save_adapter(
-    model: nn.Module, directory: str | Path, settings: LoraSettings, base_model: str | None = None
+    model: nn.Module,
+    directory: str | Path,
+    settings: LoraSettings,
+    base_model: str | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes the model's adapters to ``directory`` in PEFT's format (``peft_format.py``); returns the folder.
 
     ``settings`` must be the ones the adapters were built with (checked). The targets written are the adapted
-    modules by exact full name; ``base_model`` is recorded as ``base_model_name_or_path``.
+    modules by exact full name; ``base_model`` is recorded as ``base_model_name_or_path``. ``state``: the adapter
+    tensors by parameter name (``lora_state_dict``'s keys), when not the modules' own (a sharded model's gathered
+    state).
     """
     modules = lora_modules(model)
     if not modules:
@@ -201,6 +213,10 @@ def save_adapter(
         base_model=base_model,
     )
     tensors = {name: (m.lora_A, m.lora_B) for name, m in modules.items()}
+    if state is not None:
+        paths = {id(m): path for path, m in model.named_modules()}
+        tensors = {name: (state[f"{paths[id(m)]}.lora_A"], state[f"{paths[id(m)]}.lora_B"])
+                   for name, m in modules.items()}
     directory = Path(directory)
     write_adapter(directory, config, tensors)
     return directory

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from kimitune.quant.weight import QuantizedWeight
+
 ALL_LINEAR = "all-linear"
 EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
 OUTPUT_HEAD = "lm_head"
@@ -55,9 +57,10 @@ class LoraTargets:
 
 
 def is_stacked_experts(module: nn.Module) -> bool:
-    """True for a module holding stacked expert weights that computes through ``project(name, x, offsets)``."""
+    """True for a module holding stacked expert weights (Parameters or quantised ``QuantizedWeight``) that computes
+    through ``project(name, x, offsets)``."""
     return callable(getattr(module, "project", None)) and all(
-        isinstance(getattr(module, proj, None), nn.Parameter) and getattr(module, proj).ndim == 3
+        isinstance(getattr(module, proj, None), (nn.Parameter, QuantizedWeight)) and getattr(module, proj).ndim == 3
         for proj in EXPERT_PROJECTIONS
     )
 

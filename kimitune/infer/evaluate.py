@@ -64,8 +64,9 @@ class EvalReport:
 
 
 @torch.no_grad()
-def mean_loss(model: KimiLinearForCausalLM, batches: list, autocast=None) -> tuple[float, int]:
-    """(mean loss over every label token of ``batches``, their number); the model is put in eval mode."""
+def summed_loss(model: KimiLinearForCausalLM, batches: list, autocast=None) -> tuple[torch.Tensor, int]:
+    """(summed token loss over every label token of ``batches`` as a float32 tensor, their number); the model is
+    put in eval mode."""
     model.eval()
     device = model.lm_head.weight.device
     total, count = torch.zeros((), device=device), 0
@@ -75,6 +76,12 @@ def mean_loss(model: KimiLinearForCausalLM, batches: list, autocast=None) -> tup
                         return_logits=False, loss_reduction="sum")
         total += out.loss.float()
         count += batch.num_label_tokens
+    return total, count
+
+
+def mean_loss(model: KimiLinearForCausalLM, batches: list, autocast=None) -> tuple[float, int]:
+    """(mean loss over every label token of ``batches``, their number); the model is put in eval mode."""
+    total, count = summed_loss(model, batches, autocast)
     return (total / max(count, 1)).item(), count
 
 

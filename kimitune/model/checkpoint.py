@@ -21,6 +21,7 @@ read, and no code from the folder is ever run.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import re
 from collections.abc import Callable
@@ -173,13 +174,24 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         owner._buffers[leaf] = tensor
 
 
+def _decoder_layer(layout: TensorLayout) -> int | None:
+    """The decoder layer an in-memory tensor belongs to (None for embeddings, the final norm and the head)."""
+    match = re.match(r"^model\.layers\.(\d+)\.", layout.name)
+    return int(match[1]) if match else None
+
+
 def load_pretrained(
     path: str | Path,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    quantization=None,
 ) -> KimiLinearForCausalLM:
     """A release-layout folder -> KimiLinearForCausalLM on ``device`` (CPU by default), every tensor in ``dtype``
-    (by default the dtype it has in the file)."""
+    (by default the dtype it has in the file).
+
+    ``quantization`` ('8bit', '4bit' or a ``kimitune.quant.QuantSpec``) stores the frozen linears and experts
+    quantised (``kimitune.quant.quantize_model_``), each decoder layer as soon as its tensors are in: the device
+    holds the quantised layers so far plus one layer in ``dtype``, never the whole model in ``dtype``."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"no model folder at {folder}")
@@ -204,13 +216,25 @@ def load_pretrained(
     if wrong:
         raise CheckpointError(f"{folder}: {len(wrong)} tensor(s) with the wrong shape for its config.json: "
                               f"{_listing(wrong)}")
-    for layout in layouts:
-        first = chosen[layout.parts[0].names[0]]
-        target = torch.empty(meta[layout.name].shape, dtype=dtype or files[first].tensors[first].dtype, device=device)
-        for part in layout.parts:
-            name = chosen[part.names[0]]
-            files[name].read_into(name, target[part.index])
-        _set_tensor(model, layout.name, target)
+    quantize = None
+    if quantization is not None:
+        from kimitune.quant import QuantSpec, quantize_model_
+
+        spec = QuantSpec.parse(quantization)
+        quantize = lambda layer: quantize_model_(layer, spec)  # noqa: E731
+    # state_dict order: every decoder layer's tensors are contiguous, so a layer is complete when the next starts.
+    for layer, layer_layouts in itertools.groupby(layouts, key=_decoder_layer):
+        for layout in layer_layouts:
+            first = chosen[layout.parts[0].names[0]]
+            target = torch.empty(meta[layout.name].shape, dtype=dtype or files[first].tensors[first].dtype,
+                                 device=device)
+            for part in layout.parts:
+                name = chosen[part.names[0]]
+                files[name].read_into(name, target[part.index])
+            _set_tensor(model, layout.name, target)
+            del target
+        if quantize is not None and layer is not None:
+            quantize(model.model.layers[layer])
     return model
 
 
@@ -226,12 +250,25 @@ def _parse_size(size: int | str) -> int:
     return int(float(match[1]) * base ** " KMGT".index(unit[0] if unit[0] != "B" else " "))
 
 
-def save_pretrained(model: KimiLinearForCausalLM, directory: str | Path, max_shard_size: int | str = "5GB") -> Path:
-    """Writes config.json and the release-layout safetensors (one file, or shards + index) to ``directory``."""
+def save_pretrained(
+    model: KimiLinearForCausalLM,
+    directory: str | Path,
+    max_shard_size: int | str = "5GB",
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Writes config.json and the release-layout safetensors (one file, or shards + index) to ``directory``.
+
+    ``state``: the tensors to write by in-memory name, when not the model's own (a sharded model's gathered state).
+    """
+    from kimitune.quant import is_quantized
+
+    if is_quantized(model):
+        raise ValueError("save_pretrained: the model's frozen weights are quantised (load_in_8bit / load_in_4bit); "
+                         "kimitune writes release checkpoints from float weights only (save the adapter instead)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     entries = [(part.names[0], state[layout.name][part.index])
                for layout in checkpoint_layout(model) for part in layout.parts]
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]

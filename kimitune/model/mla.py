@@ -7,7 +7,7 @@
     y                 = o_proj(softmax(q k^T / sqrt(nope + rope)) v)           causal
 
 As in transformers and the release, the latent norms use eps 1e-6 (not rms_norm_eps). With ``cu_seqlens`` (B == 1)
-a block-diagonal causal mask keeps each packed sequence to itself. With an ``MLAState`` the layer attends over
+each packed sequence attends only to itself (kimitune.ops.attention: flash attention's varlen kernel on CUDA). With an ``MLAState`` the layer attends over
 the cached latents too and returns them extended by its input (prefill, then decode).
 """
 
@@ -21,6 +21,7 @@ from torch import nn
 
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.model.norm import RMSNorm
+from kimitune.ops.attention import packed_causal_attention
 
 LATENT_NORM_EPS = 1e-6
 
@@ -36,14 +37,6 @@ class MLAState:
     latent: torch.Tensor
     k_shared: torch.Tensor
     valid: torch.Tensor | None = None
-
-
-def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[total, total] bool, True where query t may attend key s: same packed sequence and s <= t (no host sync)."""
-    positions = torch.arange(total, device=cu_seqlens.device)
-    sequence = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
-    same = sequence[:, None] == sequence[None, :]
-    return same & (positions[None, :] <= positions[:, None])
 
 
 class MultiheadLatentAttention(nn.Module):
@@ -99,8 +92,7 @@ class MultiheadLatentAttention(nn.Module):
         k = torch.cat([k_nope, k_shared_heads], dim=-1)
         q = q.to(k.dtype)
         if cu_seqlens is not None:
-            mask = packed_causal_mask(cu_seqlens.to(x.device), T)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+            out = packed_causal_attention(q, k, v, cu_seqlens, self.scaling)
         elif S == T:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
         else:

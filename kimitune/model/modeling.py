@@ -175,11 +175,14 @@ class KimiLinearForCausalLM(nn.Module):
         path: str | Path,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        quantization=None,
     ) -> KimiLinearForCausalLM:
-        """Loads a release-layout folder (config.json + safetensors); see ``checkpoint.load_pretrained``."""
+        """Loads a release-layout folder (config.json + safetensors); see ``checkpoint.load_pretrained``.
+        ``quantization``: None, '8bit', '4bit' or a ``kimitune.quant.QuantSpec`` (frozen weights quantised layer
+        by layer while loading)."""
         from kimitune.model.checkpoint import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(path, dtype=dtype, device=device, quantization=quantization)
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> Path:
         """Writes the release layout (config.json + sharded safetensors); see ``checkpoint.save_pretrained``."""

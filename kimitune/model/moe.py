@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimitune.model.configuration import KimiLinearConfig
-from kimitune.ops.grouped_mm import grouped_linear
+from kimitune.ops.norm import swiglu
+from kimitune.quant.matmul import frozen_grouped_linear
 
 
 class KimiLinearMLP(nn.Module):
@@ -42,7 +43,7 @@ class KimiLinearMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 @dataclass
@@ -91,13 +92,14 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def project(self, name: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """x [N, in] sorted by expert -> [N, out] through stacked weight ``name`` ('gate_up_proj' or 'down_proj')."""
-        return grouped_linear(x, getattr(self, name), offsets)
+        """x [N, in] sorted by expert -> [N, out] through stacked weight ``name`` ('gate_up_proj' or 'down_proj'),
+        a Parameter or (``load_in_8bit`` / ``load_in_4bit``) a ``kimitune.quant.QuantizedWeight``."""
+        return frozen_grouped_linear(x, getattr(self, name), offsets)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x [N, C] sorted by expert, offsets [E] int32 cumulative ends -> [N, C]."""
         gate, up = self.project("gate_up_proj", x, offsets).chunk(2, dim=-1)
-        return self.project("down_proj", F.silu(gate) * up, offsets)
+        return self.project("down_proj", swiglu(gate, up), offsets)
 
 
 @dataclass

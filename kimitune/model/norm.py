@@ -1,14 +1,16 @@
-"""RMS norms with transformers' KimiLinear precision: statistics in float32.
+"""RMS norms with transformers' KimiLinear precision: statistics in float32 (kimitune.ops.norm computes them).
 
 ``RMSNorm`` normalises in float32, casts back to the input dtype, then scales by the weight (so a float32 weight
 on bfloat16 input gives float32 out, as in transformers). ``GatedRMSNorm`` (KDA's output norm) keeps everything,
-weight and sigmoid gate included, in float32 and casts once at the end.
+weight and sigmoid gate included, in float32 and casts once at the end. On CUDA both run as one fla-core kernel.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kimitune.ops.norm import gated_rms_norm, rms_norm
 
 
 class RMSNorm(nn.Module):
@@ -20,10 +22,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -38,10 +37,7 @@ class GatedRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * x * torch.sigmoid(gate.float())).to(dtype)
+        return gated_rms_norm(x, gate, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -1,10 +1,16 @@
 """Training checkpoints: written atomically, rotated by save_total_limit, resumed exactly.
 
 A checkpoint is a folder ``<output_dir>/checkpoint-<step>`` holding the trainable weights (an adapter in PEFT
-format, or the whole model in the release layout), ``optimizer.pt`` (tensors only, read with weights_only), ``rng_state.{json,safetensors}`` and ``trainer_state.json``
-(step, data position, scheduler state, counters). It is first written to a hidden temporary folder beside it,
-flushed to disk and then renamed, so a run killed at any moment leaves either the whole checkpoint or none, and
-the previous checkpoints stay intact.
+format, or the whole model in the release layout), ``optimizer/`` (a ``torch.distributed.checkpoint`` folder: the
+optimizer state by parameter name), ``rng_state.{json,safetensors}`` (rank r > 0 of a multi-process run adds
+``rng_state.rank<r>.*``) and ``trainer_state.json`` (step, data position, scheduler state, counters). It is first
+written to a hidden temporary folder beside it, flushed to disk and then renamed, so a run killed at any moment
+leaves either the whole checkpoint or none, and the previous checkpoints stay intact.
+
+One format for one process and for N (``kimitune.train.distributed``): the weights are whole tensors written by
+rank 0, the optimizer state is keyed by parameter name and saved by DCP, each rank writing its shards. Either part
+loads on any number of processes, with or without a process group, so a run can resume on another world size
+(exactly so for everything but the dropout masks of ranks that did not exist when it was written).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import random
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from kimitune.train.distributed import World
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -87,34 +100,69 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
+def _rng_file(rank: int, suffix: str) -> str:
+    return f"rng_state.{suffix}" if rank == 0 else f"rng_state.rank{rank}.{suffix}"
+
+
+def _dcp_options() -> dict[str, Any]:
+    """DCP runs without a process group in a single process (and warns that it does; it is meant here)."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+    return {"no_dist": not dist.is_initialized()}
+
+
+def save_optimizer(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer state by parameter name, through DCP (every rank writes its shards; a collective)."""
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory),
+             **_dcp_options())
+
+
+def load_optimizer(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Loads what ``save_optimizer`` wrote, on any number of processes (resharded by name); a collective."""
+    template = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # also creates the state to fill
+    dcp.load(template, checkpoint_id=str(directory), **_dcp_options())
+    set_optimizer_state_dict(model, optimizer, template["optimizer"])
+
+
 def save_checkpoint(
     output_dir: Path,
     state: TrainerState,
     save_weights: Callable[[Path], None],
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     save_total_limit: int | None = None,
+    world: World | None = None,
 ) -> Path:
-    """Writes ``checkpoint-<state.step>`` atomically and removes the oldest beyond ``save_total_limit``."""
+    """Writes ``checkpoint-<state.step>`` atomically and removes the oldest beyond ``save_total_limit``.
+
+    With several processes every rank calls it: ``save_weights`` (gathers, rank 0 writes) and the optimizer are
+    collectives; rank 0 makes, flushes, renames and rotates the folders.
+    """
+    world = world or World()
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{state.step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=output_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=output_dir)) if world.is_main else None
+    tmp = world.broadcast_object(tmp)
     try:
         save_weights(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_optimizer(tmp / "optimizer", model, optimizer)
         plain_rng, tensor_rng = rng_state()
-        save_file(tensor_rng, str(tmp / "rng_state.safetensors"))
-        (tmp / "rng_state.json").write_text(json.dumps(plain_rng))
-        (tmp / STATE_FILE).write_text(state.to_json())
-        _fsync_tree(tmp)
-        if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        save_file(tensor_rng, str(tmp / _rng_file(world.rank, "safetensors")))
+        (tmp / _rng_file(world.rank, "json")).write_text(json.dumps(plain_rng))
+        world.barrier()
+        if world.is_main:
+            (tmp / STATE_FILE).write_text(state.to_json())
+            _fsync_tree(tmp)
+            if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
+                shutil.rmtree(final)
+            os.rename(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if save_total_limit is not None:
+    if save_total_limit is not None and world.is_main:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
             shutil.rmtree(old)
+    world.barrier()
     return final
 
 
@@ -155,8 +203,16 @@ def resolve_resume(output_dir: Path, resume: str | bool | None) -> Path | None:
     return path
 
 
-def load_training_state(checkpoint: Path, optimizer: torch.optim.Optimizer) -> TrainerState:
-    """Restores optimizer and RNG state from ``checkpoint``; returns its TrainerState."""
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
-    set_rng_state(json.loads((checkpoint / "rng_state.json").read_text()), load_file(checkpoint / "rng_state.safetensors"))
+def load_training_state(
+    checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
+) -> TrainerState:
+    """Restores optimizer and RNG state from ``checkpoint``; returns its TrainerState.
+
+    The RNG state is this rank's; a rank the checkpoint has none for (it was written by fewer processes) keeps
+    the generators it has.
+    """
+    load_optimizer(checkpoint / "optimizer", model, optimizer)
+    plain, tensors = checkpoint / _rng_file(rank, "json"), checkpoint / _rng_file(rank, "safetensors")
+    if plain.is_file():
+        set_rng_state(json.loads(plain.read_text()), load_file(tensors))
     return TrainerState.from_json((checkpoint / STATE_FILE).read_text())

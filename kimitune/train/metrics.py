@@ -1,5 +1,11 @@
 """Where training metrics go: metrics.jsonl always; TensorBoard, W&B and MLflow when configured and installed.
 
+Trackers follow Axolotl's keys: ``use_tensorboard``; W&B when ``wandb_project`` is set (``wandb_entity``,
+``wandb_name``, ``wandb_run_id``, ``wandb_mode``; ``use_wandb: false`` turns it off); MLflow when ``use_mlflow`` or
+``mlflow_experiment_name`` is set (``mlflow_tracking_uri``, ``mlflow_run_name``). A tracker that is configured but
+not installed is skipped with a warning naming the package; training goes on. Every tracker gets the numeric
+fields of each record (all but ``step``) at that record's step, and is closed when training ends.
+
 Each logged step is one JSON object per line in ``<output_dir>/metrics.jsonl`` (step, loss, lr, grad_norm,
 tokens_per_s, and eval_loss / eval_ppl when evaluated). A resumed run appends, dropping any lines past the
 step it resumes from, so the file always reads as one uninterrupted run.
@@ -75,12 +81,13 @@ class MetricsLogger:
 
 
 def _open_trackers(config: TrainConfig, output_dir: Path) -> list[Any]:
+    """The trackers the config turns on (Axolotl's rules), each skipped with a warning when not installed."""
     trackers: list[Any] = []
     if config.use_tensorboard:
         trackers.append(_optional(_TensorBoard, output_dir, name="tensorboard"))
-    if config.wandb_project:
+    if config.wandb_project and config.use_wandb is not False:
         trackers.append(_optional(_WandB, config, name="wandb"))
-    if config.use_mlflow:
+    if config.use_mlflow or config.mlflow_experiment_name:
         trackers.append(_optional(_MLflow, config, name="mlflow"))
     return [t for t in trackers if t is not None]
 
@@ -88,12 +95,15 @@ def _open_trackers(config: TrainConfig, output_dir: Path) -> list[Any]:
 def _optional(factory, *args, name: str):
     try:
         return factory(*args)
-    except ImportError:
-        log.warning("%s is configured but not installed (pip install %s): not logging to it", name, name)
+    except ImportError as err:
+        log.warning("%s is configured but cannot be imported (%s): not logging to it; pip install %s "
+                    "(or kimitune[logging])", name, err, name)
         return None
 
 
 class _TensorBoard:
+    """Scalars under their metrics.jsonl names in <output_dir>/tensorboard (torch.utils.tensorboard)."""
+
     def __init__(self, output_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -108,13 +118,20 @@ class _TensorBoard:
 
 
 class _WandB:
+    """One W&B run (project, entity, name, id, mode from the config; the whole config as its config)."""
+
     def __init__(self, config: TrainConfig) -> None:
         import wandb
 
-        self.run = wandb.init(
-            project=config.wandb_project, entity=config.wandb_entity, name=config.wandb_name,
-            config=config.model_dump(mode="json"),
-        )
+        kwargs: dict[str, Any] = {
+            "project": config.wandb_project, "entity": config.wandb_entity, "name": config.wandb_name,
+            "config": config.model_dump(mode="json"),
+        }
+        if config.wandb_mode is not None:
+            kwargs["mode"] = config.wandb_mode
+        if config.wandb_run_id is not None:
+            kwargs.update(id=config.wandb_run_id, resume="allow")
+        self.run = wandb.init(**kwargs)
 
     def __call__(self, numbers: dict[str, float], step: int) -> None:
         self.run.log(numbers, step=step)
@@ -124,6 +141,8 @@ class _WandB:
 
 
 class _MLflow:
+    """One MLflow run in mlflow_experiment_name at mlflow_tracking_uri (MLflow's defaults when unset)."""
+
     def __init__(self, config: TrainConfig) -> None:
         import mlflow
 
@@ -132,7 +151,7 @@ class _MLflow:
         if config.mlflow_experiment_name:
             mlflow.set_experiment(config.mlflow_experiment_name)
         self.mlflow = mlflow
-        self.run = mlflow.start_run()
+        self.run = mlflow.start_run(run_name=config.mlflow_run_name)
 
     def __call__(self, numbers: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(numbers, step=step)

@@ -25,11 +25,13 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(config: TrainConfig) -> torch.device:
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for, but no CUDA GPU is visible")
-    if config.device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
+    """The device of ``config.device`` (auto, cpu or cuda); a bad choice is a ConfigError."""
+    from kimitune.infer.loading import pick_device as pick
+
+    try:
+        return pick(config.device)
+    except ValueError as error:
+        raise ConfigError(f"device: {error}") from None
 
 
 def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
@@ -83,32 +85,52 @@ class TrainingSetup:
         return int(pad) if pad is not None else 0
 
     def save_trainable(self, directory: Path) -> None:
-        """Writes what training changes: the adapter (PEFT format) or the whole model (release layout)."""
-        if self.adapter_settings is not None:
+        """Writes what training changes: the adapter (PEFT format) or the whole model (release layout).
+
+        A sharded model (several processes) is gathered to rank 0, which writes the same files one process would;
+        every rank must call this.
+        """
+        from kimitune.train.distributed import full_state_dict, is_main_process
+
+        adapter = self.adapter_settings is not None
+        state = full_state_dict(self.model, trainable_only=adapter)  # None when the model is not sharded
+        if not is_main_process():
+            return
+        if adapter:
             from kimitune.adapters.lora import save_adapter
 
-            save_adapter(self.model, directory, self.adapter_settings, base_model=self.config.base_model)
+            save_adapter(self.model, directory, self.adapter_settings, base_model=self.config.base_model, state=state)
         else:
-            self.model.save_pretrained(directory)
+            from kimitune.model.checkpoint import save_pretrained
+
+            save_pretrained(self.model, directory, state=state)
 
     def save_final(self, output_dir: Path) -> Path:
-        """The result of the run, in output_dir, with the tokenizer beside it."""
+        """The result of the run, in output_dir, with the tokenizer beside it (every rank calls it)."""
+        from kimitune.train.distributed import is_main_process
+
         self.save_trainable(output_dir)
-        if hasattr(self.tokenizer, "save_pretrained"):
+        if is_main_process() and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(output_dir)
         return output_dir
 
 
 def _build_model(config: TrainConfig, device: torch.device, dtype: torch.dtype, weights_from: str | None):
+    """The model in ``dtype`` on ``device``; with load_in_8bit / load_in_4bit its frozen linears and experts are
+    quantised layer by layer while it is built (``kimitune.quant``), computing in ``dtype``."""
     from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
+    from kimitune.quant import QuantSpec, init_quantized
 
-    if config.load_in_8bit or config.load_in_4bit:
-        raise ConfigError(
-            "load_in_8bit / load_in_4bit (quantised frozen weights) are not available yet in this version"
-        )
+    quantization = QuantSpec.from_config(config)
+    if quantization is not None and config.adapter is None:
+        raise ConfigError("load_in_8bit / load_in_4bit: quantised weights are frozen, so they need an adapter "
+                          "(adapter: lora or qlora); full fine-tuning cannot train them")
     if weights_from is not None:
-        return KimiLinearForCausalLM.from_pretrained(weights_from, dtype=dtype, device=device)
+        return KimiLinearForCausalLM.from_pretrained(weights_from, dtype=dtype, device=device,
+                                                     quantization=quantization)
     model_config = KimiLinearConfig.from_pretrained(config.init_from_config)
+    if quantization is not None:
+        return init_quantized(model_config, quantization, device=device, dtype=dtype)  # from the global seed
     model = KimiLinearForCausalLM(model_config)  # initialised from the global seed
     return model.to(device=device, dtype=dtype)
 

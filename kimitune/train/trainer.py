@@ -5,6 +5,11 @@ epochs in order; the loss of a step is the mean over all label tokens of those m
 per-batch means), so accumulation never changes what is optimised. A step whose loss or gradient norm is not
 finite is skipped (no update) and logged; ``max_bad_steps`` of them in a row stop the run, with the last good
 checkpoint left intact.
+
+Under torchrun (``kimitune.train.distributed``) every process runs this same loop on the FSDP2-sharded model: a
+step's ``gradient_accumulation_steps * world_size`` micro-batches are dealt out across the ranks, every rank's loss is
+divided by the label tokens of all of them, and the sharded gradients are summed, so the step is the one a single
+process makes with the same global batch. Rank 0 alone logs, shows progress and writes files.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from kimitune.config import TrainConfig
+from kimitune.config import FsdpConfig, TrainConfig
+from kimitune.train import distributed
 from kimitune.train.checkpointing import (
     TrainerState,
     load_training_state,
@@ -32,7 +38,7 @@ from kimitune.train.checkpointing import (
 from kimitune.train.metrics import MetricsLogger
 from kimitune.train.optim import build_optimizer
 from kimitune.train.schedule import build_scheduler, warmup_steps_for
-from kimitune.train.setup import TrainingSetup, build_training_setup
+from kimitune.train.setup import TrainingSetup, build_training_setup, pick_device, seed_everything
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,7 +60,10 @@ class TrainSummary:
 
 
 class BatchStream:
-    """Micro-batches in training order across epochs, resumable from a (epoch, index) position."""
+    """Micro-batches in training order across epochs, resumable from a (epoch, index) position.
+
+    Every rank walks the whole stream (the batches are deterministic), so the position is the same on all ranks.
+    """
 
     def __init__(self, setup: TrainingSetup, epoch: int, index: int) -> None:
         self.setup = setup
@@ -71,6 +80,22 @@ class BatchStream:
         batch = self._batches[self.index]
         self.index += 1
         return batch
+
+    def take(self, count: int) -> list:
+        return [next(self) for _ in range(count)]
+
+
+class _NoMetrics:
+    """What ranks other than 0 log to."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def plot(self, path: Path) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def _every(steps_per_epoch: int, explicit: int | None, per_epoch: int | None) -> int | None:
@@ -90,16 +115,34 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
 
     def train(self) -> TrainSummary:
-        config, console = self.config, self.console
+        world = distributed.init_from_env(pick_device(self.config).type)
+        try:
+            return self._train(world)
+        finally:
+            world.shutdown()
+
+    def _train(self, world: distributed.World) -> TrainSummary:
+        config = self.config
+        console = self.console if world.is_main else Console(quiet=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        removed = remove_stale_temporaries(self.output_dir)
-        if removed:
-            console.print(f"[yellow]removed {removed} half-written checkpoint folder(s) from a killed run[/]")
+        if world.is_main:
+            removed = remove_stale_temporaries(self.output_dir)
+            if removed:
+                console.print(f"[yellow]removed {removed} half-written checkpoint folder(s) from a killed run[/]")
+        world.barrier()
         resume_from = resolve_resume(self.output_dir, config.resume_from_checkpoint)
         setup = build_training_setup(config, console, resume_from=resume_from)
+        if distributed.launched_by_torchrun():
+            setup.model = self._shard(setup, world, console)
+        elif config.fsdp_config is not None:
+            console.print("[yellow]warning:[/] fsdp_config has an effect only under torchrun")
+        if world.rank > 0:  # the model is built; each rank draws its own dropout masks from here on
+            seed_everything(config.seed + world.rank)
         model, device = setup.model, setup.device
 
-        steps_per_epoch = max(1, math.ceil(setup.batches_per_epoch / config.gradient_accumulation_steps))
+        # One step consumes micro_batches_per_step micro-batches of the stream, dealt out across the ranks.
+        micro_batches_per_step = config.gradient_accumulation_steps * world.size
+        steps_per_epoch = max(1, math.ceil(setup.batches_per_epoch / micro_batches_per_step))
         total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
         warmup = warmup_steps_for(total_steps, config.warmup_steps, config.warmup_ratio)
         eval_every = _every(steps_per_epoch, config.eval_steps, config.evals_per_epoch)
@@ -109,10 +152,10 @@ class Trainer:
         scheduler = build_scheduler(optimizer, total_steps, warmup, config.lr_scheduler, config.cosine_min_lr_ratio)
         state = TrainerState()
         if resume_from is not None:
-            state = load_training_state(resume_from, optimizer)
+            state = load_training_state(resume_from, model, optimizer, world.rank)
             scheduler.load_state_dict(state.scheduler)
             console.print(f"resuming from [bold]{resume_from}[/] at step {state.step}")
-        metrics = MetricsLogger(config, self.output_dir, resume_step=state.step)
+        metrics = MetricsLogger(config, self.output_dir, resume_step=state.step) if world.is_main else _NoMetrics()
         stream = BatchStream(setup, state.epoch, state.batch_index)
         params = [p for p in model.parameters() if p.requires_grad]
         autocast = (
@@ -122,10 +165,10 @@ class Trainer:
         def save(step_state: TrainerState) -> Path:
             step_state.scheduler = scheduler.state_dict()
             return save_checkpoint(
-                self.output_dir, step_state, setup.save_trainable, optimizer, config.save_total_limit
+                self.output_dir, step_state, setup.save_trainable, model, optimizer, config.save_total_limit, world
             )
 
-        first_eval = self.evaluate(setup, autocast) if (setup.eval_batches and state.step == 0) else None
+        first_eval = self.evaluate(setup, autocast, world) if (setup.eval_batches and state.step == 0) else None
         if first_eval is not None:
             metrics.log({"step": 0, "eval_loss": first_eval, "eval_ppl": math.exp(min(first_eval, 50))})
         last_eval = first_eval
@@ -134,8 +177,9 @@ class Trainer:
         with _progress(console) as progress:
             task = progress.add_task("train", total=total_steps, completed=state.step, status="")
             while state.step < total_steps:
-                micro_batches = [next(stream) for _ in range(config.gradient_accumulation_steps)]
-                label_tokens = sum(b.num_label_tokens for b in micro_batches)
+                step_batches = stream.take(micro_batches_per_step)
+                micro_batches = distributed.shard_of(step_batches, world)  # this rank's share
+                label_tokens = sum(b.num_label_tokens for b in step_batches)  # of the whole global batch
                 loss_sum = torch.zeros((), device=device)
                 for batch in micro_batches:
                     with autocast:
@@ -148,12 +192,12 @@ class Trainer:
                         )
                     loss = out.loss / max(label_tokens, 1)
                     if out.aux_loss is not None:  # already scaled by router_aux_loss_coef
-                        loss = loss + out.aux_loss / len(micro_batches)
+                        loss = loss + out.aux_loss / micro_batches_per_step
                     loss.backward()
                     loss_sum += out.loss.detach().float()
                 max_norm = config.max_grad_norm if config.max_grad_norm else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                step_loss = (loss_sum / max(label_tokens, 1)).item()
+                grad_norm = distributed.clip_grad_norm(params, max_norm)
+                step_loss = world.sum(loss_sum)[0] / max(label_tokens, 1)
                 finite = math.isfinite(step_loss) and math.isfinite(grad_norm.item())
                 if finite:
                     optimizer.step()
@@ -173,7 +217,7 @@ class Trainer:
                     scheduler.step()
                 state.step += 1
                 state.epoch, state.batch_index = stream.epoch, stream.index
-                step_tokens = sum(b.num_tokens for b in micro_batches)
+                step_tokens = sum(b.num_tokens for b in step_batches)
                 state.tokens_seen += step_tokens
                 window_tokens += step_tokens
                 if state.bad_steps_in_a_row >= config.max_bad_steps:
@@ -196,7 +240,7 @@ class Trainer:
                     }
                     window_tokens, window_start = 0, time.perf_counter()
                 if setup.eval_batches and eval_every and (state.step % eval_every == 0 or state.step == total_steps):
-                    last_eval = self.evaluate(setup, autocast)
+                    last_eval = self.evaluate(setup, autocast, world)
                     model.train()
                     if state.best_eval_loss is None or last_eval < state.best_eval_loss:
                         state.best_eval_loss = last_eval
@@ -211,7 +255,7 @@ class Trainer:
                 progress.update(task, completed=state.step)
 
         if setup.eval_batches and eval_every is None:
-            last_eval = self.evaluate(setup, autocast)
+            last_eval = self.evaluate(setup, autocast, world)
             state.best_eval_loss = min(last_eval, state.best_eval_loss or last_eval)
             metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
         saved = setup.save_final(self.output_dir)
@@ -230,11 +274,28 @@ class Trainer:
             loss_curve=curve,
         )
 
-    def evaluate(self, setup: TrainingSetup, autocast) -> float:
-        """Mean loss over every label token of the eval set."""
-        from kimitune.infer.evaluate import mean_loss
+    def evaluate(self, setup: TrainingSetup, autocast, world: distributed.World) -> float:
+        """Mean loss over every label token of the eval set (each rank evaluates its share of the batches)."""
+        from kimitune.infer.evaluate import summed_loss
 
-        return mean_loss(setup.model, setup.eval_batches, autocast)[0]
+        mine = distributed.shard_of(setup.eval_batches, world)
+        total, count = summed_loss(setup.model, mine, autocast)
+        spare = distributed.forward_passes_per_rank(len(setup.eval_batches), world) - len(mine)
+        if spare:  # FSDP needs as many forward passes on every rank: repeat one batch, discard its loss
+            summed_loss(setup.model, setup.eval_batches[:1] * spare, autocast)
+        total, count = world.sum(total, count)
+        return total / max(count, 1)
+
+    def _shard(self, setup: TrainingSetup, world: distributed.World, console: Console):
+        fsdp = self.config.fsdp_config or FsdpConfig()
+        if fsdp.activation_checkpointing:
+            setup.model.set_gradient_checkpointing(True)
+        console.print(f"FSDP2 over {world.size} process(es) ({world.device.type}): each decoder layer sharded"
+                      + (", parameters offloaded to the CPU" if fsdp.offload_params else ""))
+        return distributed.shard_model(
+            setup.model, world, bf16=setup.autocast_bf16, offload_params=fsdp.offload_params,
+            pin_memory=fsdp.cpu_offload_pin_memory, reshard_after_forward=fsdp.reshard_after_forward,
+        )
 
 
 def _status(record: dict) -> str:

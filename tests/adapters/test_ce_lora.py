@@ -30,16 +30,9 @@ from kimitune.adapters.layers import LoraLinear
 from kimitune.config import ConfigError, parse_config
 from kimitune.ops.grouped_mm import grouped_linear_loop
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ALL = LoraSettings(r=4, alpha=8, target_linear=True, target_experts=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one intra-op thread is steadier (2 OpenMP threads stall whenever the other core is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def pretrained_like(out_features: int, in_features: int, decay: float = 0.8, seed: int = 0) -> torch.Tensor:

@@ -18,15 +18,7 @@ from kimitune.config import parse_config
 from kimitune.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one intra-op thread is steadier (2 OpenMP threads stall whenever the other core is busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model_config(folder: Path) -> Path:

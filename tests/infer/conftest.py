@@ -13,13 +13,8 @@ from kimitune import KimiLinearForCausalLM
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """These tests run tiny models, where each op is a few microseconds of work: a second intra-op thread only adds
-    synchronisation, which on a loaded 2-core machine makes them many times slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every inference test runs tiny models (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,11 @@ from kimitune.train.checkpointing import (
 
 
 def make_optimizer():
-    param = torch.nn.Parameter(torch.arange(4.0))
-    opt = torch.optim.AdamW([param], lr=0.1)
-    param.grad = torch.ones(4)
+    model = torch.nn.Linear(4, 1, bias=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model.weight.grad = torch.ones(1, 4)
     opt.step()
-    return param, opt
+    return model, opt
 
 
 def write_weights(directory):
@@ -28,34 +28,36 @@ def write_weights(directory):
 
 
 def test_save_rotate_and_resume(tmp_path):
-    _, opt = make_optimizer()
+    model, opt = make_optimizer()
     for step in (2, 4, 6):
-        save_checkpoint(tmp_path, TrainerState(step=step, epoch=1, batch_index=step), write_weights, opt,
+        save_checkpoint(tmp_path, TrainerState(step=step, epoch=1, batch_index=step), write_weights, model, opt,
                         save_total_limit=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
     assert resolve_resume(tmp_path, True).name == "checkpoint-6"
     assert resolve_resume(tmp_path, None) is None
 
     expected_draw = (random.random(), torch.rand(3))  # the RNG saved with checkpoint-6 was before these draws
-    _, opt2 = make_optimizer()
-    opt2.param_groups[0]["lr"] = 0.5
-    state = load_training_state(tmp_path / "checkpoint-6", opt2)
+    model2 = torch.nn.Linear(4, 1, bias=False)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.5)
+    state = load_training_state(tmp_path / "checkpoint-6", model2, opt2)
     assert (state.step, state.epoch, state.batch_index) == (6, 1, 6)
     assert opt2.param_groups[0]["lr"] == 0.1
+    saved, loaded = opt.state[model.weight], opt2.state[model2.weight]
+    assert torch.equal(saved["exp_avg"], loaded["exp_avg"]) and torch.equal(saved["step"], loaded["step"])
     assert random.random() == expected_draw[0]
     assert torch.equal(torch.rand(3), expected_draw[1])
 
 
 def test_failed_save_leaves_previous_checkpoints_and_no_temporary(tmp_path):
-    _, opt = make_optimizer()
-    save_checkpoint(tmp_path, TrainerState(step=1), write_weights, opt)
+    model, opt = make_optimizer()
+    save_checkpoint(tmp_path, TrainerState(step=1), write_weights, model, opt)
 
     def broken(directory):
         (directory / "partial").write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(tmp_path, TrainerState(step=2), broken, opt)
+        save_checkpoint(tmp_path, TrainerState(step=2), broken, model, opt)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
 

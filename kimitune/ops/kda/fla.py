@@ -1,4 +1,5 @@
-"""fla-core's Triton kernels behind kimitune's operator API: the only module that imports fla (lazily).
+"""fla-core's Triton kernels behind kimitune's operator API for KDA and the short conv (fla imported lazily; the fused
+norms are in kimitune/ops/norm.py).
 
 Used for CUDA tensors: KDA (``fla.ops.kda``) and the short convolution (``fla.modules.causal_conv1d``). The wrappers
 pass tensors through untouched (no copies, no host syncs). For packed batches fla needs ``cu_seqlens`` on the GPU
@@ -44,16 +45,23 @@ def _fla() -> SimpleNamespace:
 _device_copies: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=8)
 
 
+def cu_seqlens_on(cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``cu_seqlens`` on ``device``: a host tensor is copied once (asynchronously) and the copy reused by every layer."""
+    if cu_seqlens.device == device:
+        return cu_seqlens
+    for host, on_device in _device_copies:
+        if host is cu_seqlens and on_device.device == device:
+            return on_device
+    on_device = cu_seqlens.to(device, non_blocking=True)
+    _device_copies.append((cu_seqlens, on_device))
+    return on_device
+
+
 def _cu_seqlens_args(cu_seqlens: torch.Tensor | None, device: torch.device) -> dict[str, torch.Tensor | None]:
     """fla's ``cu_seqlens`` (on ``device``) and ``cu_seqlens_cpu`` (host copy, or None) for one call."""
     if cu_seqlens is None or cu_seqlens.device.type != "cpu":
         return {"cu_seqlens": cu_seqlens, "cu_seqlens_cpu": None}
-    for host, on_device in _device_copies:
-        if host is cu_seqlens and on_device.device == device:
-            return {"cu_seqlens": on_device, "cu_seqlens_cpu": cu_seqlens}
-    on_device = cu_seqlens.to(device, non_blocking=True)
-    _device_copies.append((cu_seqlens, on_device))
-    return {"cu_seqlens": on_device, "cu_seqlens_cpu": cu_seqlens}
+    return {"cu_seqlens": cu_seqlens_on(cu_seqlens, device), "cu_seqlens_cpu": cu_seqlens}
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,

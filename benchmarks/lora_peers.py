@@ -1,0 +1,107 @@
+"""The two LoRA training set-ups the training benchmarks compare, built from one state dict.
+
+``build_kimitune``: kimitune's ``KimiLinearForCausalLM`` + ``apply_lora``; ``build_peer``: transformers'
+``KimiLinearForCausalLM`` + PEFT's LoRA. Both get the same weights (``state``, e.g. from ``random_state``) and
+LoRA r=16, alpha=32 on every linear layer (PEFT's ``all-linear``: the LM head excluded). Each returns
+``(model, loss_fn)`` where ``loss_fn(input_ids, labels)`` is the mean token loss of the step, computed as each
+tool trains: kimitune without full logits (``return_logits=False``, what its trainer does), the peer from the
+full logits (what transformers does).
+
+Used by ``train_gpu.py`` (bf16 on CUDA) and ``train_cpu.py`` (float32 on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
+
+LORA_R, LORA_ALPHA = 16, 32
+
+
+def random_state(cfg: KimiLinearConfig, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights (kimitune's initialisation) in ``dtype``, as a CPU state dict both tools load."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = KimiLinearForCausalLM(cfg).to(dtype)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    del model
+    return state
+
+
+def build_kimitune(cfg: KimiLinearConfig, state: dict, device: str, ckpt: bool = False, experts: bool = False):
+    from kimitune.adapters import LoraSettings, apply_lora
+
+    with torch.device("meta"):
+        model = KimiLinearForCausalLM(cfg)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True)
+    apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", target_experts=experts))
+    model.set_gradient_checkpointing(ckpt)
+    model.train()
+
+    def loss_fn(ids, labels=None, cu_seqlens=None):
+        labels = ids if labels is None else labels
+        return model(ids, labels=labels, cu_seqlens=cu_seqlens, return_logits=False).loss
+
+    return model, loss_fn
+
+
+def build_peer(cfg: KimiLinearConfig, state: dict, device: str, dtype: torch.dtype, ckpt: bool = False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import KimiLinearConfig as HFConfig
+    from transformers import KimiLinearForCausalLM as HFModel
+
+    hf_dict = cfg.to_dict()
+    hf_dict["num_key_value_heads"] = cfg.num_attention_heads  # transformers' MLA needs it (ours ignores it)
+    hf_cfg = HFConfig(**hf_dict)
+    with torch.device("meta"):
+        model = HFModel._from_config(hf_cfg, torch_dtype=dtype, experts_implementation="grouped_mm")
+    missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False,
+                                                assign=True)
+    if missing or unexpected:
+        raise RuntimeError(f"peer weights do not match: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.config.use_cache = False
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
+                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model.train()
+
+    def loss_fn(ids, labels=None):
+        labels = ids if labels is None else labels
+        return model(input_ids=ids, labels=labels, use_cache=False).loss
+
+    return model, loss_fn
+
+
+@torch.no_grad()
+def copy_lora_weights(kimitune_model, peer_model) -> int:
+    """Gives the peer kimitune's LoRA matrices (each tool draws its own random ``lora_A``), so that the two
+    train the same adapter from the same start; returns how many tensors were copied (all of the peer's)."""
+    ours = dict(kimitune_model.named_parameters())
+    copied = 0
+    for name, param in peer_model.named_parameters():
+        if ".lora_A." not in name and ".lora_B." not in name:
+            continue
+        # base_model.model.<our name>.lora_A.default.weight -> <our name>.lora_A
+        key = name.removeprefix("base_model.model.").replace(".default.weight", "")
+        param.copy_(ours[key])
+        copied += 1
+    if copied != sum(1 for n in ours if n.endswith((".lora_A", ".lora_B"))):
+        raise RuntimeError(f"copied {copied} LoRA tensors, kimitune holds another number")
+    return copied
+
+
+def planned_peak_gib(cfg: KimiLinearConfig, tool: str, seq: int, ckpt: bool) -> float:
+    """kimitune.plan's prediction of ``build_kimitune``'s training step (bf16, no autocast, one unpacked
+    sequence, fused AdamW), as torch.cuda.max_memory_allocated would read it, in GiB; NaN for the peer."""
+    if tool == "peer":
+        return float("nan")
+    experts = tool == "kimitune+experts"
+    from kimitune.config import parse_config
+    from kimitune.plan import predict_peak_memory
+
+    train, _ = parse_config({"base_model": "unused", "adapter": "lora", "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
+                             "lora_target_linear": True, "lora_target_experts": experts, "sequence_len": seq,
+                             "gradient_checkpointing": ckpt, "optimizer": "adamw_torch_fused"})
+    return predict_peak_memory(train, cfg, autocast=False, packed=False).peak_allocated_gib

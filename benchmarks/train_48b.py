@@ -1,0 +1,226 @@
+"""The whole Kimi-Linear-48B-A3B trained with LoRA on one GPU, its frozen weights in 8-bit or 4-bit (QLoRA).
+
+The model (27 layers, 256 experts top-8 of 1024, hidden 2304, vocab 163840; examples/models/kimi-linear-48b-a3b.json)
+is built with random weights straight into quantised form, one decoder layer at a time on the GPU
+(``kimitune.quant.init_quantized``: materialise a layer in bf16, initialise, quantise, next), so the GPU never
+holds more than one layer in bf16. LoRA r=16, alpha=32 on every linear (``--experts`` adds the stacked experts),
+gradient checkpointing per decoder layer, bf16 compute, AdamW (fused) on the LoRA parameters, the loss without
+logits. Each row runs ``--warmup`` + ``--steps`` steps on one sequence of random tokens and prints tokens/s, model
+FLOPs utilisation (counted as in train_gpu.py, whose helpers it uses), peak GPU memory (max allocated and
+reserved) and the build time.
+
+    python benchmarks/train_48b.py --bits 8 --seq 8192                  # target: peak <= 70 GiB
+    python benchmarks/train_48b.py --bits 4 --seq 8192,32768            # target: 32768 tokens fit in 80 GB
+    python benchmarks/train_48b.py --bits 8 --seq 8192 --experts        # LoRA on the experts too
+    python benchmarks/train_48b.py --estimate                           # the paper estimate below, no GPU
+    python benchmarks/train_48b.py --smoke                              # tiny depth/width on the CPU: checks the script
+
+Paper estimate of the peak (GiB = 2^30 bytes; ``--estimate`` prints it from the config):
+
+| | 8-bit, 8192 | 4-bit NF4, 8192 | 4-bit NF4, 32768 | 8-bit, 8192, +experts |
+|---|---|---|---|---|
+| quantised weights (48.35 B params: 1 B + 4 B / row; 4-bit: 0.5 B + 4 B / 64) | 45.1 | 25.3 | 25.3 | 45.1 |
+| kept in bf16 (embeddings, lm_head, norms, router, conv, A_log, dt_bias: 0.77 B) | 1.4 | 1.4 | 1.4 | 1.4 |
+| LoRA fp32 params + grads + 2 AdamW states (20.9 M; +experts 839 M), 16 B each | 0.3 | 0.3 | 0.3 | 12.5 |
+| checkpointed layer inputs, 27 x T x 2304 x 2 B | 0.9 | 0.9 | 3.8 | 0.9 |
+| one layer recomputed in backward (saved activations of its forward) | 1.5 | 1.5 | 6.1 | 2.3 |
+The model (27 layers, 256 experts top-8 of 1024, hidden 2304, vocab 163840; examples/models/kimi-linear-48b-a3b.json)
+| loss (chunked / cut-cross-entropy), hidden and its grad | 0.3 | 0.3 | 0.7 | 0.3 |
+| **peak allocated (estimate)** | **~52.7** | **~32.9** | **~43.1** | **~66.2** |
+
+With double quantisation (``--double-quant``) the 4-bit weights take 23.2 GiB instead of 25.3. So: 8-bit at 8192
+tokens is estimated ~17 GiB under the 70 GiB target (even with LoRA on the experts, ~66 GiB), and 4-bit at 32768
+tokens ~43 GiB, well inside 80 GB; the estimate leaves out allocator slack and fla-core's kernel workspaces (a few
+GiB at most).
+
+Design choices that keep it there: the dequantised expert stack (3.4 GiB per layer in bf16 for both projections)
+exists only while its own grouped matmul runs: gate_up (2.25 GiB) then down (1.1 GiB), in the forward, in the
+checkpointed recomputation and in the backward alike; no autograd node saves it (``kimitune.quant.matmul``), so
+checkpointing keeps no extra copy. The quantised linears save neither the weight nor their input (no dW). The
+build never holds two layers in bf16 (peak while building: the quantised layers so far + 3.4 GiB). Reserved memory
+runs above allocated by the caching allocator's slack (the stack-sized blocks are reused layer after layer);
+``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` keeps that slack small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import replace
+
+import torch
+
+from kimitune.adapters import LoraSettings, apply_lora
+from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
+from kimitune.quant import QuantSpec, init_quantized, weight_bytes
+from train_gpu import PEAK_FLOPS, active_linear_params, flops_per_token  # benchmarks/train_gpu.py
+
+LORA_R, LORA_ALPHA = 16, 32
+GiB = 2**30
+
+
+def smoke_config() -> KimiLinearConfig:
+    """The 48B's structure at a width and depth the CPU runs in seconds: KDA x3 + MLA, layer 1 dense."""
+    return replace(
+        KimiLinearConfig.preset("kimi-linear-48b-a3b"), num_hidden_layers=4, kda_layers=[1, 2, 3],
+        full_attn_layers=[4], hidden_size=256, intermediate_size=512, kda_num_heads=4, kda_head_dim=64,
+        num_attention_heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        num_experts=16, moe_intermediate_size=128, vocab_size=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def estimate(cfg: KimiLinearConfig, spec: QuantSpec, seq: int, experts: bool) -> dict[str, float]:
+    """The peak-memory estimate of the docstring's table (GiB), from the config. Activations are bf16 (2 B) unless
+    said; ``8T`` token copies go through the experts (top-8)."""
+    with torch.device("meta"):
+        model = KimiLinearForCausalLM(cfg)
+    quantised = kept = 0.0
+    for name, p in model.named_parameters():
+        is_stack = p.ndim == 3
+        is_linear = p.ndim == 2 and (name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight"))
+        if is_stack or (is_linear and not name.startswith("lm_head")):
+            n = p.numel()
+            if spec.bits == 8:
+                quantised += n + 4 * n / p.shape[-1]
+            else:
+                quantised += n / 2 + (n / 64 + 4 * n / 64 / 256 if spec.double_quant else 4 * n / 64)
+        else:
+            kept += 2 * p.numel()
+    apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", target_experts=experts))
+    lora = 16 * sum(p.numel() for p in model.parameters() if p.requires_grad)
+    C, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts
+    k, L = cfg.num_experts_per_token, cfg.num_hidden_layers
+    kda = cfg.kda_num_heads * cfg.kda_head_dim
+    copies = k * seq
+    # MoE: gate_up output (kept by silu / chunk), silu output, per-copy outputs (kept by the weighted bmm);
+    # KDA: fp32 copies of the input for six LoRA'd projections, o_proj's fp32 input, q/k/v, fp32 decay g.
+    moe_saved = copies * (2 * I + I + C) * 2 + (copies * (C + I) * 4 if experts else 0)
+    attn_saved = seq * (6 * C * 4 + kda * 4 + 3 * kda * 2 + kda * 4)
+    stack = E * 2 * I * C * 2
+    backward = stack + copies * (2 * I + C + C) * 2 + (copies * C * 4 if experts else 0)
+    parts = {
+        "quantised weights": quantised,
+        "kept in bf16": kept,
+        "LoRA + grads + AdamW": lora,
+        "checkpointed layer inputs": L * seq * C * 2,
+        "one layer recomputed": moe_saved + attn_saved,
+        "backward transients (one stack)": backward,
+        "loss, hidden + grad": 128 * 2**20 + 2 * seq * C * 4,
+    }
+    parts = {key: value / GiB for key, value in parts.items()}
+    parts["peak allocated (estimate)"] = sum(parts.values())
+    return parts
+
+
+def build(cfg: KimiLinearConfig, spec: QuantSpec, device: str, dtype: torch.dtype, experts: bool):
+    """The quantised model with LoRA, layer by layer on ``device``; returns (model, build seconds)."""
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = init_quantized(cfg, spec, device=device, dtype=dtype)
+    apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", target_experts=experts))
+    model.set_gradient_checkpointing(True)
+    model.train()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return model, time.perf_counter() - start
+
+
+def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str) -> dict:
+    cuda = device == "cuda"
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda or None)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), device=device, generator=torch.Generator(device).manual_seed(1))
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    losses = []
+    try:
+        for i in range(warmup + steps):
+            if i == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            loss = model(ids, labels=ids, return_logits=False).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / steps
+        result = {"tokens_per_s": seq / seconds, "step_s": seconds, "losses": [round(x.item(), 4) for x in losses]}
+    except torch.cuda.OutOfMemoryError:
+        result = {"oom": True}
+    if cuda:
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
+        name = torch.cuda.get_device_name()
+        peak_flops = next((v for key, v in PEAK_FLOPS.items() if key in name), 989e12)
+        if "tokens_per_s" in result:
+            lora_params = sum(p.numel() for p in params)
+            result["mfu"] = flops_per_token(cfg, seq, lora_params) * result["tokens_per_s"] / peak_flops
+    del optimizer, params
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, choices=(8, 4), default=8)
+    parser.add_argument("--quant-type", default="nf4", choices=("nf4", "fp4"))
+    parser.add_argument("--double-quant", action="store_true")
+    parser.add_argument("--seq", default="8192", help="comma-separated sequence lengths, one row each")
+    parser.add_argument("--experts", action="store_true", help="LoRA on the stacked experts too")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--estimate", action="store_true", help="print the paper estimate and stop")
+    parser.add_argument("--smoke", action="store_true", help="tiny depth/width on the CPU: checks the script only")
+    args = parser.parse_args()
+
+    spec = QuantSpec(args.bits, args.quant_type, args.double_quant)
+    cfg = smoke_config() if args.smoke else KimiLinearConfig.preset("kimi-linear-48b-a3b")
+    seqs = [int(s) for s in args.seq.split(",")]
+    if args.smoke:
+        seqs = [min(s, 256) for s in seqs]
+    for seq in seqs:
+        parts = estimate(cfg, spec, seq, args.experts)
+        print(f"estimate, {args.bits}-bit, {seq} tokens{', +experts' if args.experts else ''}: "
+              + "; ".join(f"{key} {value:.2f}" for key, value in parts.items()))
+    if args.estimate:
+        return
+
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    model, build_s = build(cfg, spec, device, dtype, args.experts)
+    weights_gib = weight_bytes(model) / GiB
+    built_peak = torch.cuda.max_memory_allocated() / GiB if device == "cuda" else float("nan")
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"{gpu}: built {sum(1 for _ in model.model.layers)} layers in {build_s:.1f} s; weights + LoRA "
+          f"{weights_gib:.2f} GiB; peak while building {built_peak:.2f} GiB; "
+          f"{active_linear_params(cfg) / 1e9:.2f}B active linear weights per token", flush=True)
+    rows = []
+    for seq in seqs:
+        result = run_seq(model, cfg, seq, args.warmup, args.steps, device)
+        result.update(bits=args.bits, quant_type=spec.quant_type if args.bits == 4 else "int8", seq=seq,
+                      experts=args.experts, build_s=build_s, weights_gib=weights_gib,
+                      estimate_gib=estimate(cfg, spec, seq, args.experts)["peak allocated (estimate)"])
+        rows.append(result)
+        print(json.dumps(result), flush=True)
+    print("\n| bits | seq | experts LoRA | tokens/s | MFU | peak allocated GiB | peak reserved GiB | estimate GiB | "
+          "build s |\n|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        speed = "OOM" if r.get("oom") else f"{r['tokens_per_s']:.0f}"
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        print(f"| {r['quant_type']} | {r['seq']} | {'yes' if r['experts'] else 'no'} | {speed} | {mfu} | "
+              f"{r.get('peak_allocated_gib', float('nan')):.1f} | {r.get('peak_reserved_gib', float('nan')):.1f} | "
+              f"{r['estimate_gib']:.1f} | {r['build_s']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,455 @@
+"""`kimitune plan`: the peak GPU memory of a training run, predicted from its config before anything is loaded.
+
+An analytic model, per byte (T = micro_batch_size * sequence_len tokens per micro-batch; b = 2, bf16 activations):
+
+- frozen weights: bf16 (2 bytes), or with ``load_in_8bit`` the projection matrices in int8 + one float32 scale
+  per row (bitsandbytes' vector-wise format), with ``load_in_4bit`` NF4/FP4: 4 bits + one float32 absmax per 64
+  weights (double quantisation: an 8-bit absmax per 64 + one float32 per 256 blocks); embeddings, LM head, norms,
+  conv, gate vectors and the router stay bf16 (``kimitune.model.summary``);
+- trainable weights: LoRA (float32) parameters + gradients + two AdamW states (8-bit AdamW: ~2 bytes of state);
+  full fine-tuning: float32 master weights + gradients + states, plus the bf16 copies autocast keeps for the backward;
+- activations kept for the backward, per token and decoder layer, by layer kind; measured on an H100 with
+  ``benchmarks/memory_census.py`` for the 48B widths (see ``_kda_bytes`` ...), written as functions of the widths
+  so they carry to other shapes; each adapted linear adds its input (LoRA keeps a float32 copy, bf16 under
+  autocast) and its rank-r product; with gradient checkpointing only each layer's input is kept, and one layer's
+  activations are rebuilt at a time in the backward;
+- the loss: cut cross-entropy keeps the final hidden states only; kimitune's chunked fallback (no
+  cut-cross-entropy installed) also holds one 128 MiB chunk of float32 logits and its gradient; full logits
+  (transformers' way, ``loss="full"``) T * vocab * (2 + 4 + 4) bytes;
+- transients: the backward's gradient buffers of a MoE layer (b * C * (top_k + 2) per token), one expert stack
+  dequantised to bf16 (quantised runs), cuBLAS workspaces (64 MiB);
+- the CUDA allocator's overhead: ``peak_allocated`` is what ``torch.cuda.max_memory_allocated`` reports (what the
+  benchmarks measure); the device needs ~5% more for the caching allocator's rounding and fragmentation plus
+  ~0.5 GiB of CUDA context (``device_total``, compared with ``--gpu-memory``).
+
+Calibration (benchmarks/RESULTS.md, GPU training section and its memory census; tests/test_plan.py): the 4-layer
+48B-widths LoRA run, bf16, no autocast, PyTorch norms: 17.7 GiB without and 13.9 GiB with gradient checkpointing
+at 4096 tokens, and the census at 2048 and 8192 tokens. When the model code changes what it saves (as the fused
+norm kernels did), re-run ``benchmarks/memory_census.py`` and update the per-kind terms below.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kimitune.config import ConfigError, TrainConfig
+from kimitune.model.configuration import KimiLinearConfig
+
+GIB = 2**30
+CUBLAS_WORKSPACE = 64 * 2**20  # two cuBLAS handles' workspaces, allocated through PyTorch's caching allocator
+CUDA_CONTEXT = 0.5 * GIB  # the CUDA context and kernels' modules: outside the allocator, inside nvidia-smi's number
+ALLOCATOR_OVERHEAD = 0.05  # reserved / allocated - 1 at the peak: block rounding and fragmentation
+CHUNKED_CE_BYTES = 128 * 2**20  # float32 logits held at once by kimitune.ops.loss's chunked path
+LORA_R_INTERMEDIATE = 4  # bytes per rank per token: the float32 [T, r] product x A^T, kept for dB
+
+
+@dataclass
+class MemoryItem:
+    name: str
+    bytes: float
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    """The predicted peak of one training run: a breakdown, the peak as PyTorch counts it, and the device total."""
+
+    items: list[MemoryItem]
+    tokens: int  # per micro-batch
+    peak_allocated: float  # bytes; compare with torch.cuda.max_memory_allocated
+    device_total: float  # bytes; peak_allocated + allocator overhead + CUDA context
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peak_allocated_gib(self) -> float:
+        return self.peak_allocated / GIB
+
+    @property
+    def device_total_gib(self) -> float:
+        return self.device_total / GIB
+
+    def fits(self, gpu_bytes: float) -> bool:
+        return self.device_total <= gpu_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens_per_micro_batch": self.tokens,
+            "items": [{"name": i.name, "gib": i.bytes / GIB, "note": i.note} for i in self.items],
+            "peak_allocated_gib": self.peak_allocated_gib,
+            "device_total_gib": self.device_total_gib,
+            "settings": self.settings,
+        }
+
+
+# ----- the model's parts, from the config alone ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Linear:
+    layer: int  # -1 outside the decoder layers
+    name: str  # full in-memory name
+    in_features: int
+    out_features: int
+    copies: int = 1  # token copies it sees per token (top_k for routed experts)
+
+
+def _lora_targets(train: TrainConfig, model_config: KimiLinearConfig) -> list[_Linear]:
+    """The modules LoRA adapts, found on a meta-device model (no memory, no weights) with the trainer's rules."""
+    import torch
+
+    from kimitune.adapters.lora import LoraSettings
+    from kimitune.model import KimiLinearForCausalLM
+
+    with torch.device("meta"):
+        model = KimiLinearForCausalLM(model_config)
+    targets = LoraSettings.from_config(train).targets(model)
+    found = []
+    for name in targets.linears:
+        module = model.get_submodule(name)
+        found.append(_Linear(_layer_of(name), name, module.in_features, module.out_features))
+    for module_name, projection in targets.experts:
+        out, inp = getattr(model.get_submodule(module_name), projection).shape[1:]
+        found.append(_Linear(_layer_of(module_name), f"{module_name}.{projection}", inp, out,
+                             copies=model_config.num_experts_per_token))
+    return found
+
+
+def _layer_of(name: str) -> int:
+    match = re.search(r"layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else -1
+
+
+def _quantized_matrices(config: KimiLinearConfig) -> tuple[int, int, int]:
+    """(quantised parameters, their rows, the largest quantised tensor's numel): the projection matrices and
+    expert stacks that load_in_8bit / load_in_4bit quantise."""
+    from kimitune.model.summary import summarize
+
+    params = summarize(config).quantizable_params
+    rows, largest = 0, 0
+    for i in range(config.num_hidden_layers):
+        for inp, out, count in _layer_matrices(config, i):
+            rows += out * count
+            largest = max(largest, inp * out * count)
+    return params, rows, largest
+
+
+def _layer_matrices(config: KimiLinearConfig, i: int) -> list[tuple[int, int, int]]:
+    """(in, out, count) of every projection matrix of layer i; an expert stack is one tensor of ``count`` matrices."""
+    C = config.hidden_size
+    if config.is_kda_layer(i):
+        H, K = config.kda_num_heads, config.kda_head_dim
+        D = H * K
+        attn = [(C, D, 1)] * 3 + [(D, C, 1), (C, K, 1), (K, D, 1), (C, K, 1), (K, D, 1), (C, H, 1)]
+    else:
+        heads, qk = config.num_attention_heads, config.qk_head_dim
+        rank = config.kv_lora_rank
+        q = ([(C, heads * qk, 1)] if config.q_lora_rank is None
+             else [(C, config.q_lora_rank, 1), (config.q_lora_rank, heads * qk, 1)])
+        attn = q + [(C, rank + config.qk_rope_head_dim, 1),
+                    (rank, heads * (config.qk_nope_head_dim + config.v_head_dim), 1),
+                    (heads * config.v_head_dim, C, 1)]
+    if config.is_moe_layer(i):
+        I, E = config.moe_intermediate_size, config.num_experts
+        shared = I * config.num_shared_experts
+        ff = [(C, 2 * I, E), (I, C, E)]
+        if shared:
+            ff += [(C, shared, 1), (C, shared, 1), (shared, C, 1)]
+    else:
+        ff = [(C, config.intermediate_size, 1)] * 2 + [(config.intermediate_size, C, 1)]
+    return attn + ff
+
+
+# ----- activations per token (bytes), measured with benchmarks/memory_census.py on an H100 --------------------------
+
+def _layer_common(C: int, b: int, fused: bool) -> int:
+    """fla's fused RMSNorms keep their (residual-stream) input and one float32 inverse RMS per row; PyTorch's keep
+    a float32 copy of the input, and the layer's output (the next one's input) b * C stays alive."""
+    return 2 * b * C + 8 if fused else 2 * 4 * C + b * C
+
+
+def _kda_bytes(config: KimiLinearConfig, b: int, fused: bool) -> int:
+    """KDA besides its adapted linears, per channel of the H * K width: the short conv's input (q, k, v: 3b), the
+    kernel's q, k, v (3b) and chunk-local cumulative decay (4), the forget gate's float32 pre-activation and log
+    decay (4 + 4); the gated output norm: fla's fused kernel keeps its input and gate (2b) and an inverse RMS per
+    head, PyTorch's its float32 input, normed product and sigmoid (3 * 4). With PyTorch's norm 36 bytes per
+    channel at b = 2 (measured 35.9 with fla-core 0.6's chunk_kda)."""
+    H, K = config.kda_num_heads, config.kda_head_dim
+    norm = 2 * b * H * K + 4 * H if fused else 12 * H * K
+    return (6 * b + 12) * H * K + norm
+
+
+def _mla_bytes(config: KimiLinearConfig, b: int, fused: bool, packed: bool) -> int:
+    """MLA besides its adapted linears: q and k (nope + rope per head), the kv_b output (k_nope and v per head,
+    v being a view into it), the latent norm's saved input (float32 copy with PyTorch's norm; measured within 2%
+    at the 48B widths). Packed batches go through flash attention's varlen kernel: contiguous q, k, v padded to
+    the key width and the padded output (4 b H (nope + rope); not measured)."""
+    heads = config.num_attention_heads
+    latent = (b * config.kv_lora_rank + 4) if fused else 4 * config.kv_lora_rank
+    if packed:
+        return 4 * b * heads * config.qk_head_dim + latent
+    return (2 * b * heads * config.qk_head_dim + b * heads * (config.qk_nope_head_dim + config.v_head_dim)
+            + latent)
+
+
+def _mlp_bytes(intermediate: int, b: int, fused: bool) -> int:
+    """SwiGLU besides its adapted linears: the gate and up outputs, and with PyTorch's (unfused) product silu's
+    output too."""
+    return (2 if fused else 3) * b * intermediate
+
+
+def _moe_bytes(config: KimiLinearConfig, b: int, fused: bool) -> int:
+    """MoE besides its adapted linears: per routed copy (top_k per token) the expert input and output rows
+    (2 * b * C) and the SwiGLU's saved tensors; the router's float32 scores (4 * E) and sort indices; the shared
+    expert's SwiGLU; and 4 * C measured but not attributed (9.6 KiB per token at the 48B widths)."""
+    C, k = config.hidden_size, config.num_experts_per_token
+    routed = k * (2 * b * C + _mlp_bytes(config.moe_intermediate_size, b, fused))
+    shared = _mlp_bytes(config.moe_intermediate_size * config.num_shared_experts, b, fused)
+    return routed + 4 * config.num_experts + 8 * 3 * k + shared + 4 * C
+
+
+def _layer_bytes(config: KimiLinearConfig, i: int, b: int, lora: list[_Linear], lora_bytes: int, r: int,
+                 fused: bool, packed: bool) -> int:
+    """Bytes per token that decoder layer i keeps for the backward (its output included)."""
+    C = config.hidden_size
+    total = _layer_common(C, b, fused)
+    total += _kda_bytes(config, b, fused) if config.is_kda_layer(i) else _mla_bytes(config, b, fused, packed)
+    if config.is_moe_layer(i):
+        total += _moe_bytes(config, b, fused)
+    else:
+        total += _mlp_bytes(config.intermediate_size, b, fused)
+    for target in lora:
+        if target.layer == i:
+            total += target.copies * (lora_bytes * target.in_features + LORA_R_INTERMEDIATE * r)
+    return total
+
+
+# ----- the plan ------------------------------------------------------------------------------------------------------
+
+def predict_peak_memory(
+    train: TrainConfig,
+    model_config: KimiLinearConfig,
+    *,
+    autocast: bool = True,
+    packed: bool | None = None,
+    loss: str | None = None,
+    fused: bool = True,
+) -> MemoryPlan:
+    """The predicted peak GPU memory of training ``model_config`` as ``train`` says (bf16 on a GPU).
+
+    ``autocast``: the trainer runs the forward under bf16 autocast (True); the benchmarks do not (False).
+    ``packed``: packed batches (MLA through varlen flash attention); default ``train.sample_packing``.
+    ``loss``: "cce" (cut-cross-entropy, the GPU default), "chunked" (kimitune's fallback) or "full" (full logits);
+    default "chunked" when ``cut_cross_entropy: false`` else "cce".
+    ``fused``: fla-core's fused RMSNorm / gated norm / SwiGLU kernels run (kimitune.ops.norm, on CUDA with
+    fla-core installed); False for PyTorch's (what the GPU figures of benchmarks/RESULTS.md were measured with).
+    """
+    cfg = model_config
+    b = 2
+    C, V = cfg.hidden_size, cfg.vocab_size
+    T = train.micro_batch_size * train.sequence_len
+    packed = train.sample_packing if packed is None else packed
+    loss = loss or ("chunked" if train.cut_cross_entropy is False else "cce")
+    full_ft = train.adapter is None
+    quant = "int8" if train.load_in_8bit else ("int4" if train.load_in_4bit else None)
+    double_quant = bool(getattr(train, "bnb_4bit_use_double_quant", False))
+    items: list[MemoryItem] = []
+
+    from kimitune.model.summary import summarize
+
+    total_params = summarize(cfg).total_params
+    q_params, q_rows, q_largest = _quantized_matrices(cfg)
+
+    # weights
+    if full_ft:
+        items.append(MemoryItem("weights (fp32 master)", 4.0 * total_params, f"{total_params / 1e9:.2f}B params"))
+        items.append(MemoryItem("bf16 weight copies (autocast)", 2.0 * (total_params - 2 * V * C),
+                                "kept for the backward; not measured"))
+        trainable = total_params
+    else:
+        kept = total_params - (q_params if quant else 0)
+        items.append(MemoryItem("frozen weights, bf16", 2.0 * kept, f"{kept / 1e9:.2f}B params"))
+        if quant == "int8":
+            items.append(MemoryItem("frozen weights, int8", q_params + 4.0 * q_rows, "+ fp32 scale per row"))
+        elif quant == "int4":
+            per_block = (1 + 4 / 256) if double_quant else 4
+            items.append(MemoryItem("frozen weights, 4-bit", q_params * 0.5 + q_params / 64 * per_block,
+                                    "+ " + ("8-bit absmax per 64, fp32 per 256 blocks" if double_quant
+                                            else "fp32 absmax per 64")))
+        lora = _lora_targets(train, cfg)
+        trainable = sum((t.in_features + t.out_features) * train.lora_r * _expert_count(cfg, t) for t in lora)
+        items.append(MemoryItem("LoRA weights (fp32)", 4.0 * trainable, f"{trainable / 1e6:.1f}M params, "
+                                f"{len(lora)} modules"))
+    grads = 4.0 * trainable
+    states = (2.0 + 2 * 4 / 2048) * trainable if train.optimizer == "adamw_8bit" else 8.0 * trainable
+    items.append(MemoryItem("gradients (fp32)", grads))
+    items.append(MemoryItem("AdamW states", states, "8-bit" if train.optimizer == "adamw_8bit" else "2 x fp32"))
+
+    # activations
+    if full_ft:  # every linear keeps its (autocast bf16) input for its weight gradient; not measured
+        per_layer = [_layer_bytes(cfg, i, b, [], 0, 0, fused, packed)
+                     + sum(b * inp * (1 if count == 1 else cfg.num_experts_per_token)
+                           for inp, _, count in _layer_matrices(cfg, i))
+                     for i in range(cfg.num_hidden_layers)]
+    else:
+        lora_bytes = 2 if autocast else 4  # LoRA's input: a float32 copy; autocast keeps its bf16 cast instead
+        per_layer = [_layer_bytes(cfg, i, b, lora, lora_bytes, train.lora_r, fused, packed)
+                     for i in range(cfg.num_hidden_layers)]
+    if train.gradient_checkpointing:
+        kept = cfg.num_hidden_layers * b * C * T
+        recompute = max(per_layer) * T
+        items.append(MemoryItem("layer inputs (checkpointing)", kept, f"{cfg.num_hidden_layers} x {b}C per token"))
+        items.append(MemoryItem("one layer rebuilt in the backward", recompute,
+                                f"largest layer: {max(per_layer) / 1024:.0f} KiB per token"))
+        loss_kept = 2 * b * C * T
+    else:
+        items.append(MemoryItem("activations", sum(per_layer) * T,
+                                f"{sum(per_layer) / 1024:.0f} KiB per token over {cfg.num_hidden_layers} layers"))
+        loss_kept = (b * C + 16) * T
+
+    # loss
+    loss_note = {"cce": "cut cross-entropy: final hidden states", "chunked": "chunked: + one 128 MiB logit chunk "
+                 "and its gradient", "full": "full logits: bf16 + fp32 + gradient"}[loss]
+    if loss == "chunked":
+        loss_kept += 2 * min(CHUNKED_CE_BYTES, 4.0 * V * T)
+    elif loss == "full":
+        loss_kept += (2 + 4 + 4) * V * T
+    items.append(MemoryItem("loss", loss_kept, loss_note))
+
+    # transients
+    any_moe = any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    backward = b * C * ((cfg.num_experts_per_token if any_moe else 0) + 2) * T
+    items.append(MemoryItem("backward gradient buffers", backward, "one layer's, at the peak"))
+    if quant:
+        items.append(MemoryItem("dequantised weight (transient)", 2.0 * q_largest, "largest stack, bf16"))
+    items.append(MemoryItem("cuBLAS workspaces", CUBLAS_WORKSPACE))
+
+    peak = sum(item.bytes for item in items)
+    overhead = ALLOCATOR_OVERHEAD * (peak - items[0].bytes) + CUDA_CONTEXT
+    settings = {
+        "tokens": T, "gradient_checkpointing": train.gradient_checkpointing, "adapter": train.adapter,
+        "quantisation": quant, "loss": loss, "autocast": autocast, "packed": packed, "fused_kernels": fused,
+    }
+    return MemoryPlan(items, T, peak, peak + overhead, settings)
+
+
+def _expert_count(cfg: KimiLinearConfig, target: _Linear) -> int:
+    return cfg.num_experts if target.copies > 1 else 1
+
+
+# ----- what would make it fit ---------------------------------------------------------------------------------------
+
+@dataclass
+class Suggestion:
+    change: dict[str, Any]  # config keys -> values
+    plan: MemoryPlan
+
+    @property
+    def text(self) -> str:
+        return ", ".join(f"{k}: {_yaml(v)}" for k, v in self.change.items())
+
+
+def _yaml(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ", ".join(value) + "]"
+    return str(value)
+
+
+def suggest_settings(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: float,
+                     **kwargs: Any) -> list[Suggestion]:
+    """Changes of one or two settings that bring the predicted device total under ``gpu_bytes``, smallest
+    change first (each with its own plan); empty when nothing tried fits."""
+    candidates: list[dict[str, Any]] = []
+    if not train.gradient_checkpointing:
+        candidates.append({"gradient_checkpointing": True})
+    if train.adapter is None:
+        candidates.append({"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True})
+    elif not (train.load_in_8bit or train.load_in_4bit):
+        candidates += [{"load_in_8bit": True}, {"load_in_4bit": True}]
+    if train.adapter is not None and train.lora_target_experts:
+        candidates.append({"lora_target_experts": False})
+    if train.adapter is not None and (train.lora_target_linear or train.lora_target_modules == "all-linear"):
+        candidates.append({"lora_target_linear": False, "lora_target_modules": ["q_proj", "k_proj", "v_proj",
+                                                                               "o_proj"]})
+    mbs = train.micro_batch_size
+    while mbs > 1:
+        mbs //= 2
+        candidates.append({"micro_batch_size": mbs, "gradient_accumulation_steps":
+                           train.gradient_accumulation_steps * train.micro_batch_size // mbs})
+    seq = train.sequence_len
+    while seq > 512:
+        seq //= 2
+        candidates.append({"sequence_len": seq})
+    singles = list(candidates)
+    if not train.gradient_checkpointing:
+        candidates += [{"gradient_checkpointing": True, **c} for c in singles if "gradient_checkpointing" not in c]
+    found = []
+    for change in candidates:
+        try:
+            changed = train.model_copy(update=change)
+            plan = predict_peak_memory(changed, model_config, **kwargs)
+        except Exception:  # a combination the config rules refuse (e.g. quantised full fine-tuning)
+            continue
+        if plan.fits(gpu_bytes):
+            found.append(Suggestion(change, plan))
+    # One suggestion per kind of change: the least drastic that fits (the first found: the lists go downwards).
+    kept, seen = [], set()
+    for suggestion in found:
+        key = tuple(sorted(k for k in suggestion.change if k != "gradient_accumulation_steps"))
+        if key not in seen:
+            seen.add(key)
+            kept.append(suggestion)
+    return kept
+
+
+# ----- inputs ----------------------------------------------------------------------------------------------------------
+
+def load_model_config(train: TrainConfig) -> KimiLinearConfig:
+    """The model config a run would build, read without any weights: init_from_config, or base_model's
+    config.json (a local folder, or a hub id already in the Hugging Face cache); a Kimi-Linear-48B-A3B hub id
+    that is not downloaded yet uses the release's config (the ``kimi-linear-48b-a3b`` preset)."""
+    source = train.init_from_config or train.base_model
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        return KimiLinearConfig.from_pretrained(path)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json")
+    except Exception:  # not a repo id
+        cached = None
+    if isinstance(cached, str):
+        return KimiLinearConfig.from_pretrained(cached)
+    if "kimi-linear-48b-a3b" in source.lower():
+        return KimiLinearConfig.preset("kimi-linear-48b-a3b")
+    raise ConfigError(f"kimitune plan reads the model's config.json: {path} is not a file and {source!r} is not in "
+                      "the Hugging Face cache (download its config.json, or set init_from_config)")
+
+
+_UNITS = {"": GIB, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": GIB,
+          "tib": 2**40}
+
+
+def parse_memory(text: str) -> float:
+    """'80GiB', '80 GB', '81559MiB', '80' (GiB) -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 80GiB, 141GB or 81559MiB")
+    return float(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def plan_json(plan: MemoryPlan, gpu_bytes: float, suggestions: list[Suggestion]) -> str:
+    out = plan.to_dict() | {"gpu_memory_gib": gpu_bytes / GIB, "fits": plan.fits(gpu_bytes),
+                            "suggestions": [{"change": s.change, "peak_allocated_gib": s.plan.peak_allocated_gib,
+                                             "device_total_gib": s.plan.device_total_gib} for s in suggestions]}
+    return json.dumps(out, indent=2)
+
+
+__all__ = ["MemoryPlan", "MemoryItem", "Suggestion", "predict_peak_memory", "suggest_settings", "load_model_config",
+           "parse_memory", "plan_json"]

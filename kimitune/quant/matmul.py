@@ -1,0 +1,103 @@
+"""The frozen products, for float and quantised weights alike: the one place that computes ``x W^T``.
+
+    frozen_linear(x [..., in], weight [out, in], bias [out] | None) -> [..., out]
+    frozen_grouped_linear(x [N, in] sorted by expert, weight [E, out, in], offsets [E] int32) -> [N, out]
+
+A float ``weight`` goes to ``F.linear`` / ``grouped_linear`` as before. A ``QuantizedWeight`` goes through an
+autograd Function that dequantises it in the forward, multiplies, and lets the dequantised copy go; the
+backward dequantises it again for ``dX = dY W`` (the weight is frozen: no dW, so nothing of the weight needs
+saving). Activation memory is therefore what the float layer would save minus the weight itself, and an
+expert stack exists dequantised only while its own product runs: one projection of one layer at a time, in the
+forward, in a checkpointed layer's recomputation and in the backward alike.
+
+The dequantisation and the products are ours rather than ``bitsandbytes.matmul_4bit`` / ``Linear8bitLt``:
+those cover linear layers only (not the stacked experts' grouped matmul), ``Linear8bitLt`` computes in
+float16 with int8 matmuls on CUDA and has no CPU training path, and ``matmul_4bit`` keeps its own backward.
+One explicit dequantise-then-matmul runs the same on CPU (float32) and CUDA (bf16) for both layer kinds.
+
+The compute dtype is autocast's inside an autocast region, else the weight's ``dtype`` (the model's dtype when
+it was quantised: bf16 on a GPU, float32 on the CPU); results come back in that dtype, input gradients in the
+input's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+from kimitune.ops.grouped_mm import grouped_linear
+from kimitune.quant.weight import QuantizedWeight
+
+
+def compute_dtype(x: torch.Tensor, weight: QuantizedWeight) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+def dequantized(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A float view of a frozen weight: the tensor itself, or a fresh dequantised copy (for code that needs the
+    numbers, e.g. CE-LoRA's SVD; products should use ``frozen_linear`` / ``frozen_grouped_linear``)."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.dequantize(dtype)
+    return weight
+
+
+class DequantLinearFunction(Function):
+    """``x W^T + b`` with ``W`` dequantised on the fly; saves nothing of ``W`` (and not ``x``: dW is not needed)."""
+
+    @staticmethod
+    def forward(ctx, x, weight: QuantizedWeight, bias, dtype: torch.dtype):
+        ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), weight.dequantize(dtype), None if bias is None else bias.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_output.to(ctx.dtype) @ ctx.weight.dequantize(ctx.dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, None
+
+
+class DequantGroupedLinearFunction(Function):
+    """``grouped_linear(x, W, offsets)`` with the stack ``W`` dequantised on the fly; saves only ``offsets``."""
+
+    @staticmethod
+    def forward(ctx, x, weight: QuantizedWeight, offsets, dtype: torch.dtype):
+        ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
+        ctx.save_for_backward(offsets)
+        with torch.autocast(x.device.type, enabled=False):
+            return grouped_linear(x.to(dtype), weight.dequantize(dtype), offsets)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (offsets,) = ctx.saved_tensors
+        stack = ctx.weight.dequantize(ctx.dtype)  # [E, out, in]; dX_e = dY_e W_e
+        grad_x = grouped_linear(grad_output.to(ctx.dtype), stack.transpose(1, 2), offsets)
+        del stack
+        return grad_x.to(ctx.x_dtype), None, None, None
+
+
+def frozen_linear(
+    x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x W^T + b`` for a float or quantised ``weight`` [out, in]; x [..., in] -> [..., out]."""
+    if isinstance(weight, QuantizedWeight):
+        return DequantLinearFunction.apply(x, weight, bias, compute_dtype(x, weight))
+    return F.linear(x, weight, bias)
+
+
+def frozen_grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Per expert ``x_e W_e^T`` for a float or quantised stack [E, out, in]; x [N, in] sorted by expert -> [N, out]."""
+    if isinstance(weight, QuantizedWeight):
+        return DequantGroupedLinearFunction.apply(x, weight, offsets, compute_dtype(x, weight))
+    return grouped_linear(x, weight, offsets)

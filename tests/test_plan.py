@@ -1,0 +1,208 @@
+"""`kimitune plan`: the predicted peak GPU memory matches the measured runs, counts weights by format, and the
+suggested settings fit."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kimitune.cli import app
+from kimitune.config import ConfigError, parse_config
+from kimitune.model import KimiLinearConfig
+from kimitune.plan import GIB, load_model_config, parse_memory, predict_peak_memory, suggest_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def widths_48b(layers: int = 4) -> KimiLinearConfig:
+    """benchmarks/train_gpu.py's model: the 48B widths with `layers` layers (KDA, KDA, KDA, MLA; layer 1 dense)."""
+    base = KimiLinearConfig.preset("kimi-linear-48b-a3b")
+    kda = [i for i in range(1, layers + 1) if i % 4 != 0]
+    return replace(base, num_hidden_layers=layers, kda_layers=kda,
+                   full_attn_layers=[i for i in range(1, layers + 1) if i not in kda])
+
+
+def train_config(**keys):
+    raw = {"base_model": "unused", "adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True,
+           "sequence_len": 4096, "micro_batch_size": 1, "optimizer": "adamw_torch_fused"} | keys
+    return parse_config(raw)[0]
+
+
+# Measured peaks (torch.cuda.max_memory_allocated, GiB) of kimitune's LoRA step in benchmarks/train_gpu.py:
+# 4-layer 48B widths, bf16 weights, no autocast, one unpacked sequence, LoRA r=16 all-linear, fused AdamW,
+# norms and SwiGLU in PyTorch (before kimitune.ops.norm's fused kernels: fused=False).
+# 4096 tokens: benchmarks/RESULTS.md, "LoRA training on one GPU against transformers + PEFT (issue 7)";
+# 2048 / 8192 tokens: the same section's memory census (benchmarks/memory_census.py), H100, 2026-11-24.
+MEASURED = [
+    (4096, False, 17.7),
+    (4096, True, 13.9),
+    (2048, False, 14.88),
+    (2048, True, 12.98),
+    (8192, False, 23.26),
+    (8192, True, 15.68),
+]
+
+
+@pytest.mark.parametrize("seq, ckpt, measured", MEASURED)
+def test_plan_is_within_10_percent_of_the_measured_peaks(seq, ckpt, measured):
+    plan = predict_peak_memory(train_config(sequence_len=seq, gradient_checkpointing=ckpt), widths_48b(),
+                               autocast=False, packed=False, fused=False)
+    assert abs(plan.peak_allocated_gib / measured - 1) < 0.10, (plan.peak_allocated_gib, measured)
+
+
+def test_plan_of_the_whole_48b_needs_no_weights_and_is_quick():
+    start = time.perf_counter()
+    plan = predict_peak_memory(train_config(gradient_checkpointing=True),
+                               KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json"))
+    assert time.perf_counter() - start < 20
+    weights = next(i for i in plan.items if i.name == "frozen weights, bf16")
+    assert weights.bytes / 1e9 == pytest.approx(2 * 49.12, rel=0.01)  # 49.12B parameters in bf16
+    assert plan.device_total > plan.peak_allocated > weights.bytes
+
+
+def test_weight_bytes_by_format():
+    from kimitune.model.summary import summarize
+
+    cfg = widths_48b()
+    summary = summarize(cfg)
+    quantized, kept = summary.quantizable_params, summary.total_params - summary.quantizable_params
+
+    def weights(**keys):
+        plan = predict_peak_memory(train_config(**keys), cfg)
+        return {i.name: i.bytes for i in plan.items if i.name.startswith("frozen weights")}
+
+    assert weights() == {"frozen weights, bf16": 2 * summary.total_params}
+    int8 = weights(load_in_8bit=True)
+    assert int8["frozen weights, bf16"] == 2 * kept
+    assert quantized < int8["frozen weights, int8"] < 1.01 * quantized  # + one float32 scale per row
+    nf4 = weights(load_in_4bit=True, adapter="qlora")["frozen weights, 4-bit"]
+    assert nf4 == pytest.approx(quantized * (0.5 + 4 / 64))
+    double = weights(load_in_4bit=True, adapter="qlora", bnb_4bit_use_double_quant=True)["frozen weights, 4-bit"]
+    assert double == pytest.approx(quantized * (0.5 + 1 / 64 + 4 / 64 / 256))
+
+
+def test_a_quantised_plan_holds_one_dequantised_expert_stack():
+    cfg = widths_48b()
+    plan = predict_peak_memory(train_config(load_in_4bit=True, adapter="qlora"), cfg)
+    (item,) = [i for i in plan.items if i.name.startswith("dequantised")]
+    assert item.bytes == 2 * cfg.num_experts * 2 * cfg.moe_intermediate_size * cfg.hidden_size  # gate_up, bf16
+
+
+def test_lora_parameter_count_is_the_adapters(tmp_path):
+    from kimitune.adapters import LoraSettings, apply_lora
+    from kimitune.model import KimiLinearForCausalLM
+
+    cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/tiny.json")
+    for keys in ({"lora_target_linear": True}, {"lora_target_linear": True, "lora_target_experts": True},
+                 {"lora_target_linear": False, "lora_target_modules": ["q_proj", "v_proj"]}):
+        train = train_config(**keys)
+        plan = predict_peak_memory(train, cfg)
+        model = KimiLinearForCausalLM(cfg)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        apply_lora(model, LoraSettings.from_config(train))
+        real = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        (item,) = [i for i in plan.items if i.name.startswith("LoRA weights")]
+        assert item.bytes == 4 * real
+
+
+def test_what_lowers_the_peak_lowers_the_plan():
+    cfg = widths_48b()
+    base = predict_peak_memory(train_config(), cfg).peak_allocated
+    assert predict_peak_memory(train_config(gradient_checkpointing=True), cfg).peak_allocated < base
+    assert predict_peak_memory(train_config(sequence_len=2048), cfg).peak_allocated < base
+    assert predict_peak_memory(train_config(load_in_8bit=True), cfg).peak_allocated < base
+    assert predict_peak_memory(train_config(lora_target_linear=False, lora_target_modules=["q_proj"]),
+                               cfg).peak_allocated < base
+    assert predict_peak_memory(train_config(lora_target_experts=True), cfg).peak_allocated > base
+    assert predict_peak_memory(train_config(), cfg, loss="full").peak_allocated > base + 4096 * 163840 * 8
+    full = predict_peak_memory(train_config(adapter=None), cfg)
+    assert full.peak_allocated > 16 * 6.4e9  # fp32 master weights, gradients and two AdamW states
+    # Without autocast (the benchmarks) LoRA keeps float32 copies of its inputs instead of bf16 casts.
+    assert predict_peak_memory(train_config(), cfg, autocast=False).peak_allocated > base
+
+
+def test_suggestions_fit_and_name_the_changes():
+    cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    train = train_config(sequence_len=8192, micro_batch_size=2)
+    gpu = 80 * GIB
+    assert not predict_peak_memory(train, cfg).fits(gpu)
+    suggestions = suggest_settings(train, cfg, gpu)
+    assert suggestions
+    for suggestion in suggestions:
+        assert suggestion.plan.fits(gpu)
+        assert predict_peak_memory(train.model_copy(update=suggestion.change), cfg).device_total == \
+            suggestion.plan.device_total
+    assert any("load_in_4bit" in s.change for s in suggestions)
+    # A small run fits and needs no suggestion.
+    assert predict_peak_memory(train_config(sequence_len=512), widths_48b()).fits(gpu)
+
+
+def test_parse_memory():
+    assert parse_memory("80GiB") == 80 * GIB
+    assert parse_memory("80") == 80 * GIB
+    assert parse_memory("141 GB") == 141e9
+    assert parse_memory("81559MiB") == 81559 * 2**20
+    with pytest.raises(ValueError, match="memory size"):
+        parse_memory("lots")
+
+
+def test_model_config_from_init_or_base_model_folder(tmp_path):
+    cfg, _ = parse_config({"init_from_config": str(ROOT / "examples/models/tiny.json")})
+    assert load_model_config(cfg).hidden_size == 128
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text((ROOT / "examples/models/tiny.json").read_text())
+    cfg, _ = parse_config({"base_model": str(folder), "adapter": "lora", "lora_target_linear": True})
+    assert load_model_config(cfg).num_hidden_layers == 4
+    cfg, _ = parse_config({"base_model": "moonshotai/not-downloaded"})
+    with pytest.raises(ConfigError, match="config.json"):
+        load_model_config(cfg)
+
+
+def write_config(tmp_path: Path, **keys) -> Path:
+    raw = {"base_model": str(ROOT / "examples/models/kimi-linear-48b-a3b.json"), "adapter": "lora",
+           "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True, "sequence_len": 8192,
+           "micro_batch_size": 2} | keys
+    path = tmp_path / "run.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_cli_plan_table_and_suggestions(tmp_path):
+    result = CliRunner().invoke(app, ["plan", str(write_config(tmp_path)), "--gpu-memory", "80GiB"],
+                                env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "frozen weights, bf16" in result.output and "activations" in result.output
+    assert "does not fit in 80.0 GiB" in result.output
+    assert "load_in_4bit: true" in result.output
+
+
+def test_cli_plan_json_with_overrides(tmp_path):
+    result = CliRunner().invoke(app, ["plan", str(write_config(tmp_path)), "--json", "--gpu-memory", "141GB",
+                                      "--gradient-checkpointing", "--load-in-4bit", "--adapter", "qlora"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["fits"] and out["suggestions"] == []
+    assert out["settings"]["gradient_checkpointing"] and out["settings"]["quantisation"] == "int4"
+    assert out["peak_allocated_gib"] == pytest.approx(sum(i["gib"] for i in out["items"]))
+    assert out["device_total_gib"] > out["peak_allocated_gib"]
+
+
+def test_cli_plan_reports_a_bad_memory_size(tmp_path):
+    result = CliRunner().invoke(app, ["plan", str(write_config(tmp_path)), "--gpu-memory", "lots"])
+    assert result.exit_code == 2 and "memory size" in result.output
+
+
+def test_plan_builds_nothing_on_a_device():
+    before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    predict_peak_memory(train_config(), widths_48b())
+    assert (torch.cuda.memory_allocated() if torch.cuda.is_available() else 0) == before

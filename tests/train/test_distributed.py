@@ -1,0 +1,101 @@
+"""Two processes (torchrun, gloo, CPU) train exactly as one process with the same global batch, and a checkpoint
+written by two processes resumes on one.
+
+Every run goes through the real entry point, ``python -m torch.distributed.run --nproc_per_node 2 -m kimitune
+train CONFIG``; the one-process runs call the same Trainer in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from test_trainer import ROOT, losses, raw_config, run, small_data  # noqa: F401  (small_data is a fixture)
+
+from kimitune.train.checkpointing import list_checkpoints
+
+# The same global batch: 2 ranks x 1 micro-batch per step on one side, 1 process x 2 micro-batches on the other.
+TWO = {"gradient_accumulation_steps": 1}
+ONE = {"gradient_accumulation_steps": 2}
+STEPS = {"max_steps": 4, "save_steps": 2, "eval_steps": 2}
+
+
+def torchrun(raw: dict, tmp_path: Path, nproc: int = 2) -> None:
+    config = tmp_path / f"{Path(raw['output_dir']).name}.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "-m", "kimitune", "train", str(config)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
+        raise
+    assert proc.returncode == 0, output[-6000:]
+
+
+def eval_losses(output_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+
+def assert_close(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> None:
+    assert [s for s, _ in a] == [s for s, _ in b]
+    assert all(math.isclose(x, y, rel_tol=0, abs_tol=1e-5) for (_, x), (_, y) in zip(a, b)), (a, b)
+
+
+def test_full_finetune_on_two_ranks_equals_one_process_and_resumes_on_one(small_data, tmp_path):
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun(raw_config(small_data, two, **STEPS, **TWO), tmp_path)
+    run(raw_config(small_data, one, **STEPS, **ONE))
+    assert_close(losses(two), losses(one))
+    assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(eval_losses(two), eval_losses(one)))
+    # Rank 0 wrote the model in the release layout, as one process does; rank 1 wrote its optimizer shard.
+    assert (two / "model.safetensors").is_file() and (two / "config.json").is_file()
+    checkpoint = list_checkpoints(two)[-1]
+    assert checkpoint.name == "checkpoint-2"
+    assert (checkpoint / "rng_state.rank1.json").is_file() and (checkpoint / "optimizer/.metadata").is_file()
+
+    # Resume the two-rank run on one process (no process group), with the same global batch.
+    run(raw_config(small_data, two, resume_from_checkpoint=True, **STEPS, **ONE))
+    assert_close(losses(two), losses(one))
+
+
+def test_lora_on_two_ranks_with_activation_checkpointing_equals_one_process(small_data, tmp_path):
+    lora = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True, "lora_target_experts": True,
+            "learning_rate": 1e-2}
+    fsdp = {"fsdp_version": 2, "fsdp_config": {"activation_checkpointing": True, "reshard_after_forward": True}}
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun(raw_config(small_data, two, **STEPS, **TWO, **lora, **fsdp), tmp_path)
+    run(raw_config(small_data, one, **STEPS, **ONE, **lora))
+    assert_close(losses(two), losses(one))
+    assert (two / "adapter_model.safetensors").is_file() and (two / "adapter_config.json").is_file()
+    from safetensors.torch import load_file
+
+    gathered, single = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
+    assert gathered.keys() == single.keys()
+    assert all((gathered[k] - single[k]).abs().max() < 1e-4 for k in single)
+
+
+def test_fsdp_config_keys_are_checked():
+    from kimitune.config import ConfigError, parse_config
+
+    base = {"init_from_config": "x.json", "tokenizer": "t"}
+    config, warnings = parse_config(base | {"fsdp_version": 2, "fsdp_config": {
+        "fsdp_offload_params": True, "reshard_after_forward": False, "state_dict_type": "FULL_STATE_DICT"}})
+    assert config.fsdp_config.offload_params and not config.fsdp_config.reshard_after_forward
+    assert any("state_dict_type" in w for w in warnings)
+    with pytest.raises(ConfigError, match="did you mean `offload_params`"):
+        parse_config(base | {"fsdp_config": {"ofload_params": True}})
+    with pytest.raises(ConfigError, match="FSDP2 only"):
+        parse_config(base | {"fsdp_version": 1})
