@@ -114,11 +114,21 @@ def estimate(cfg: KimiLinearConfig, spec: QuantSpec, seq: int, experts: bool) ->
     return parts
 
 
-def build(cfg: KimiLinearConfig, spec: QuantSpec, device: str, dtype: torch.dtype, experts: bool):
-    """The quantised model with LoRA, layer by layer on ``device``; returns (model, build seconds)."""
+def build(cfg: KimiLinearConfig, spec: QuantSpec | None, device: str, dtype: torch.dtype, experts: bool):
+    """The quantised model (``spec`` None: all in ``dtype``, initialised on ``device`` in that dtype) with LoRA;
+    returns (model, build seconds)."""
     start = time.perf_counter()
     torch.manual_seed(0)
-    model = init_quantized(cfg, spec, device=device, dtype=dtype)
+    if spec is None:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # initialise in bf16 directly: float32 first would need twice the memory
+        try:
+            with torch.device(device):
+                model = KimiLinearForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(default)
+    else:
+        model = init_quantized(cfg, spec, device=device, dtype=dtype)
     apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", target_experts=experts))
     model.set_gradient_checkpointing(True)
     model.train()
@@ -168,7 +178,8 @@ def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bits", type=int, choices=(8, 4), default=8)
+    parser.add_argument("--bits", type=int, choices=(16, 8, 4), default=8,
+                        help="frozen weights in 8-bit, 4-bit or (16) plain bf16, e.g. the 3x row against the peer")
     parser.add_argument("--quant-type", default="nf4", choices=("nf4", "fp4"))
     parser.add_argument("--double-quant", action="store_true")
     parser.add_argument("--seq", default="8192", help="comma-separated sequence lengths, one row each")
@@ -180,12 +191,12 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny depth/width on the CPU: checks the script only")
     args = parser.parse_args()
 
-    spec = QuantSpec(args.bits, args.quant_type, args.double_quant)
+    spec = None if args.bits == 16 else QuantSpec(args.bits, args.quant_type, args.double_quant)
     cfg = smoke_config() if args.smoke else KimiLinearConfig.preset("kimi-linear-48b-a3b")
     seqs = [int(s) for s in args.seq.split(",")]
     if args.smoke:
         seqs = [min(s, 256) for s in seqs]
-    for seq in seqs:
+    for seq in seqs if spec is not None else []:
         parts = estimate(cfg, spec, seq, args.experts)
         print(f"estimate, {args.bits}-bit, {seq} tokens{', +experts' if args.experts else ''}: "
               + "; ".join(f"{key} {value:.2f}" for key, value in parts.items()))
@@ -204,9 +215,10 @@ def main() -> None:
     rows = []
     for seq in seqs:
         result = run_seq(model, cfg, seq, args.warmup, args.steps, device)
-        result.update(bits=args.bits, quant_type=spec.quant_type if args.bits == 4 else "int8", seq=seq,
-                      experts=args.experts, build_s=build_s, weights_gib=weights_gib,
-                      estimate_gib=estimate(cfg, spec, seq, args.experts)["peak allocated (estimate)"])
+        quant_type = {16: "bf16", 8: "int8", 4: spec and spec.quant_type}[args.bits]
+        planned = estimate(cfg, spec, seq, args.experts)["peak allocated (estimate)"] if spec else float("nan")
+        result.update(bits=args.bits, quant_type=quant_type, seq=seq, experts=args.experts, build_s=build_s,
+                      weights_gib=weights_gib, estimate_gib=planned)
         rows.append(result)
         print(json.dumps(result), flush=True)
     print("\n| bits | seq | experts LoRA | tokens/s | MFU | peak allocated GiB | peak reserved GiB | estimate GiB | "

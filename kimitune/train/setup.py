@@ -196,8 +196,11 @@ def _attach_adapter(model: nn.Module, config: TrainConfig, resume_from: Path | N
         adapted = apply_ce_lora(model, settings, CeLoraSettings.from_config(config))
     else:
         adapted = apply_lora(model, settings)
+    from kimitune.quant.convert import quantized_weights
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # Quantised weights are buffers, not Parameters: count the weights they stand for.
+    total = sum(p.numel() for p in model.parameters()) + sum(w.shape.numel() for w in quantized_weights(model).values())
     console.print(
         f"{'CE-LoRA' if config.adapter == 'ce_lora' else 'LoRA'} r={settings.r} alpha={settings.alpha} on "
         f"{len(adapted)} modules: "

@@ -116,12 +116,12 @@ class Trainer:
 
     def train(self) -> TrainSummary:
         world = distributed.init_from_env(pick_device(self.config).type)
-        try:
-            return self._train(world)
-        finally:
-            world.shutdown()
+        # What must be closed however the run ends (trackers' runs, the process group), last opened first.
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(world.shutdown)
+            return self._train(world, cleanup)
 
-    def _train(self, world: distributed.World) -> TrainSummary:
+    def _train(self, world: distributed.World, cleanup: contextlib.ExitStack) -> TrainSummary:
         config = self.config
         console = self.console if world.is_main else Console(quiet=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -156,6 +156,7 @@ class Trainer:
             scheduler.load_state_dict(state.scheduler)
             console.print(f"resuming from [bold]{resume_from}[/] at step {state.step}")
         metrics = MetricsLogger(config, self.output_dir, resume_step=state.step) if world.is_main else _NoMetrics()
+        cleanup.callback(metrics.close)
         stream = BatchStream(setup, state.epoch, state.batch_index)
         params = [p for p in model.parameters() if p.requires_grad]
         autocast = (
@@ -260,7 +261,6 @@ class Trainer:
             metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
         saved = setup.save_final(self.output_dir)
         curve = metrics.plot(self.output_dir / "loss_curve.png")
-        metrics.close()
         return TrainSummary(
             steps=state.step,
             skipped_steps=state.skipped_steps,

@@ -99,3 +99,16 @@ def test_fsdp_config_keys_are_checked():
         parse_config(base | {"fsdp_config": {"ofload_params": True}})
     with pytest.raises(ConfigError, match="FSDP2 only"):
         parse_config(base | {"fsdp_version": 1})
+
+
+def test_qlora_on_two_ranks_equals_one_process(small_data, tmp_path):
+    """4-bit frozen weights are buffers: FSDP2 leaves them whole on every rank and shards the LoRA weights."""
+    pytest.importorskip("bitsandbytes")
+    qlora = {"adapter": "qlora", "load_in_4bit": True, "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True,
+             "learning_rate": 1e-2}
+    steps = {"max_steps": 2, "eval_steps": 2}
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun(raw_config(small_data, two, **steps, **TWO, **qlora), tmp_path)
+    run(raw_config(small_data, one, **steps, **ONE, **qlora))
+    assert_close(losses(two), losses(one))
+    assert (two / "adapter_model.safetensors").is_file()

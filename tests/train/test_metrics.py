@@ -255,3 +255,24 @@ def test_trainer_logs_each_step_to_the_trackers_and_closes_them(tmp_path, fake_w
     assert fake_wandb.finished == 1 and fake_mlflow.calls[-1] == ("end_run",)
     (writer,) = fake_tensorboard.instances
     assert writer.closed and [s for _, _, s in writer.scalars] == [s for s, numbers in expected(jsonl) for _ in numbers]
+
+
+def test_trackers_are_closed_when_the_run_fails(tmp_path, fake_wandb, monkeypatch):
+    from kimitune.train import trainer as trainer_module
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join((ROOT / "examples/data/quickstart_train.jsonl").read_text().splitlines()[:24]) + "\n")
+    cfg, _ = parse_config({
+        "init_from_config": str(ROOT / "examples/models/tiny.json"), "tokenizer": str(ROOT / "examples/tokenizer"),
+        "datasets": [{"path": str(data)}], "dataset_prepared_path": str(tmp_path / "cache"),
+        "sequence_len": 256, "sample_packing": True, "micro_batch_size": 2, "max_steps": 3, "logging_steps": 1,
+        "output_dir": str(tmp_path / "out"), "wandb_project": "kimi",
+    })
+
+    def broken_clip(params, max_norm):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(trainer_module.distributed, "clip_grad_norm", broken_clip)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer_module.Trainer(cfg, Console(quiet=True)).train()
+    assert fake_wandb.finished == 1
