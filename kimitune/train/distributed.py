@@ -8,6 +8,10 @@ identity, and the trainer runs exactly as it always has.
 - Process group: ``init_from_env`` starts it (nccl with device ``cuda:LOCAL_RANK`` on GPUs, gloo on the CPU) and
   sets ``NCCL_NVLS_ENABLE=0`` unless the environment already says otherwise (NVLink multicast buffers cost memory
   and are refused on some shared machines).
+- Building: only rank 0 reads or draws the weights, on its CPU; the other ranks build the same modules on the
+  meta device, and after sharding ``fill_from_rank0`` sends each rank its slices (torchtune's way), so no GPU
+  holds the whole model. Quantised weights and CE-LoRA compute buffers from the weights while the model is built:
+  with them every rank builds the whole model on its device and shards it (``setup.builds_on_meta``).
 - Wrapping: ``shard_model`` calls ``fully_shard`` on every decoder layer, then on the whole model (embedding, final
   norm, LM head). Each layer's weights, frozen or not, are sharded on dim 0 (stacked MoE experts ``[E, ...]``
   included), and so are their gradients and the optimizer state. FSDP2 all-gathers tensors of mixed dtypes (bf16
@@ -138,6 +142,22 @@ def shard_model(model: nn.Module, world: World, *, bf16: bool, offload_params: b
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM(1))
     _keep_cu_seqlens_on_host(model)
     return model
+
+
+def fill_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor] | None, device: torch.device) -> None:
+    """After ``shard_model``: every rank's shards (and buffers) from rank 0's whole state dict; a collective.
+
+    Ranks > 0 built the model on the meta device (no weights anywhere), so their shards are allocated here on
+    ``device``; rank 0 built it on its CPU and passes its state dict, taken before sharding. Each whole tensor is
+    broadcast from rank 0 and every rank keeps its slice, so no GPU ever holds more than one whole tensor beyond
+    its shards, and only rank 0's host holds the whole model.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state if full_state is not None else {}, options=options)
 
 
 def _keep_cu_seqlens_on_host(model: nn.Module) -> None:

@@ -135,8 +135,27 @@ def _build_model(config: TrainConfig, device: torch.device, dtype: torch.dtype, 
     return model.to(device=device, dtype=dtype)
 
 
-def build_training_setup(config: TrainConfig, console: Console, resume_from: Path | None = None) -> TrainingSetup:
-    """Builds device, tokenizer, data, model and adapter in a fixed order (so the RNG draws are the same)."""
+def builds_on_meta(config: TrainConfig) -> bool:
+    """Whether a sharded run can build this model without weights on ranks > 0 (rank 0 then sends them): not with
+    quantised weights or CE-LoRA, whose buffers are computed from the weights as the model is built."""
+    return not (config.load_in_8bit or config.load_in_4bit or config.adapter == "ce_lora")
+
+
+def build_training_setup(
+    config: TrainConfig,
+    console: Console,
+    resume_from: Path | None = None,
+    *,
+    model_device: torch.device | None = None,
+    model_config=None,
+) -> TrainingSetup:
+    """Builds device, tokenizer, data, model and adapter in a fixed order (so the RNG draws are the same).
+
+    ``model_device``: where the model is built, the run's device by default. A sharded run builds it on rank 0's
+    CPU (``torch.device("cpu")``) and on the meta device elsewhere (``torch.device("meta")``, with
+    ``model_config``: the structure only, adapters included, no weights read or drawn); ``distributed`` then
+    shards it and sends every rank its part of rank 0's weights.
+    """
     from kimitune.data import load_tokenizer, make_batches, prepare_datasets
 
     seed_everything(config.seed)
@@ -153,7 +172,13 @@ def build_training_setup(config: TrainConfig, console: Console, resume_from: Pat
     if full_finetune and resume_from is not None:
         weights_from = str(resume_from)
     seed_everything(config.seed)
-    model = _build_model(config, device, dtype, weights_from)
+    if model_device is not None and model_device.type == "meta":
+        from kimitune.model import KimiLinearForCausalLM
+
+        with torch.device("meta"):
+            model = KimiLinearForCausalLM(model_config).to(dtype)
+    else:
+        model = _build_model(config, model_device or device, dtype, weights_from)
     model.config.router_aux_loss_coef = config.router_aux_loss_coef  # the model scales its aux loss by this
     if config.gradient_checkpointing:
         model.set_gradient_checkpointing(True)
@@ -207,6 +232,7 @@ def _attach_adapter(model: nn.Module, config: TrainConfig, resume_from: Path | N
         f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)"
     )
     start_from = resume_from or (Path(config.lora_model_dir) if config.lora_model_dir else None)
-    if start_from is not None:
+    on_meta = next(model.parameters()).is_meta  # a sharded run's rank > 0: rank 0 loads it and sends it
+    if start_from is not None and not on_meta:
         load_adapter(model, start_from)
     return settings

@@ -38,7 +38,13 @@ from kimitune.train.checkpointing import (
 from kimitune.train.metrics import MetricsLogger
 from kimitune.train.optim import build_optimizer
 from kimitune.train.schedule import build_scheduler, warmup_steps_for
-from kimitune.train.setup import TrainingSetup, build_training_setup, pick_device, seed_everything
+from kimitune.train.setup import (
+    TrainingSetup,
+    build_training_setup,
+    builds_on_meta,
+    pick_device,
+    seed_everything,
+)
 
 
 class TrainingDiverged(RuntimeError):
@@ -131,11 +137,29 @@ class Trainer:
                 console.print(f"[yellow]removed {removed} half-written checkpoint folder(s) from a killed run[/]")
         world.barrier()
         resume_from = resolve_resume(self.output_dir, config.resume_from_checkpoint)
-        setup = build_training_setup(config, console, resume_from=resume_from)
-        if distributed.launched_by_torchrun():
+        if distributed.launched_by_torchrun() and world.size > 1 and builds_on_meta(config):
+            # Only rank 0 reads or draws the weights (on its CPU); the others build the modules on the meta
+            # device from rank 0's config and receive their shards after sharding.
+            model_config, setup = None, None
+            if world.is_main:
+                setup = build_training_setup(config, console, resume_from, model_device=torch.device("cpu"))
+                model_config = setup.model.config
+            model_config = world.broadcast_object(model_config)
+            if not world.is_main:
+                setup = build_training_setup(config, console, resume_from, model_device=torch.device("meta"),
+                                             model_config=model_config)
+            full_state = setup.model.state_dict() if world.is_main else None
             setup.model = self._shard(setup, world, console)
-        elif config.fsdp_config is not None:
-            console.print("[yellow]warning:[/] fsdp_config has an effect only under torchrun")
+            offload = (config.fsdp_config or FsdpConfig()).offload_params
+            distributed.fill_from_rank0(setup.model, full_state, torch.device("cpu") if offload else world.device)
+            del full_state
+            console.print(f"weights built on rank 0 only; {world.size - 1} rank(s) received their shards")
+        else:
+            setup = build_training_setup(config, console, resume_from=resume_from)
+            if distributed.launched_by_torchrun():
+                setup.model = self._shard(setup, world, console)
+            elif config.fsdp_config is not None:
+                console.print("[yellow]warning:[/] fsdp_config has an effect only under torchrun")
         if world.rank > 0:  # the model is built; each rank draws its own dropout masks from here on
             seed_everything(config.seed + world.rank)
         model, device = setup.model, setup.device

@@ -27,7 +27,7 @@ ONE = {"gradient_accumulation_steps": 2}
 STEPS = {"max_steps": 4, "save_steps": 2, "eval_steps": 2}
 
 
-def torchrun(raw: dict, tmp_path: Path, nproc: int = 2) -> None:
+def torchrun(raw: dict, tmp_path: Path, nproc: int = 2) -> str:
     config = tmp_path / f"{Path(raw['output_dir']).name}.yaml"
     config.write_text(yaml.safe_dump(raw))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -42,6 +42,7 @@ def torchrun(raw: dict, tmp_path: Path, nproc: int = 2) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers
         raise
     assert proc.returncode == 0, output[-6000:]
+    return output
 
 
 def eval_losses(output_dir: Path) -> list[float]:
@@ -56,7 +57,8 @@ def assert_close(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> None
 
 def test_full_finetune_on_two_ranks_equals_one_process_and_resumes_on_one(small_data, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    torchrun(raw_config(small_data, two, **STEPS, **TWO), tmp_path)
+    output = torchrun(raw_config(small_data, two, **STEPS, **TWO), tmp_path)
+    assert "weights built on rank 0 only; 1 rank(s) received their shards" in output  # rank 1 built on meta
     run(raw_config(small_data, one, **STEPS, **ONE))
     assert_close(losses(two), losses(one))
     assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(eval_losses(two), eval_losses(one)))
