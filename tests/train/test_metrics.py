@@ -235,18 +235,23 @@ def test_tracker_keys_are_axolotls():
 
 # ----- through the trainer ----------------------------------------------------------------------------------------------
 
-def test_trainer_logs_each_step_to_the_trackers_and_closes_them(tmp_path, fake_wandb, fake_mlflow, fake_tensorboard):
-    from kimitune.train.trainer import Trainer
-
+def small_run(tmp_path: Path, **trackers):
+    """A two-step run of the tiny model on 24 quickstart conversations, with ``trackers``' config keys."""
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join((ROOT / "examples/data/quickstart_train.jsonl").read_text().splitlines()[:24]) + "\n")
     cfg, _ = parse_config({
         "init_from_config": str(ROOT / "examples/models/tiny.json"), "tokenizer": str(ROOT / "examples/tokenizer"),
         "datasets": [{"path": str(data)}], "dataset_prepared_path": str(tmp_path / "cache"),
         "sequence_len": 256, "sample_packing": True, "micro_batch_size": 2, "max_steps": 2, "logging_steps": 1,
-        "output_dir": str(tmp_path / "out"), "use_tensorboard": True, "wandb_project": "kimi",
-        "mlflow_experiment_name": "kimi",
+        "output_dir": str(tmp_path / "out"), **trackers,
     })
+    return cfg
+
+
+def test_trainer_logs_each_step_to_the_trackers_and_closes_them(tmp_path, fake_wandb, fake_mlflow, fake_tensorboard):
+    from kimitune.train.trainer import Trainer
+
+    cfg = small_run(tmp_path, use_tensorboard=True, wandb_project="kimi", mlflow_experiment_name="kimi")
     Trainer(cfg, Console(quiet=True)).train()
     jsonl = [json.loads(line) for line in (tmp_path / "out/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in jsonl] == [1, 2]
@@ -260,14 +265,7 @@ def test_trainer_logs_each_step_to_the_trackers_and_closes_them(tmp_path, fake_w
 def test_trackers_are_closed_when_the_run_fails(tmp_path, fake_wandb, monkeypatch):
     from kimitune.train import trainer as trainer_module
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("\n".join((ROOT / "examples/data/quickstart_train.jsonl").read_text().splitlines()[:24]) + "\n")
-    cfg, _ = parse_config({
-        "init_from_config": str(ROOT / "examples/models/tiny.json"), "tokenizer": str(ROOT / "examples/tokenizer"),
-        "datasets": [{"path": str(data)}], "dataset_prepared_path": str(tmp_path / "cache"),
-        "sequence_len": 256, "sample_packing": True, "micro_batch_size": 2, "max_steps": 3, "logging_steps": 1,
-        "output_dir": str(tmp_path / "out"), "wandb_project": "kimi",
-    })
+    cfg = small_run(tmp_path, wandb_project="kimi")
 
     def broken_clip(params, max_norm):
         raise RuntimeError("injected failure")
