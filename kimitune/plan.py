@@ -10,9 +10,10 @@ An analytic model, per byte (T = micro_batch_size * sequence_len tokens per micr
   full fine-tuning: float32 master weights + gradients + states, plus the bf16 copies autocast keeps for the backward;
 - activations kept for the backward, per token and decoder layer, by layer kind; measured on an H100 with
   ``benchmarks/memory_census.py`` for the 48B widths (see ``_kda_bytes`` ...), written as functions of the widths
-  so they carry to other shapes; each adapted linear adds its input (LoRA keeps a float32 copy, bf16 under
-  autocast) and its rank-r product; with gradient checkpointing only each layer's input is kept, and one layer's
-  activations are rebuilt at a time in the backward;
+  so they carry to other shapes; LoRA adds each adapted linear's rank-r product and keeps its input alive (once
+  per tensor: q, k, v and the gates read the same one; a copy per linear with lora_dropout); with gradient
+  checkpointing only each layer's input is kept, and one layer's activations are rebuilt at a time in the
+  backward;
 - the loss: cut cross-entropy keeps the final hidden states only; kimitune's chunked fallback (no
   cut-cross-entropy installed) also holds one 128 MiB chunk of float32 logits and its gradient; full logits
   (transformers' way, ``loss="full"``) T * vocab * (2 + 4 + 4) bytes;
@@ -22,10 +23,11 @@ An analytic model, per byte (T = micro_batch_size * sequence_len tokens per micr
   benchmarks measure); the device needs ~5% more for the caching allocator's rounding and fragmentation plus
   ~0.5 GiB of CUDA context (``device_total``, compared with ``--gpu-memory``).
 
-Calibration (benchmarks/RESULTS.md, GPU training section and its memory census; tests/test_plan.py): the 4-layer
-48B-widths LoRA run, bf16, no autocast, PyTorch norms: 17.7 GiB without and 13.9 GiB with gradient checkpointing
-at 4096 tokens, and the census at 2048 and 8192 tokens. When the model code changes what it saves (as the fused
-norm kernels did), re-run ``benchmarks/memory_census.py`` and update the per-kind terms below.
+Calibration (benchmarks/RESULTS.md, GPU training section and its memory census; tests/test_plan.py): the per-kind
+terms come from the census of the 4-layer 48B-widths LoRA run (PyTorch norms, then); against the current code
+(fla's fused norms, LoRA products in bf16) the plan is within 1.3% of the five measured rows (15.7 / 13.4 GiB at
+4096 tokens without / with checkpointing, 17.3 at 16384 with, 17.6 / 14.8 with expert LoRA). When the model code
+changes what it saves, re-run ``benchmarks/memory_census.py`` and update the per-kind terms below.
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ CUBLAS_WORKSPACE = 64 * 2**20  # two cuBLAS handles' workspaces, allocated throu
 CUDA_CONTEXT = 0.5 * GIB  # the CUDA context and kernels' modules: outside the allocator, inside nvidia-smi's number
 ALLOCATOR_OVERHEAD = 0.05  # reserved / allocated - 1 at the peak: block rounding and fragmentation
 CHUNKED_CE_BYTES = 128 * 2**20  # float32 logits held at once by kimitune.ops.loss's chunked path
-LORA_R_INTERMEDIATE = 4  # bytes per rank per token: the float32 [T, r] product x A^T, kept for dB
 
 
 @dataclass
@@ -210,7 +211,7 @@ def _moe_bytes(config: KimiLinearConfig, b: int, fused: bool) -> int:
     return routed + 4 * config.num_experts + 8 * 3 * k + shared + 4 * C
 
 
-def _layer_bytes(config: KimiLinearConfig, i: int, b: int, lora: list[_Linear], lora_bytes: int, r: int,
+def _layer_bytes(config: KimiLinearConfig, i: int, b: int, lora: list[_Linear], r: int, dropout: float,
                  fused: bool, packed: bool) -> int:
     """Bytes per token that decoder layer i keeps for the backward (its output included)."""
     C = config.hidden_size
@@ -220,9 +221,33 @@ def _layer_bytes(config: KimiLinearConfig, i: int, b: int, lora: list[_Linear], 
         total += _moe_bytes(config, b, fused)
     else:
         total += _mlp_bytes(config.intermediate_size, b, fused)
-    for target in lora:
-        if target.layer == i:
-            total += target.copies * (lora_bytes * target.in_features + LORA_R_INTERMEDIATE * r)
+    return total + _lora_bytes([t for t in lora if t.layer == i], b, r, dropout)
+
+
+# Adapted linears that read the same tensor (a decoder layer's normed input): LoRA keeps that tensor alive once.
+_SHARED_INPUTS = {
+    "attention input": re.compile(r"self_attn\.(q_proj|k_proj|v_proj|b_proj|g_a_proj|q_a_proj|kv_a_proj_with_mqa|"
+                                  r"forget_gate\.f_a_proj)$"),
+    "mlp input": re.compile(r"mlp\.(shared_experts\.)?(gate_proj|up_proj)$"),
+}
+
+
+def _lora_bytes(targets: list[_Linear], b: int, r: int, dropout: float) -> int:
+    """Bytes per token LoRA keeps in one layer. The low-rank products run in the layer's dtype on its input as it
+    is (``adapters.layers.lora_compute_dtype``): each adapted linear keeps the scaled [T, r] product for dB, and
+    its input is a reference to a tensor the frozen product would otherwise drop (kept once per tensor: a layer's
+    q, k, v and gate projections read the same one). With lora_dropout each linear keeps its own dropped-out copy
+    and the mask instead."""
+    total, shared = 0, set()
+    for target in targets:
+        total += target.copies * b * r
+        if dropout > 0:
+            total += target.copies * (b + 1) * target.in_features
+            continue
+        group = next((name for name, pattern in _SHARED_INPUTS.items() if pattern.search(target.name)), target.name)
+        if group not in shared:
+            shared.add(group)
+            total += target.copies * b * target.in_features
     return total
 
 
@@ -289,13 +314,12 @@ def predict_peak_memory(
 
     # activations
     if full_ft:  # every linear keeps its (autocast bf16) input for its weight gradient; not measured
-        per_layer = [_layer_bytes(cfg, i, b, [], 0, 0, fused, packed)
+        per_layer = [_layer_bytes(cfg, i, b, [], 0, 0.0, fused, packed)
                      + sum(b * inp * (1 if count == 1 else cfg.num_experts_per_token)
                            for inp, _, count in _layer_matrices(cfg, i))
                      for i in range(cfg.num_hidden_layers)]
     else:
-        lora_bytes = 2 if autocast else 4  # LoRA's input: a float32 copy; autocast keeps its bf16 cast instead
-        per_layer = [_layer_bytes(cfg, i, b, lora, lora_bytes, train.lora_r, fused, packed)
+        per_layer = [_layer_bytes(cfg, i, b, lora, train.lora_r, train.lora_dropout, fused, packed)
                      for i in range(cfg.num_hidden_layers)]
     if train.gradient_checkpointing:
         kept = cfg.num_hidden_layers * b * C * T
