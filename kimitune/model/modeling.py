@@ -26,6 +26,7 @@ from kimitune.model.kda import KDAForgetGate, KDAState, KimiDeltaAttention
 from kimitune.model.mla import MLAState, MultiheadLatentAttention
 from kimitune.model.moe import GroupedExperts, KimiLinearMLP, KimiLinearMoE, TopkRouter
 from kimitune.model.norm import GatedRMSNorm, RMSNorm
+from kimitune.ops import cu_seqlens_on
 from kimitune.ops.loss import IGNORE_INDEX, linear_cross_entropy
 
 
@@ -131,7 +132,10 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch
     sequence predicts nothing (-100)."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     if cu_seqlens is not None:
-        last = (cu_seqlens[1:] - 1).clamp_min(0).to(device=labels.device, dtype=torch.long)
+        # The layers' cached device copy of a host cu_seqlens: a plain .to(device) here was the step's one
+        # host-device synchronisation besides cut-cross-entropy's (found with torch.cuda.set_sync_debug_mode).
+        ends = cu_seqlens_on(cu_seqlens, labels.device)
+        last = (ends[1:] - 1).clamp_min(0).to(torch.long)
         targets = targets.index_fill(1, last, IGNORE_INDEX)
     return targets
 

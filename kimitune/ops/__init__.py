@@ -14,6 +14,7 @@ import torch
 from kimitune.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch
 from kimitune.ops.kda import fla
 from kimitune.ops.kda.chunk import chunk_kda_torch
+from kimitune.ops.kda.fla import cu_seqlens_on
 from kimitune.ops.kda.naive import naive_recurrent_kda
 from kimitune.ops.kda.recurrent import fused_recurrent_kda_torch
 
@@ -91,4 +92,5 @@ def causal_conv1d_update(
     return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
 
 
-__all__ = ["chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update", "naive_recurrent_kda"]
+__all__ = ["chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update", "naive_recurrent_kda",
+           "cu_seqlens_on"]
