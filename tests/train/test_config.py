@@ -75,3 +75,12 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_unknown_plugin_is_an_error():
     with pytest.raises(ConfigError, match="unknown plugin `my.Plugin`"):
         parse_config(minimal(plugins=["my.Plugin"]))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error of a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_config_error():
+    from kimitune.train.setup import pick_device
+
+    config, _ = parse_config(minimal(device="cuda"))
+    with pytest.raises(ConfigError, match="device: .*no CUDA GPU is visible"):
+        pick_device(config)
