@@ -211,6 +211,14 @@ def load_training_state(
     The RNG state is this rank's; a rank the checkpoint has none for (it was written by fewer processes) keeps
     the generators it has.
     """
+    if not (checkpoint / "optimizer").is_dir():
+        older = (checkpoint / "optimizer.pt").is_file()
+        raise FileNotFoundError(
+            f"resume_from_checkpoint: {checkpoint} has no optimizer state (optimizer/)"
+            + (": it was written by an older kimitune (optimizer.pt), whose single-file format this version no "
+               "longer reads; start a new run from its weights instead (base_model for a full model, "
+               "lora_model_dir for an adapter)" if older else "")
+        )
     load_optimizer(checkpoint / "optimizer", model, optimizer)
     plain, tensors = checkpoint / _rng_file(rank, "json"), checkpoint / _rng_file(rank, "safetensors")
     if plain.is_file():

@@ -1,6 +1,7 @@
 """Checkpoints are atomic, rotated, and restore optimizer, RNG and position exactly."""
 
 import random
+import shutil
 
 import pytest
 import torch
@@ -73,3 +74,15 @@ def test_stale_temporaries_are_ignored_and_removed(tmp_path):
 def test_resume_from_a_path_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a complete kimitune checkpoint"):
         resolve_resume(tmp_path, str(tmp_path / "missing"))
+
+
+def test_checkpoint_of_an_older_version_is_refused_with_what_to_do(tmp_path):
+    model, opt = make_optimizer()
+    path = save_checkpoint(tmp_path, TrainerState(step=2), write_weights, model, opt)
+    shutil.rmtree(path / "optimizer")
+    torch.save(opt.state_dict(), path / "optimizer.pt")  # the single-file format of earlier versions
+    with pytest.raises(FileNotFoundError, match="older kimitune .*lora_model_dir for an adapter"):
+        load_training_state(path, model, opt)
+    (path / "optimizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has no optimizer state \(optimizer/\)$"):
+        load_training_state(path, model, opt)
