@@ -121,10 +121,7 @@ def _build_model(config: TrainConfig, device: torch.device, dtype: torch.dtype, 
     from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
     from kimitune.quant import QuantSpec, init_quantized
 
-    quantization = QuantSpec.from_config(config)
-    if quantization is not None and config.adapter is None:
-        raise ConfigError("load_in_8bit / load_in_4bit: quantised weights are frozen, so they need an adapter "
-                          "(adapter: lora or qlora); full fine-tuning cannot train them")
+    quantization = QuantSpec.from_config(config)  # TrainConfig refuses quantisation with full fine-tuning
     if weights_from is not None:
         return KimiLinearForCausalLM.from_pretrained(weights_from, dtype=dtype, device=device,
                                                      quantization=quantization)

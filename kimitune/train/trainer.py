@@ -148,11 +148,7 @@ class Trainer:
             if not world.is_main:
                 setup = build_training_setup(config, console, resume_from, model_device=torch.device("meta"),
                                              model_config=model_config)
-            full_state = setup.model.state_dict() if world.is_main else None
-            setup.model = self._shard(setup, world, console)
-            offload = (config.fsdp_config or FsdpConfig()).offload_params
-            distributed.fill_from_rank0(setup.model, full_state, torch.device("cpu") if offload else world.device)
-            del full_state
+            setup.model = self._shard(setup, world, console, from_rank0=True)
             console.print(f"weights built on rank 0 only; {world.size - 1} rank(s) received their shards")
         else:
             setup = build_training_setup(config, console, resume_from=resume_from)
@@ -310,16 +306,22 @@ class Trainer:
         total, count = world.sum(total, count)
         return total / max(count, 1)
 
-    def _shard(self, setup: TrainingSetup, world: distributed.World, console: Console):
+    def _shard(self, setup: TrainingSetup, world: distributed.World, console: Console, from_rank0: bool = False):
+        """The model sharded with FSDP2; ``from_rank0``: only rank 0 holds weights (ranks > 0 built on the meta
+        device), and every rank's shards are filled from rank 0's state dict (a collective)."""
         fsdp = self.config.fsdp_config or FsdpConfig()
         if fsdp.activation_checkpointing:
             setup.model.set_gradient_checkpointing(True)
         console.print(f"FSDP2 over {world.size} process(es) ({world.device.type}): each decoder layer sharded"
                       + (", parameters offloaded to the CPU" if fsdp.offload_params else ""))
-        return distributed.shard_model(
+        full_state = setup.model.state_dict() if (from_rank0 and world.is_main) else None  # before sharding
+        model = distributed.shard_model(
             setup.model, world, bf16=setup.autocast_bf16, offload_params=fsdp.offload_params,
             pin_memory=fsdp.cpu_offload_pin_memory, reshard_after_forward=fsdp.reshard_after_forward,
         )
+        if from_rank0:
+            distributed.fill_from_rank0(model, full_state, torch.device("cpu") if fsdp.offload_params else world.device)
+        return model
 
 
 def _status(record: dict) -> str:
