@@ -181,25 +181,34 @@ def main() -> None:
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     results = []
     generator = torch.Generator().manual_seed(1)
-    for context in contexts:
-        prompt = torch.randint(3, config.vocab_size, (context,), generator=generator).to(device)
-        refs = reference_bytes(config, context + args.new_tokens, itemsize)
-        runs = [("kimitune", run_kimitune, ours)]
-        if theirs is not None and (args.skip_transformers_above is None or context <= args.skip_transformers_above):
-            runs.append(("transformers", run_transformers, theirs))
-        for impl, run, model in runs:
+    prompts = {context: torch.randint(3, config.vocab_size, (context,), generator=generator).to(device)
+               for context in contexts}
+    # Every context for kimitune, then every context for transformers: neither implementation's state (compiled
+    # kernels, cuDNN plans, the caching allocator) is left in between the other's rows.
+    runs = [("kimitune", run_kimitune, ours, contexts)]
+    if theirs is not None:
+        runs.append(("transformers", run_transformers, theirs,
+                     [c for c in contexts if args.skip_transformers_above is None or c <= args.skip_transformers_above]))
+    for impl, run, model, impl_contexts in runs:
+        run(model, prompts[contexts[0]][:128], 4, device)  # untimed warm-up: kernel compilation, first plans
+        for context in impl_contexts:
+            refs = reference_bytes(config, context + args.new_tokens, itemsize)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 weights = torch.cuda.memory_allocated()
             try:
-                result = run(model, prompt, args.new_tokens, device)
+                result = run(model, prompts[context], args.new_tokens, device)
             except torch.OutOfMemoryError as err:
                 result = {"error": f"out of memory: {str(err).splitlines()[0]}"}
             if device.type == "cuda":
                 result["peak_mib"] = (torch.cuda.max_memory_allocated() - weights) / MIB  # beyond what was there
             result.update(context=context, impl=impl, **refs)
             results.append(result)
+            if args.json:  # after every row: a long run cut short keeps what it measured
+                with open(args.json, "w") as f:
+                    json.dump({"device": name, "dtype": str(dtype), "new_tokens": args.new_tokens,
+                               "results": results}, f, indent=2)
             if "error" in result:
                 print(f"| {context} | {impl} | {result['error']} |")
                 continue
@@ -209,11 +218,6 @@ def main() -> None:
                   f"{1 - result['cache_bytes'] / refs['full_mla']:.1%} | {refs['full_mha'] / MIB:.1f} | "
                   f"{result.get('peak_mib', float('nan')):.0f} |",
                   flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "dtype": str(dtype), "new_tokens": args.new_tokens, "results": results}, f,
-                      indent=2)
-
 
 if __name__ == "__main__":
     main()

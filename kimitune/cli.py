@@ -141,6 +141,8 @@ def plan(
     config: Path = typer.Argument(..., help="The YAML config file."),
     gpu_memory: str = typer.Option("80GiB", help="The GPU's memory: 80GiB (H100), 141GB (H200), 24GiB, ..."),
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    gpus: int = typer.Option(1, help="GPUs the run uses (torchrun --nproc_per_node): above 1, the memory of one "
+                             "GPU under FSDP2 as fsdp_config says."),
 ) -> None:
     from kimitune.plan import load_model_config, parse_memory, plan_json, predict_peak_memory, suggest_settings
 
@@ -148,8 +150,8 @@ def plan(
     try:
         gpu = parse_memory(gpu_memory)
         model_config = load_model_config(cfg)
-        memory = predict_peak_memory(cfg, model_config)
-        suggestions = [] if memory.fits(gpu) else suggest_settings(cfg, model_config, gpu)
+        memory = predict_peak_memory(cfg, model_config, gpus=gpus)
+        suggestions = [] if memory.fits(gpu) else suggest_settings(cfg, model_config, gpu, gpus=gpus)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         _fail(err)
     if json_output:
@@ -162,7 +164,9 @@ def _print_plan(memory, gpu: float, suggestions) -> None:
     from rich.table import Table
 
     gib = 2**30
-    table = Table(title=f"predicted peak GPU memory: {memory.tokens:,} tokens per micro-batch")
+    per_gpu = memory.settings["gpus"]
+    table = Table(title=f"predicted peak GPU memory: {memory.tokens:,} tokens per micro-batch"
+                  + (f", each of {per_gpu} GPUs (FSDP2)" if per_gpu > 1 else ""))
     table.add_column("part")
     table.add_column("GiB", justify="right")
     table.add_column("note", style="dim")

@@ -19,6 +19,10 @@ An analytic model, per byte (T = micro_batch_size * sequence_len tokens per micr
   (transformers' way, ``loss="full"``) T * vocab * (2 + 4 + 4) bytes;
 - transients: the backward's gradient buffers of a MoE layer (b * C * (top_k + 2) per token), one expert stack
   dequantised to bf16 (quantised runs), cuBLAS workspaces (64 MiB);
+- several GPUs (``gpus``, FSDP2 under torchrun): parameters, gradients and optimizer states split over the GPUs (or
+  on the host with ``offload_params``; quantised weights are replicated buffers), plus the weights gathered for
+  compute: the root's (embeddings, lm_head) for the step, and decoder layers, one at a time plus
+  ``FSDP_EXTRA_GATHERED_LAYERS`` in flight, or all of them with ``reshard_after_forward: false``;
 - the CUDA allocator's overhead: ``peak_allocated`` is what ``torch.cuda.max_memory_allocated`` reports (what the
   benchmarks measure); the device needs ~5% more for the caching allocator's rounding and fragmentation plus
   ~0.5 GiB of CUDA context (``device_total``, compared with ``--gpu-memory``).
@@ -27,7 +31,9 @@ Calibration (benchmarks/RESULTS.md, GPU training section and its memory census; 
 terms come from the census of the 4-layer 48B-widths LoRA run (PyTorch norms, then); against the current code
 (fla's fused norms, LoRA products in bf16) the plan is within 1.3% of the five measured rows (15.7 / 13.4 GiB at
 4096 tokens without / with checkpointing, 17.3 at 16384 with, 17.6 / 14.8 with expert LoRA). When the model code
-changes what it saves, re-run ``benchmarks/memory_census.py`` and update the per-kind terms below.
+changes what it saves, re-run ``benchmarks/memory_census.py`` and update the per-kind terms below. On 2 GPUs the
+plan is within 4% of the four 4-layer rows that ``FSDP_EXTRA_GATHERED_LAYERS`` was fitted to, and within 0.5% of
+the whole 48B in bf16 (58.7 GiB per GPU), which it was not fitted to.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ CUBLAS_WORKSPACE = 64 * 2**20  # two cuBLAS handles' workspaces, allocated throu
 CUDA_CONTEXT = 0.5 * GIB  # the CUDA context and kernels' modules: outside the allocator, inside nvidia-smi's number
 ALLOCATOR_OVERHEAD = 0.05  # reserved / allocated - 1 at the peak: block rounding and fragmentation
 CHUNKED_CE_BYTES = 128 * 2**20  # float32 logits held at once by kimitune.ops.loss's chunked path
+# FSDP2 on 2+ GPUs: gathered layer weights beyond the one computing, held while the all-gather stream's buffers
+# wait to be reused (the next layer's prefetch, frees that trail the compute stream). Fitted to the four 2-GPU rows
+# of benchmarks/RESULTS.md ("Several GPUs", 1.0-1.5 measured); 0 on one process, where nothing is prefetched.
+FSDP_EXTRA_GATHERED_LAYERS = 1.2
 
 
 @dataclass
@@ -261,8 +271,9 @@ def predict_peak_memory(
     packed: bool | None = None,
     loss: str | None = None,
     fused: bool = True,
+    gpus: int = 1,
 ) -> MemoryPlan:
-    """The predicted peak GPU memory of training ``model_config`` as ``train`` says (bf16 on a GPU).
+    """The predicted peak GPU memory of training ``model_config`` as ``train`` says (bf16 on a GPU), per GPU.
 
     ``autocast``: the trainer runs the forward under bf16 autocast (True); the benchmarks do not (False).
     ``packed``: packed batches (MLA through varlen flash attention); default ``train.sample_packing``.
@@ -270,7 +281,11 @@ def predict_peak_memory(
     default "chunked" when ``cut_cross_entropy: false`` else "cce".
     ``fused``: fla-core's fused RMSNorm / gated norm / SwiGLU kernels run (kimitune.ops.norm, on CUDA with
     fla-core installed); False for PyTorch's (what the GPU figures of benchmarks/RESULTS.md were measured with).
+    ``gpus``: processes under torchrun, each with its own micro-batches; above 1 the model is sharded with FSDP2 as
+    ``train.fsdp_config`` says (``_fsdp_items``).
     """
+    if gpus < 1:
+        raise ValueError(f"gpus must be at least 1, got {gpus}")
     cfg = model_config
     b = 2
     C, V = cfg.hidden_size, cfg.vocab_size
@@ -311,6 +326,9 @@ def predict_peak_memory(
     states = (2.0 + 2 * 4 / 2048) * trainable if train.optimizer == "adamw_8bit" else 8.0 * trainable
     items.append(MemoryItem("gradients (fp32)", grads))
     items.append(MemoryItem("AdamW states", states, "8-bit" if train.optimizer == "adamw_8bit" else "2 x fp32"))
+
+    if gpus > 1:
+        items = _fsdp_items(items, train, cfg, gpus, quant is not None)
 
     # activations
     if full_ft:  # every linear keeps its (autocast bf16) input for its weight gradient; not measured
@@ -353,10 +371,46 @@ def predict_peak_memory(
     peak = sum(item.bytes for item in items)
     overhead = ALLOCATOR_OVERHEAD * (peak - items[0].bytes) + CUDA_CONTEXT
     settings = {
-        "tokens": T, "gradient_checkpointing": train.gradient_checkpointing, "adapter": train.adapter,
+        "tokens": T, "gpus": gpus, "gradient_checkpointing": train.gradient_checkpointing, "adapter": train.adapter,
         "quantisation": quant, "loss": loss, "autocast": autocast, "packed": packed, "fused_kernels": fused,
     }
     return MemoryPlan(items, T, peak, peak + overhead, settings)
+
+
+def _fsdp_items(items: list[MemoryItem], train: TrainConfig, cfg: KimiLinearConfig, gpus: int,
+                quantized: bool) -> list[MemoryItem]:
+    """The weight and optimizer items of one GPU under FSDP2 (kimitune.train.distributed.shard_model).
+
+    Parameters, their gradients and optimizer states are split over the GPUs, or live on the host with
+    ``offload_params``. Quantised weights are buffers, which FSDP2 replicates. Gathered for compute: the root's
+    weights (embeddings, lm_head, final norm) for the whole step, and the decoder layers' bf16 weights: one layer at a
+    time plus ``FSDP_EXTRA_GATHERED_LAYERS`` with ``reshard_after_forward`` (the default), every layer from its
+    forward to its backward without it.
+    """
+    fsdp = train.fsdp_config
+    offload = bool(fsdp and fsdp.offload_params)
+    reshard = fsdp is None or fsdp.reshard_after_forward
+    sharded = []
+    for item in items:
+        if item.name == "bf16 weight copies (autocast)":
+            continue  # FSDP2 gathers the weights in bf16 itself (below)
+        if item.name.startswith("frozen weights,") and item.name != "frozen weights, bf16":
+            sharded.append(item)  # quantised: replicated buffers
+        elif offload:
+            sharded.append(MemoryItem(item.name + " (on the host)", 0.0, item.note))
+        else:
+            sharded.append(MemoryItem(item.name + f" (1/{gpus})", item.bytes / gpus, item.note))
+    b = 2
+    root = b * (2 * cfg.vocab_size * cfg.hidden_size + cfg.hidden_size)
+    layers = [0 if quantized else b * sum(inp * out * count for inp, out, count in _layer_matrices(cfg, i))
+              for i in range(cfg.num_hidden_layers)]
+    held = (1 + FSDP_EXTRA_GATHERED_LAYERS) * max(layers) if reshard else (
+        sum(layers) + FSDP_EXTRA_GATHERED_LAYERS * max(layers))
+    sharded.append(MemoryItem("gathered: embeddings, lm_head", root, "the root module's weights, for the step"))
+    sharded.append(MemoryItem("gathered: decoder layers", held,
+                              f"reshard_after_forward: one + {FSDP_EXTRA_GATHERED_LAYERS} layers in flight"
+                              if reshard else "every layer, from its forward to its backward"))
+    return sharded
 
 
 def _expert_count(cfg: KimiLinearConfig, target: _Linear) -> int:
@@ -372,7 +426,8 @@ class Suggestion:
 
     @property
     def text(self) -> str:
-        return ", ".join(f"{k}: {_yaml(v)}" for k, v in self.change.items())
+        return ", ".join(f"{v} GPUs (torchrun --nproc_per_node {v})" if k == "gpus" else f"{k}: {_yaml(v)}"
+                         for k, v in self.change.items())
 
 
 def _yaml(value: Any) -> str:
@@ -386,7 +441,9 @@ def _yaml(value: Any) -> str:
 def suggest_settings(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: float,
                      **kwargs: Any) -> list[Suggestion]:
     """Changes of one or two settings that bring the predicted device total under ``gpu_bytes``, smallest
-    change first (each with its own plan); empty when nothing tried fits."""
+    change first (each with its own plan); empty when nothing tried fits. A change may be more GPUs ("gpus": FSDP2
+    through torchrun), tried after the config's own settings."""
+    gpus = kwargs.pop("gpus", 1)
     candidates: list[dict[str, Any]] = []
     if not train.gradient_checkpointing:
         candidates.append({"gradient_checkpointing": True})
@@ -411,11 +468,15 @@ def suggest_settings(train: TrainConfig, model_config: KimiLinearConfig, gpu_byt
     singles = list(candidates)
     if not train.gradient_checkpointing:
         candidates += [{"gradient_checkpointing": True, **c} for c in singles if "gradient_checkpointing" not in c]
+    more_gpus = [n for n in (2, 4, 8) if n > gpus]
+    candidates += [{"gpus": n} for n in more_gpus]
+    if not train.gradient_checkpointing:
+        candidates += [{"gpus": n, "gradient_checkpointing": True} for n in more_gpus]
     found = []
     for change in candidates:
         try:
-            changed = train.model_copy(update=change)
-            plan = predict_peak_memory(changed, model_config, **kwargs)
+            changed = train.model_copy(update={k: v for k, v in change.items() if k != "gpus"})
+            plan = predict_peak_memory(changed, model_config, gpus=change.get("gpus", gpus), **kwargs)
         except Exception:  # a combination the config rules refuse (e.g. quantised full fine-tuning)
             continue
         if plan.fits(gpu_bytes):

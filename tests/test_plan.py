@@ -135,8 +135,9 @@ def test_suggestions_fit_and_name_the_changes():
     assert suggestions
     for suggestion in suggestions:
         assert suggestion.plan.fits(gpu)
-        assert predict_peak_memory(train.model_copy(update=suggestion.change), cfg).device_total == \
-            suggestion.plan.device_total
+        change = {k: v for k, v in suggestion.change.items() if k != "gpus"}
+        again = predict_peak_memory(train.model_copy(update=change), cfg, gpus=suggestion.change.get("gpus", 1))
+        assert again.device_total == suggestion.plan.device_total
     assert any("load_in_4bit" in s.change for s in suggestions)
     # A small run fits and needs no suggestion.
     assert predict_peak_memory(train_config(sequence_len=512), widths_48b()).fits(gpu)
@@ -195,6 +196,17 @@ def test_cli_plan_json_with_overrides(tmp_path):
     assert out["device_total_gib"] > out["peak_allocated_gib"]
 
 
+def test_cli_plan_per_gpu_under_fsdp(tmp_path):
+    one = json.loads(CliRunner().invoke(app, ["plan", str(write_config(tmp_path)), "--json"]).output)
+    result = CliRunner().invoke(app, ["plan", str(write_config(tmp_path)), "--json", "--gpus", "2"])
+    assert result.exit_code == 0, result.output
+    two = json.loads(result.output)
+    assert two["settings"]["gpus"] == 2 and two["peak_allocated_gib"] < one["peak_allocated_gib"]
+    assert any(item["name"] == "gathered: decoder layers" for item in two["items"])
+    table = CliRunner().invoke(app, ["plan", str(write_config(tmp_path)), "--gpus", "2"], env={"COLUMNS": "160"})
+    assert "each of 2 GPUs (FSDP2)" in table.output
+
+
 def test_cli_plan_reports_a_bad_memory_size(tmp_path):
     result = CliRunner().invoke(app, ["plan", str(write_config(tmp_path)), "--gpu-memory", "lots"])
     assert result.exit_code == 2 and "memory size" in result.output
@@ -204,3 +216,56 @@ def test_plan_builds_nothing_on_a_device():
     before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     predict_peak_memory(train_config(), widths_48b())
     assert (torch.cuda.memory_allocated() if torch.cuda.is_available() else 0) == before
+
+
+# Measured peaks of benchmarks/train_multi_gpu.py on 2 H100s (benchmarks/RESULTS.md, "Several GPUs", 2026-11-25):
+# (layers, tokens per GPU, checkpointing, reshard_after_forward, GiB of the largest rank). Autocast, unpacked.
+MEASURED_2_GPUS = [
+    (4, 8192, False, True, 23.4),
+    (4, 8192, False, False, 30.6),
+    (4, 16384, False, True, 29.0),
+    (4, 16384, False, False, 36.2),
+    (27, 8192, True, True, 58.7),
+]
+
+
+@pytest.mark.parametrize("layers, seq, ckpt, reshard, measured", MEASURED_2_GPUS)
+def test_plan_on_two_gpus_is_within_10_percent_of_the_measured_peaks(layers, seq, ckpt, reshard, measured):
+    model = widths_48b() if layers == 4 else KimiLinearConfig.from_pretrained(
+        ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    config = train_config(sequence_len=seq, gradient_checkpointing=ckpt, fsdp_version=2,
+                          fsdp_config={"reshard_after_forward": reshard})
+    plan = predict_peak_memory(config, model, autocast=True, packed=False, gpus=2)
+    assert abs(plan.peak_allocated_gib / measured - 1) < 0.10, (plan.peak_allocated_gib, measured)
+
+
+def test_fsdp_shards_parameters_but_not_quantised_buffers_and_offload_moves_them_to_the_host():
+    cfg = widths_48b()
+
+    def items(gpus, **keys):
+        return {i.name: i.bytes for i in predict_peak_memory(train_config(**keys), cfg, gpus=gpus).items}
+
+    one, two = items(1), items(2)
+    assert two["frozen weights, bf16 (1/2)"] == one["frozen weights, bf16"] / 2
+    assert two["AdamW states (1/2)"] == one["AdamW states"] / 2
+    assert two["gathered: embeddings, lm_head"] > 0 and two["gathered: decoder layers"] > 0
+    kept_all = items(2, fsdp_version=2, fsdp_config={"reshard_after_forward": False})
+    assert kept_all["gathered: decoder layers"] > two["gathered: decoder layers"]
+    quantised = items(2, load_in_8bit=True)
+    assert quantised["frozen weights, int8"] == items(1, load_in_8bit=True)["frozen weights, int8"]
+    assert quantised["gathered: decoder layers"] == 0  # only bf16 parameters are gathered
+    offloaded = items(2, fsdp_version=2, fsdp_config={"offload_params": True})
+    assert offloaded["frozen weights, bf16 (on the host)"] == 0
+    with pytest.raises(ValueError, match="gpus"):
+        predict_peak_memory(train_config(), cfg, gpus=0)
+
+
+def test_a_model_too_big_for_one_gpu_is_told_to_use_more():
+    full = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    config = train_config(sequence_len=8192, gradient_checkpointing=True)
+    assert not predict_peak_memory(config, full).fits(80 * GIB)
+    suggestions = suggest_settings(config, full, 80 * GIB)
+    more_gpus = [s for s in suggestions if s.change == {"gpus": 2}]
+    assert more_gpus and more_gpus[0].plan.fits(80 * GIB)
+    assert more_gpus[0].text == "2 GPUs (torchrun --nproc_per_node 2)"
+    assert not any(s.change.get("gpus") == 4 for s in suggestions)  # the smallest count that fits, once

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.model.norm import RMSNorm
@@ -25,6 +26,12 @@ from kimitune.ops.attention import packed_causal_attention
 
 LATENT_NORM_EPS = 1e-6
 
+
+# Attention while generating: every prefill and every decode step brings a new length, and cuDNN's attention (which
+# sdpa prefers on Hopper) builds an execution plan for each new length. Profiled on an H100 at 48B widths
+# (scripts/device/profile_decode.py): 39 ms of host time per decode step for 0.05 ms of GPU work; a prefill of a new
+# length took 0.12 s where the same length again took 0.02 s. The other backends take any length as it comes.
+_CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 @dataclass
 class MLAState:
@@ -93,14 +100,18 @@ class MultiheadLatentAttention(nn.Module):
         q = q.to(k.dtype)
         if cu_seqlens is not None:
             out = packed_causal_attention(q, k, v, cu_seqlens, self.scaling)
-        elif S == T:
+        elif S == T and not return_state:  # training: one length per step, where sdpa's first choice is fastest
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
+        elif S == T and valid is None:  # a prefill
+            with sdpa_kernel(_CACHED_ATTENTION_BACKENDS):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scaling)
         else:
             # T new queries after S - T cached keys: query t sees keys 0 .. S - T + t.
             past = S - T
             mask = torch.arange(S, device=x.device)[None, :] <= torch.arange(past, S, device=x.device)[:, None]
             if valid is not None:
                 mask = mask & valid[:, None, None, :]  # [B, 1, T, S]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+            with sdpa_kernel(_CACHED_ATTENTION_BACKENDS):
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         return y, (MLAState(latent, k_shared, valid) if return_state else None)

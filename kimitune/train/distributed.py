@@ -135,6 +135,8 @@ def shard_model(model: nn.Module, world: World, *, bf16: bool, offload_params: b
     )
     for layer in model.model.layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **settings)
+    # The root keeps its weights (lm_head, final norm) gathered after forward: its output is a dataclass, inside which
+    # FSDP2 finds no tensor to hook a re-gather on before their backward (resharding it read freed memory on GPUs).
     fully_shard(model, **settings)
     for module in model.modules():
         if isinstance(module, FSDPModule):
