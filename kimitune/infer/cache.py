@@ -5,7 +5,8 @@ Per layer it holds what the model's own ``KimiLinearCache`` holds (``kimitune.mo
     KDA layer   conv [N, 3*H*K, W] (the last W q/k/v inputs) and recurrent [N, H, K, V] float32: constant in length
     MLA layer   latent [N, S, kv_lora_rank] (after kv_a_layernorm) and k_shared [N, S, qk_rope_head_dim], plus
                 valid [N, S] bool where rows hold different numbers of tokens: the compressed latent per token,
-                never the per-head keys and values, which the layer re-expands through kv_b_proj at attention time
+                never the per-head keys and values: a decode step attends in the latent space, a prefill or a
+                multi-token step re-expands the latents through kv_b_proj (kimitune.model.mla)
 
 Prefill packs the prompts into one row with ``cu_seqlens``, so every sequence gets its own final KDA and conv state
 and no token ever sees another sequence (left padding would not be exact: pad tokens would enter the KDA state).

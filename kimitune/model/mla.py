@@ -7,8 +7,11 @@
     y                 = o_proj(softmax(q k^T / sqrt(nope + rope)) v)           causal
 
 As in transformers and the release, the latent norms use eps 1e-6 (not rms_norm_eps). With ``cu_seqlens`` (B == 1)
-each packed sequence attends only to itself (kimitune.ops.attention: flash attention's varlen kernel on CUDA). With an ``MLAState`` the layer attends over
-the cached latents too and returns them extended by its input (prefill, then decode).
+each packed sequence attends only to itself (kimitune.ops.attention: flash attention's varlen kernel on CUDA). With
+an ``MLAState`` the layer attends over the cached latents too and returns them extended by its input (prefill, then
+decode). A decode step (one new token per row, no autograd) attends in the latent space instead of expanding every
+cached latent through kv_b_proj (``_absorbed_attention``), so its cost grows with S * (kv_lora_rank + rope) per
+head, not S * kv_lora_rank * heads * (nope + v).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class MultiheadLatentAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=False)
+        self._kv_b_split: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # see _absorbed_weights
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora_rank is None:
@@ -93,6 +97,10 @@ class MultiheadLatentAttention(nn.Module):
             if state.valid is not None:
                 valid = F.pad(state.valid, (0, T), value=True)
         S = latent.shape[1]
+        if T == 1 and state is not None and not torch.is_grad_enabled():
+            out = self._absorbed_attention(q, latent, k_shared, valid)
+            y = self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(B, T, -1))
+            return y, (MLAState(latent, k_shared, valid) if return_state else None)
         kv = self.kv_b_proj(latent).view(B, S, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k_shared_heads = k_shared[:, None].expand(B, self.num_heads, S, self.rope_dim).to(k_nope.dtype)
@@ -115,3 +123,40 @@ class MultiheadLatentAttention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         return y, (MLAState(latent, k_shared, valid) if return_state else None)
+
+    def _absorbed_attention(self, q: torch.Tensor, latent: torch.Tensor, k_shared: torch.Tensor,
+                            valid: torch.Tensor | None) -> torch.Tensor:
+        """One query per row over all S cached entries, in the latent space -> [B, H, 1, v].
+
+        q [B, H, 1, nope + rope], latent [B, S, rank], k_shared [B, S, rope], valid [B, S] or None. With kv_b_proj's
+        weight split per head into W_UK [H, nope, rank] and W_UV [H, v, rank]: q_nope . (W_UK latent) =
+        (q_nope W_UK) . latent, and sum_s p_s W_UV latent_s = W_UV (sum_s p_s latent_s). Scores and the softmax
+        are float32, as inside the fused attention kernels.
+        """
+        w_uk, w_uv = self._absorbed_weights(latent)
+        q = q.float()
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        keys = torch.cat([latent, k_shared.to(latent.dtype)], dim=-1).float()[:, None]  # [B, 1, S, rank + rope]
+        query = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)  # [B, H, 1, rank + rope]
+        scores = (query @ keys.transpose(-1, -2)) * self.scaling  # [B, H, 1, S]
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        mixed = scores.softmax(dim=-1) @ keys[..., : self.kv_lora_rank]  # [B, H, 1, rank]
+        return torch.einsum("bhtr,hvr->bhtv", mixed, w_uv)
+
+    def _absorbed_weights(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's effective weight as float32 (W_UK [H, nope, rank], W_UV [H, v, rank]), kept until one of
+        its tensors changes. Read as kv_b_proj(identity), so an adapter, a quantised weight or a merged one all
+        give what the layer itself computes."""
+        tensors = [*self.kv_b_proj.parameters(), *self.kv_b_proj.buffers()]
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in tensors) + (latent.dtype, latent.device)
+        except RuntimeError:  # inference-mode tensors keep no version counter
+            key = None
+        if key is None or self._kv_b_split is None or self._kv_b_split[0] != key:
+            identity = torch.eye(self.kv_lora_rank, dtype=latent.dtype, device=latent.device)
+            weight = self.kv_b_proj(identity).float().t()  # [H * (nope + v), rank]
+            weight = weight.reshape(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            w_uk, w_uv = weight.split([self.nope_dim, self.v_dim], dim=1)
+            self._kv_b_split = (key, w_uk.contiguous(), w_uv.contiguous())
+        return self._kv_b_split[1], self._kv_b_split[2]
