@@ -149,14 +149,19 @@ class MultiheadLatentAttention(nn.Module):
         its tensors changes. Read as kv_b_proj(identity), so an adapter, a quantised weight or a merged one all
         give what the layer itself computes."""
         tensors = [*self.kv_b_proj.parameters(), *self.kv_b_proj.buffers()]
-        try:
-            key = tuple((t.data_ptr(), t._version) for t in tensors) + (latent.dtype, latent.device)
-        except RuntimeError:  # inference-mode tensors keep no version counter
-            key = None
-        if key is None or self._kv_b_split is None or self._kv_b_split[0] != key:
+        key = tuple((t.data_ptr(), _version(t)) for t in tensors) + (latent.dtype, latent.device)
+        if self._kv_b_split is None or self._kv_b_split[0] != key:
             identity = torch.eye(self.kv_lora_rank, dtype=latent.dtype, device=latent.device)
             weight = self.kv_b_proj(identity).float().t()  # [H * (nope + v), rank]
             weight = weight.reshape(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
             w_uk, w_uv = weight.split([self.nope_dim, self.v_dim], dim=1)
             self._kv_b_split = (key, w_uk.contiguous(), w_uv.contiguous())
         return self._kv_b_split[1], self._kv_b_split[2]
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place modification counter; -1 for inference-mode tensors, which keep none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
