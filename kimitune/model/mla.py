@@ -133,16 +133,17 @@ class MultiheadLatentAttention(nn.Module):
         (q_nope W_UK) . latent, and sum_s p_s W_UV latent_s = W_UV (sum_s p_s latent_s). Scores and the softmax
         are float32, as inside the fused attention kernels.
         """
+        B, H, T, _ = q.shape
         w_uk, w_uv = self._absorbed_weights(latent)
-        q = q.float()
-        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        keys = torch.cat([latent, k_shared.to(latent.dtype)], dim=-1).float()[:, None]  # [B, 1, S, rank + rope]
-        query = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)  # [B, H, 1, rank + rope]
-        scores = (query @ keys.transpose(-1, -2)) * self.scaling  # [B, H, 1, S]
+        q_nope, q_rope = q.float().split([self.nope_dim, self.rope_dim], dim=-1)
+        query = torch.cat([torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk), q_rope], dim=-1)  # [B, H, T, rank + rope]
+        keys = torch.cat([latent, k_shared.to(latent.dtype)], dim=-1).float()  # [B, S, rank + rope], all heads'
+        # Heads as rows of one product per sequence: broadcasting keys over a head dimension would copy them H times.
+        scores = torch.bmm(query.reshape(B, H * T, -1), keys.transpose(1, 2)) * self.scaling  # [B, H*T, S]
         if valid is not None:
-            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        mixed = scores.softmax(dim=-1) @ keys[..., : self.kv_lora_rank]  # [B, H, 1, rank]
-        return torch.einsum("bhtr,hvr->bhtv", mixed, w_uv)
+            scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        mixed = torch.bmm(scores.softmax(dim=-1), keys[..., : self.kv_lora_rank])  # [B, H*T, rank]
+        return torch.einsum("bhtr,hvr->bhtv", mixed.view(B, H, T, -1), w_uv)
 
     def _absorbed_weights(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj's effective weight as float32 (W_UK [H, nope, rank], W_UV [H, v, rank]), kept until one of
