@@ -1,0 +1,38 @@
+"""The benchmark scripts run end to end in their CPU smoke modes, so the scripts behind benchmarks/RESULTS.md keep
+working between GPU sessions (a smoke run checks the script, not the figures)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SMOKE_RUNS = {
+    "train_gpu": ["benchmarks/train_gpu.py", "--smoke", "--seq", "128", "--ckpt", "off,on", "--warmup", "1",
+                  "--steps", "1"],
+    "train_48b": ["benchmarks/train_48b.py", "--smoke"],
+    "train_multi_gpu": ["benchmarks/train_multi_gpu.py", "--smoke", "--gpus", "1,2", "--seq", "64", "--reshard",
+                        "on,off", "--warmup", "1", "--steps", "1"],
+    "decode": ["benchmarks/decode.py", "--contexts", "32,48", "--new-tokens", "3"],
+    "ce_lora": ["benchmarks/ce_lora.py", "speed", "--tiny", "--seq", "128", "--warmup", "1", "--steps", "1"],
+}
+
+
+@pytest.mark.parametrize("name", SMOKE_RUNS)
+def test_benchmark_smoke_run(name, tmp_path):
+    out = tmp_path / "rows.json"
+    command = [sys.executable, *SMOKE_RUNS[name]]
+    if name in ("train_gpu", "train_multi_gpu", "decode", "ce_lora"):
+        command += ["--json", str(out)]
+    finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert "failed" not in finished.stdout and "OOM" not in finished.stdout, finished.stdout[-3000:]
+    if out.exists():
+        rows = json.loads(out.read_text())
+        rows = rows["results"] if isinstance(rows, dict) else rows
+        assert rows and all("error" not in row and "failed" not in row for row in rows), rows
