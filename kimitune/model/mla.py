@@ -96,33 +96,40 @@ class MultiheadLatentAttention(nn.Module):
             k_shared = torch.cat([state.k_shared, k_shared.to(state.k_shared.dtype)], dim=1)
             if state.valid is not None:
                 valid = F.pad(state.valid, (0, T), value=True)
+        if T == 1 and state is not None and not torch.is_grad_enabled():  # a decode step
+            out = self._absorbed_attention(q, latent, k_shared, valid).to(latent.dtype)
+        else:
+            out = self._expanded_attention(q, latent, k_shared, valid, cu_seqlens, return_state)
+        y = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return y, (MLAState(latent, k_shared, valid) if return_state else None)
+
+    def _expanded_attention(self, q: torch.Tensor, latent: torch.Tensor, k_shared: torch.Tensor,
+                            valid: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                            return_state: bool) -> torch.Tensor:
+        """The T queries over all S latents, each expanded through kv_b_proj into per-head keys and values.
+
+        q [B, H, T, nope + rope], latent [B, S, rank], k_shared [B, S, rope], valid [B, S] or None -> [B, H, T, v].
+        The last T latents are the queries' own tokens.
+        """
+        B, _, T, _ = q.shape
         S = latent.shape[1]
-        if T == 1 and state is not None and not torch.is_grad_enabled():
-            out = self._absorbed_attention(q, latent, k_shared, valid)
-            y = self.o_proj(out.to(x.dtype).transpose(1, 2).reshape(B, T, -1))
-            return y, (MLAState(latent, k_shared, valid) if return_state else None)
         kv = self.kv_b_proj(latent).view(B, S, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k_shared_heads = k_shared[:, None].expand(B, self.num_heads, S, self.rope_dim).to(k_nope.dtype)
         k = torch.cat([k_nope, k_shared_heads], dim=-1)
         q = q.to(k.dtype)
         if cu_seqlens is not None:
-            out = packed_causal_attention(q, k, v, cu_seqlens, self.scaling)
-        elif S == T and not return_state:  # training: one length per step, where sdpa's first choice is fastest
-            out = _causal_attention(q, k, v, self.scaling)
-        elif S == T and valid is None:  # a prefill
-            with sdpa_kernel(_CACHED_ATTENTION_BACKENDS):
-                out = _causal_attention(q, k, v, self.scaling)
-        else:
+            return packed_causal_attention(q, k, v, cu_seqlens, self.scaling)
+        if S == T and not return_state:  # training: one length per step, where sdpa's first choice is fastest
+            return _causal_attention(q, k, v, self.scaling)
+        with sdpa_kernel(_CACHED_ATTENTION_BACKENDS):
+            if S == T and valid is None:  # a prefill
+                return _causal_attention(q, k, v, self.scaling)
             # T new queries after S - T cached keys: query t sees keys 0 .. S - T + t.
-            past = S - T
-            mask = torch.arange(S, device=x.device)[None, :] <= torch.arange(past, S, device=x.device)[:, None]
+            mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T, S, device=q.device)[:, None]
             if valid is not None:
                 mask = mask & valid[:, None, None, :]  # [B, 1, T, S]
-            with sdpa_kernel(_CACHED_ATTENTION_BACKENDS):
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
-        y = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        return y, (MLAState(latent, k_shared, valid) if return_state else None)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
 
     def _absorbed_attention(self, q: torch.Tensor, latent: torch.Tensor, k_shared: torch.Tensor,
                             valid: torch.Tensor | None) -> torch.Tensor:
