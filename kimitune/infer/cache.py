@@ -11,7 +11,8 @@ Per layer it holds what the model's own ``KimiLinearCache`` holds (``kimitune.mo
 Prefill packs the prompts into one row with ``cu_seqlens``, so every sequence gets its own final KDA and conv state
 and no token ever sees another sequence (left padding would not be exact: pad tokens would enter the KDA state).
 Prompts go in groups of at most ``prefill_tokens`` tokens (the packed attention mask is [total, total]); one
-prompt alone runs unpacked. The MLA latents of each group come out as one packed row and are split here into
+prompt alone runs unpacked, in pieces of ``prefill_tokens`` tokens when it is longer (each piece continues the
+cache the one before left), so the activations of a long prompt never exceed one piece's. The MLA latents of each group come out as one packed row and are split here into
 right-padded rows with a ``valid`` mask; decoding appends one column per step, valid for every row, and the MLA
 layer masks the padding (it has no position encoding, so the gaps change nothing). Finished sequences are dropped
 from the batch (``keep``) and so are padding columns no remaining row needs.
@@ -137,8 +138,9 @@ class GenerationCache:
         cache = KimiLinearCache()
         lengths = [len(p) for p in prompts]
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)[None]
-        if len(prompts) == 1:
-            hidden, _, _ = self.model.model(ids, None, cache)
+        if len(prompts) == 1:  # in pieces of prefill_tokens, each continuing the cache the one before left
+            for start in range(0, ids.shape[1], self.prefill_tokens):
+                hidden, _, _ = self.model.model(ids[:, start : start + self.prefill_tokens], None, cache)
             return cache, self._logits(hidden[:, -1])
         cu_seqlens = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)  # stays on the host
         hidden, _, _ = self.model.model(ids, cu_seqlens, cache)
@@ -156,7 +158,8 @@ class GenerationCache:
         if not tokens:
             raise ValueError("extend needs at least one token")
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        hidden, _, _ = self.model.model(ids, None, self._cache)
+        for start in range(0, ids.shape[1], self.prefill_tokens):  # a long turn in pieces, as a long prompt
+            hidden, _, _ = self.model.model(ids[:, start : start + self.prefill_tokens], None, self._cache)
         self.sequences[0].extend(tokens)
         return self._logits(hidden[:, -1])
 

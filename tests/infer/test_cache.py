@@ -48,6 +48,22 @@ def test_single_prompt_and_multi_token_continuation_match_a_full_pass(tiny_model
     assert_matches_full_pass(tiny_model, [prompt + second_turn + steps], got)
 
 
+def test_a_prompt_and_a_turn_longer_than_prefill_tokens_go_in_pieces_and_match_a_full_pass(tiny_model):
+    prompt, second_turn, steps = random_prompts([23, 10, 3], seed=4)
+    cache = GenerationCache(tiny_model, prefill_tokens=7)  # the prompt in 4 pieces, the turn in 2
+    calls = []
+    hook = tiny_model.model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
+    try:
+        got = {(0, 22): cache.prefill([prompt])[0]}
+        got[(0, 32)] = cache.extend(second_turn)[0]
+    finally:
+        hook.remove()
+    assert calls == [7, 7, 7, 2, 7, 3]
+    for i, token in enumerate(steps):
+        got[(0, 33 + i)] = cache.step([token])[0]
+    assert_matches_full_pass(tiny_model, [prompt + second_turn + steps], got)
+
+
 def test_dropping_finished_sequences_keeps_the_others_exact(tiny_model):
     prompts = random_prompts([3, 12, 6], seed=4)
     tokens = random_prompts([3, 3, 3], seed=5)

@@ -51,6 +51,18 @@ def test_gpu_cache_matches_full_passes(tiny_model, dtype, tolerance):
         assert sorted(errors)[-2] < tolerance and max(errors) < 0.25, errors
 
 
+def test_gpu_long_prompt_in_pieces_matches_a_full_pass(tiny_model):
+    # A prompt longer than prefill_tokens goes in pieces: each piece attends over the cached latents through
+    # causal_lower_right (no mask), then decode steps attend in the latent space.
+    model = copy.deepcopy(tiny_model).to("cuda", torch.float32)
+    prompt, continuation = random_prompts([100, 5], seed=33)
+    cache = GenerationCache(model, prefill_tokens=32)
+    rows = [cache.prefill([prompt])[0]] + [cache.step([token])[0] for token in continuation]
+    with torch.no_grad():
+        full = model(torch.tensor([prompt + continuation], device="cuda")).logits[0].float()
+    assert relative_error(torch.stack(rows), full[len(prompt) - 1 : len(prompt) + 5]) < 5e-3
+
+
 def test_bf16_generation_and_chat_run_on_gpu(tiny_model, tokenizer):
     model = copy.deepcopy(tiny_model).to("cuda", torch.bfloat16)
     prompts = random_prompts([7, 19, 3], seed=32)
