@@ -187,8 +187,8 @@ def main() -> None:
     # kernels, cuDNN plans, the caching allocator) is left in between the other's rows.
     runs = [("kimitune", run_kimitune, ours, contexts)]
     if theirs is not None:
-        runs.append(("transformers", run_transformers, theirs,
-                     [c for c in contexts if args.skip_transformers_above is None or c <= args.skip_transformers_above]))
+        limit = args.skip_transformers_above
+        runs.append(("transformers", run_transformers, theirs, [c for c in contexts if limit is None or c <= limit]))
     for impl, run, model, impl_contexts in runs:
         run(model, prompts[contexts[0]][:128], 4, device)  # untimed warm-up: kernel compilation, first plans
         for context in impl_contexts:

@@ -438,12 +438,11 @@ def _yaml(value: Any) -> str:
     return str(value)
 
 
-def suggest_settings(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: float,
+def suggest_settings(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: float, gpus: int = 1,
                      **kwargs: Any) -> list[Suggestion]:
     """Changes of one or two settings that bring the predicted device total under ``gpu_bytes``, smallest
     change first (each with its own plan); empty when nothing tried fits. A change may be more GPUs ("gpus": FSDP2
     through torchrun), tried after the config's own settings."""
-    gpus = kwargs.pop("gpus", 1)
     candidates: list[dict[str, Any]] = []
     if not train.gradient_checkpointing:
         candidates.append({"gradient_checkpointing": True})

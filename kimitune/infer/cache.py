@@ -12,9 +12,10 @@ Prefill packs the prompts into one row with ``cu_seqlens``, so every sequence ge
 and no token ever sees another sequence (left padding would not be exact: pad tokens would enter the KDA state).
 Prompts go in groups of at most ``prefill_tokens`` tokens (the packed attention mask is [total, total]); one
 prompt alone runs unpacked, in pieces of ``prefill_tokens`` tokens when it is longer (each piece continues the
-cache the one before left), so the activations of a long prompt never exceed one piece's. The MLA latents of each group come out as one packed row and are split here into
-right-padded rows with a ``valid`` mask; decoding appends one column per step, valid for every row, and the MLA
-layer masks the padding (it has no position encoding, so the gaps change nothing). Finished sequences are dropped
+cache the one before left), so the activations of a long prompt never exceed one piece's. The MLA latents of each
+group come out as one packed row and are split here into right-padded rows with a ``valid`` mask; decoding appends
+one column per step, valid for every row, and the MLA layer masks the padding (it has no position encoding, so the
+gaps change nothing). Finished sequences are dropped
 from the batch (``keep``) and so are padding columns no remaining row needs.
 """
 

@@ -37,6 +37,7 @@ LATENT_NORM_EPS = 1e-6
 # length took 0.12 s where the same length again took 0.02 s. The other backends take any length as it comes.
 _CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
+
 @dataclass
 class MLAState:
     """The normalised latents seen so far: latent [B, S, kv_lora_rank] and shared key [B, S, qk_rope_head_dim].
