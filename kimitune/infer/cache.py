@@ -110,6 +110,13 @@ class GenerationCache:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(hidden).float()
 
+    def _feed(self, ids: torch.Tensor, cache: KimiLinearCache) -> torch.Tensor:
+        """One sequence's tokens ids [1, T] into ``cache``, in pieces of ``prefill_tokens`` (each continuing the cache
+        the one before left) -> the last piece's hidden states [1, t, C]."""
+        for start in range(0, ids.shape[1], self.prefill_tokens):
+            hidden, _, _ = self.model.model(ids[:, start : start + self.prefill_tokens], None, cache)
+        return hidden
+
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Starts N sequences from their prompts (each non-empty) -> logits [N, V] after each prompt's last token."""
@@ -139,10 +146,8 @@ class GenerationCache:
         cache = KimiLinearCache()
         lengths = [len(p) for p in prompts]
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)[None]
-        if len(prompts) == 1:  # in pieces of prefill_tokens, each continuing the cache the one before left
-            for start in range(0, ids.shape[1], self.prefill_tokens):
-                hidden, _, _ = self.model.model(ids[:, start : start + self.prefill_tokens], None, cache)
-            return cache, self._logits(hidden[:, -1])
+        if len(prompts) == 1:
+            return cache, self._logits(self._feed(ids, cache)[:, -1])
         cu_seqlens = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)  # stays on the host
         hidden, _, _ = self.model.model(ids, cu_seqlens, cache)
         for i, state in cache.states.items():
@@ -159,8 +164,7 @@ class GenerationCache:
         if not tokens:
             raise ValueError("extend needs at least one token")
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        for start in range(0, ids.shape[1], self.prefill_tokens):  # a long turn in pieces, as a long prompt
-            hidden, _, _ = self.model.model(ids[:, start : start + self.prefill_tokens], None, self._cache)
+        hidden = self._feed(ids, self._cache)
         self.sequences[0].extend(tokens)
         return self._logits(hidden[:, -1])
 

@@ -22,11 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.model.norm import RMSNorm
-from kimitune.ops.attention import packed_causal_attention
+from kimitune.ops.attention import causal_attention, packed_causal_attention
 
 LATENT_NORM_EPS = 1e-6
 
@@ -123,10 +122,10 @@ class MultiheadLatentAttention(nn.Module):
         if cu_seqlens is not None:
             return packed_causal_attention(q, k, v, cu_seqlens, self.scaling)
         if S == T and not return_state:  # training: one length per step, where sdpa's first choice is fastest
-            return _causal_attention(q, k, v, self.scaling)
+            return causal_attention(q, k, v, self.scaling)
         with sdpa_kernel(_CACHED_ATTENTION_BACKENDS):
             if valid is None:  # a prefill, or T new tokens after S - T cached ones (query t sees keys 0 .. S - T + t)
-                return _causal_attention(q, k, v, self.scaling)
+                return causal_attention(q, k, v, self.scaling)
             mask = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T, S, device=q.device)[:, None]
             mask = mask & valid[:, None, None, :]  # [B, 1, T, S]: rows of different lengths
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
@@ -165,21 +164,6 @@ class MultiheadLatentAttention(nn.Module):
             w_uk, w_uv = weight.split([self.nope_dim, self.v_dim], dim=1)
             self._kv_b_split = (key, w_uk.contiguous(), w_uv.contiguous())
         return self._kv_b_split[1], self._kv_b_split[2]
-
-
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal sdpa of the last T of S tokens: q [B, H, T, Dqk], k [B, H, S, Dqk], v [B, H, S, Dv] -> [B, H, T, Dv];
-    query t sees keys 0 .. S - T + t (``causal_lower_right``: no [T, S] mask is built).
-
-    On the CPU v is zero-padded to Dqk and the padding cut from the output: the CPU's flash kernel needs one head
-    size, and without it sdpa falls back to its math path, which holds [B, H, T, S] scores (6x slower at 4096 tokens
-    and 8 heads; 8.6 GB of scores at 16384)."""
-    T, S = q.shape[-2], k.shape[-2]
-    causal = {"is_causal": True} if T == S else {"attn_mask": causal_lower_right(T, S)}
-    if q.is_cuda or v.shape[-1] >= q.shape[-1]:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, **causal)
-    padded = F.pad(v, (0, q.shape[-1] - v.shape[-1]))
-    return F.scaled_dot_product_attention(q, k, padded, scale=scale, **causal)[..., : v.shape[-1]]
 
 
 def _version(tensor: torch.Tensor) -> int:

@@ -1,5 +1,6 @@
 """kimitune.ops.attention: packed causal attention equals attention over each sequence alone; on a GPU the
-varlen flash path equals the masked reference (values and gradients, MLA's 192/128 head sizes)."""
+varlen flash path equals the masked reference (values and gradients, MLA's 192/128 head sizes); attention of the
+last T of S tokens equals the masked reference."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimitune.ops.attention import packed_causal_attention, packed_causal_attention_torch, packed_causal_mask
+from kimitune.ops.attention import (
+    causal_attention,
+    packed_causal_attention,
+    packed_causal_attention_torch,
+    packed_causal_mask,
+)
 
 
 def test_mask_is_block_diagonal_and_causal():
@@ -53,3 +59,15 @@ def test_varlen_flash_matches_the_masked_reference_on_gpu():
     for got, ref in zip(*grads):
         err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("T, S", [(9, 9), (4, 13), (1, 7)], ids=["prefill", "piece-after-cache", "one-token"])
+def test_causal_attention_of_the_last_tokens_equals_the_masked_reference(T, S):
+    # MLA's shapes: keys wider than values, so on the CPU v goes through zero padding into the flash kernel.
+    torch.manual_seed(T * S)
+    q, k, v = torch.randn(2, 3, T, 24), torch.randn(2, 3, S, 24), torch.randn(2, 3, S, 16)
+    mask = torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None]  # query t sees keys 0 .. S - T + t
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    got = causal_attention(q, k, v, 0.3)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
