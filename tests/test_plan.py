@@ -205,6 +205,8 @@ def test_cli_plan_per_gpu_under_fsdp(tmp_path):
     assert any(item["name"] == "gathered: decoder layers" for item in two["items"])
     table = CliRunner().invoke(app, ["plan", str(write_config(tmp_path)), "--gpus", "2"], env={"COLUMNS": "160"})
     assert "each of 2 GPUs (FSDP2)" in table.output
+    refused = CliRunner().invoke(app, ["plan", str(write_config(tmp_path)), "--gpus", "0"])
+    assert refused.exit_code != 0 and "gpus must be at least 1, got 0" in refused.output
 
 
 def test_cli_plan_reports_a_bad_memory_size(tmp_path):
