@@ -281,6 +281,9 @@ class Trainer:
             metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
         saved = setup.save_final(self.output_dir)
         curve = metrics.plot(self.output_dir / "loss_curve.png")
+        # Every rank leaves together, so none tears the process group down while rank 0 is still writing (a CE-LoRA
+        # run on 2 gloo ranks once aborted in teardown: "terminate called without an active exception").
+        world.barrier()
         return TrainSummary(
             steps=state.step,
             skipped_steps=state.skipped_steps,
