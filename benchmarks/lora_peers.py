@@ -29,14 +29,16 @@ def random_state(cfg: KimiLinearConfig, dtype: torch.dtype, device: str, seed: i
     return state
 
 
-def build_kimitune(cfg: KimiLinearConfig, state: dict, device: str, ckpt: bool = False, experts: bool = False):
+def build_kimitune(cfg: KimiLinearConfig, state: dict, device: str, ckpt: bool = False, experts: bool = False,
+                   ckpt_layers: int | None = None):
+    """``ckpt_layers``: with ``ckpt``, how many decoder layers recompute (None: all)."""
     from kimitune.adapters import LoraSettings, apply_lora
 
     with torch.device("meta"):
         model = KimiLinearForCausalLM(cfg)
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True)
     apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", target_experts=experts))
-    model.set_gradient_checkpointing(ckpt)
+    model.set_gradient_checkpointing(ckpt, ckpt_layers if ckpt else None)
     model.train()
 
     def loss_fn(ids, labels=None, cu_seqlens=None):
@@ -92,7 +94,7 @@ def copy_lora_weights(kimitune_model, peer_model) -> int:
     return copied
 
 
-def planned_peak_gib(cfg: KimiLinearConfig, tool: str, seq: int, ckpt: bool) -> float:
+def planned_peak_gib(cfg: KimiLinearConfig, tool: str, seq: int, ckpt: bool, ckpt_layers: int | None = None) -> float:
     """kimitune.plan's prediction of ``build_kimitune``'s training step (bf16, no autocast, one unpacked
     sequence, fused AdamW), as torch.cuda.max_memory_allocated would read it, in GiB; NaN for the peer."""
     if tool == "peer":
@@ -103,5 +105,6 @@ def planned_peak_gib(cfg: KimiLinearConfig, tool: str, seq: int, ckpt: bool) -> 
 
     train, _ = parse_config({"base_model": "unused", "adapter": "lora", "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
                              "lora_target_linear": True, "lora_target_experts": experts, "sequence_len": seq,
-                             "gradient_checkpointing": ckpt, "optimizer": "adamw_torch_fused"})
+                             "gradient_checkpointing": ckpt, "gradient_checkpointing_layers": ckpt_layers,
+                             "optimizer": "adamw_torch_fused"})
     return predict_peak_memory(train, cfg, autocast=False, packed=False).peak_allocated_gib

@@ -55,7 +55,7 @@ import torch
 from kimitune.adapters import LoraSettings, apply_lora
 from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
 from kimitune.quant import QuantSpec, init_quantized, weight_bytes
-from train_gpu import PEAK_FLOPS, active_linear_params, flops_per_token  # benchmarks/train_gpu.py
+from train_gpu import PEAK_FLOPS, active_linear_params, flops_per_token, print_profile  # benchmarks/train_gpu.py
 
 LORA_R, LORA_ALPHA = 16, 32
 GiB = 2**30
@@ -137,7 +137,7 @@ def build(cfg: KimiLinearConfig, spec: QuantSpec | None, device: str, dtype: tor
     return model, time.perf_counter() - start
 
 
-def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str) -> dict:
+def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str, profile: bool = False) -> dict:
     cuda = device == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda or None)
@@ -162,6 +162,13 @@ def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str) -> dict:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / steps
         result = {"tokens_per_s": seq / seconds, "step_s": seconds, "losses": [round(x.item(), 4) for x in losses]}
+        if profile:
+            def step():
+                model(ids, labels=ids, return_logits=False).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            print_profile(step, f"{seq} tokens, {len(model.model.checkpointed_layers)} layers recomputed")
     except torch.cuda.OutOfMemoryError:
         result = {"oom": True}
     if cuda:
@@ -184,10 +191,14 @@ def main() -> None:
     parser.add_argument("--double-quant", action="store_true")
     parser.add_argument("--seq", default="8192", help="comma-separated sequence lengths, one row each")
     parser.add_argument("--experts", action="store_true", help="LoRA on the stacked experts too")
+    parser.add_argument("--ckpt-layers", default=None,
+                        help="comma-separated: how many decoder layers recompute in the backward, one row each "
+                             "(default: all)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--estimate", action="store_true", help="print the paper estimate and stop")
+    parser.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one step per row")
     parser.add_argument("--smoke", action="store_true", help="tiny depth/width on the CPU: checks the script only")
     args = parser.parse_args()
 
@@ -213,20 +224,23 @@ def main() -> None:
           f"{weights_gib:.2f} GiB; peak while building {built_peak:.2f} GiB; "
           f"{active_linear_params(cfg) / 1e9:.2f}B active linear weights per token", flush=True)
     rows = []
-    for seq in seqs:
-        result = run_seq(model, cfg, seq, args.warmup, args.steps, device)
+    counts = [int(c) for c in args.ckpt_layers.split(",")] if args.ckpt_layers else [cfg.num_hidden_layers]
+    for seq, count in [(seq, count) for seq in seqs for count in counts]:
+        model.set_gradient_checkpointing(True, count)
+        result = run_seq(model, cfg, seq, args.warmup, args.steps, device, args.profile and device == "cuda")
         quant_type = {16: "bf16", 8: "int8", 4: spec and spec.quant_type}[args.bits]
         planned = estimate(cfg, spec, seq, args.experts)["peak allocated (estimate)"] if spec else float("nan")
         result.update(bits=args.bits, quant_type=quant_type, seq=seq, experts=args.experts, build_s=build_s,
-                      weights_gib=weights_gib, estimate_gib=planned)
+                      ckpt_layers=count, weights_gib=weights_gib, estimate_gib=planned)
         rows.append(result)
         print(json.dumps(result), flush=True)
-    print("\n| bits | seq | experts LoRA | tokens/s | MFU | peak allocated GiB | peak reserved GiB | estimate GiB | "
-          "build s |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| bits | seq | recomputed layers | experts LoRA | tokens/s | MFU | peak allocated GiB | peak reserved GiB | "
+          "estimate GiB | build s |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         speed = "OOM" if r.get("oom") else f"{r['tokens_per_s']:.0f}"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"| {r['quant_type']} | {r['seq']} | {'yes' if r['experts'] else 'no'} | {speed} | {mfu} | "
+        print(f"| {r['quant_type']} | {r['seq']} | {r['ckpt_layers']} | {'yes' if r['experts'] else 'no'} | {speed} | "
+              f"{mfu} | "
               f"{r.get('peak_allocated_gib', float('nan')):.1f} | {r.get('peak_reserved_gib', float('nan')):.1f} | "
               f"{r['estimate_gib']:.1f} | {r['build_s']:.0f} |")
     if args.json:

@@ -10,6 +10,10 @@ The peer is transformers' own ``KimiLinearForCausalLM`` (fla-core's kernels when
 
     python benchmarks/train_gpu.py                       # every row, 4 layers
     python benchmarks/train_gpu.py --rows kimitune --seq 4096 --ckpt off
+    python benchmarks/train_gpu.py --rows kimitune --seq 16384 --ckpt 1,2   # recompute 1 (2) of the layers
+
+``--ckpt``: "off", "on" (every decoder layer recomputes, as the peer's gradient checkpointing) or a number of
+layers that recompute (``gradient_checkpointing_layers``; kimitune only, the peer has no such setting).
 
 FLOPs counted per token (for MFU): 2 per multiply-add of every weight a token uses (its 8 routed experts, the
 shared expert, attention and KDA projections, the LM head) in the forward, the same again for the input-gradient
@@ -41,6 +45,14 @@ class Row:
     tool: str  # "kimitune" | "kimitune+experts" | "peer"
     seq: int
     ckpt: bool
+    ckpt_layers: int | None = None  # with ckpt: how many layers recompute (None: all)
+    loss: str = "fused"  # kimitune's linear_cross_entropy impl
+
+    @property
+    def ckpt_text(self) -> str:
+        if not self.ckpt:
+            return "off"
+        return "on" if self.ckpt_layers is None else f"{self.ckpt_layers} layer(s)"
 
 
 def model_config(layers: int, preset: str) -> KimiLinearConfig:
@@ -90,7 +102,10 @@ def random_model(cfg: KimiLinearConfig, seed: int = 0) -> dict[str, torch.Tensor
 
 
 def build_kimitune(cfg, state, row: Row):
-    return lora_peers.build_kimitune(cfg, state, DEVICE, row.ckpt, experts=row.tool == "kimitune+experts")
+    model, loss_fn = lora_peers.build_kimitune(cfg, state, DEVICE, row.ckpt, experts=row.tool == "kimitune+experts",
+                                               ckpt_layers=row.ckpt_layers)
+    model.loss_impl = row.loss
+    return model, loss_fn
 
 
 def build_peer(cfg, state, row: Row):
@@ -128,15 +143,12 @@ def measure(cfg, state, row: Row, warmup: int, steps: int) -> dict:
         _sync()
         seconds = (time.perf_counter() - start) / steps
         if PROFILE:
-            from torch.profiler import ProfilerActivity, profile
-
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            def step():
                 loss_fn(ids).backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                _sync()
-            print(f"--- profile: {row} ---")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+
+            print_profile(step, str(row))
         result = {"tokens_per_s": row.seq / seconds, "step_ms": 1000 * seconds, "first_loss": losses[0].item(),
                   "peak_gib": _peak_gib(), "weights_gib": model_gib}
     except torch.cuda.OutOfMemoryError:
@@ -145,13 +157,27 @@ def measure(cfg, state, row: Row, warmup: int, steps: int) -> dict:
     peak = next((v for k, v in PEAK_FLOPS.items() if k in name), 989e12)
     if "tokens_per_s" in result:
         result["mfu"] = flops_per_token(cfg, row.seq, lora_params) * result["tokens_per_s"] / peak
-    result.update(tool=row.tool, seq=row.seq, ckpt=row.ckpt, trainable=lora_params,
-                  planned_gib=lora_peers.planned_peak_gib(cfg, row.tool, row.seq, row.ckpt))
+    result.update(tool=row.tool, seq=row.seq, ckpt=row.ckpt_text, loss=row.loss, trainable=lora_params,
+                  planned_gib=lora_peers.planned_peak_gib(cfg, row.tool, row.seq, row.ckpt, row.ckpt_layers))
     del model, opt, loss_fn, params
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def print_profile(step, label: str, rows: int = 40) -> None:
+    """Runs ``step`` once under the profiler and prints its ops by CUDA time, with the step's wall time beside the
+    kernels' total: the difference is time the GPU waited for the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    print(f"--- profile: {label}; step wall time under the profiler {1000 * wall:.1f} ms ---")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
 def _peak_gib() -> float:
@@ -164,6 +190,8 @@ def main() -> None:
     parser.add_argument("--rows", default="kimitune,kimitune+experts,peer")
     parser.add_argument("--seq", default="4096,16384")
     parser.add_argument("--ckpt", default="off,on")
+    parser.add_argument("--loss", default="fused", help="kimitune's loss impl(s): fused (kimitune.ops.loss) or cce "
+                        "(cut-cross-entropy); comma-separated for one row each")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the rows here")
@@ -179,20 +207,24 @@ def main() -> None:
     total = sum(v.numel() for v in state.values())
     print(f"{torch.cuda.get_device_name() if DEVICE == 'cuda' else 'cpu'}: {args.layers} layers, {total / 1e9:.2f}B parameters, "
           f"{active_linear_params(cfg) / 1e9:.2f}B active linear weights per token")
-    rows = [Row(tool, int(seq), ckpt == "on") for tool in args.rows.split(",") for seq in args.seq.split(",")
-            for ckpt in args.ckpt.split(",")]
+    rows = [Row(tool, int(seq), ckpt != "off", int(ckpt) if ckpt.isdigit() else None, loss)
+            for tool in args.rows.split(",") for seq in args.seq.split(",") for ckpt in args.ckpt.split(",")
+            for loss in (args.loss.split(",") if tool != "peer" else ["-"])]
     results = []
     for row in rows:
         if row.tool == "kimitune+experts" and not row.ckpt and row.seq > 4096:
             continue
+        if row.tool == "peer" and row.ckpt_layers is not None:
+            continue
         result = measure(cfg, state, row, args.warmup, args.steps)
         results.append(result)
         print(json.dumps(result), flush=True)
-    print(f"\n| tool | seq | checkpointing | tokens/s | MFU | peak GiB | planned GiB | trainable |\n|---|---|---|---|---|---|---|---|")
+    print("\n| tool | loss | seq | checkpointing | tokens/s | MFU | peak GiB | planned GiB | trainable |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in results:
         speed = "OOM" if r.get("oom") else f"{r['tokens_per_s'] / 1e3:.1f}k"
         mfu = "-" if r.get("oom") else f"{100 * r['mfu']:.1f}%"
-        print(f"| {r['tool']} | {r['seq']} | {'on' if r['ckpt'] else 'off'} | {speed} | {mfu} | "
+        print(f"| {r['tool']} | {r['loss']} | {r['seq']} | {r['ckpt']} | {speed} | {mfu} | "
               f"{r['peak_gib']:.1f} | {r['planned_gib']:.1f} | {r['trainable'] / 1e6:.1f}M |")
     if args.json:
         with open(args.json, "w") as f:

@@ -171,10 +171,11 @@ class TrainConfig(_Strict):
     adam_epsilon: float = 1e-8
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
-    router_aux_loss_coef: float = Field(default=0.0, ge=0.0, description="MoE load-balancing loss weight.")
-    cut_cross_entropy: bool | None = Field(
-        default=None, description="Loss without full logits; unset means on where it pays (GPU)."
+    gradient_checkpointing_layers: int | None = Field(
+        default=None, ge=1, description="How many decoder layers recompute, spread evenly over the stack (unset: "
+        "all). Fewer is faster and holds more activations; `kimitune plan` suggests the fewest that fit."
     )
+    router_aux_loss_coef: float = Field(default=0.0, ge=0.0, description="MoE load-balancing loss weight.")
     max_bad_steps: int = Field(default=5, gt=0, description="Non-finite steps in a row before the run stops.")
 
     # --- several GPUs (torchrun; kimitune.train.distributed) --------------------------------------------
@@ -228,6 +229,11 @@ class TrainConfig(_Strict):
             if not 0.0 <= value < 1.0:
                 key = "ce_lora_sparsity" if name is None else f"ce_lora_sparsity[{name!r}]"
                 raise ValueError(f"{key} must be in [0, 1), got {value}")
+        checkpointing = self.gradient_checkpointing or bool(self.fsdp_config and
+                                                            self.fsdp_config.activation_checkpointing)
+        if self.gradient_checkpointing_layers is not None and not checkpointing:
+            raise ValueError("gradient_checkpointing_layers only applies with gradient_checkpointing: true (or "
+                             "fsdp_config.activation_checkpointing: true)")
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version: kimitune shards with FSDP2 only: set 2 (got {self.fsdp_version})")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
@@ -280,15 +286,17 @@ INERT_KEYS: dict[str, str] = {
     "auto_resume_from_checkpoints": "set resume_from_checkpoint: true",
     "eval_table_size": "no eval table",
     "gradient_checkpointing_kwargs": "kimitune checkpoints whole decoder layers",
+    "cut_cross_entropy": "training never materialises the logits: kimitune's fused cross-entropy is always on",
     "unfrozen_parameters": "use adapter: null for full fine-tuning",
     "lr_quadratic_warmup": "warmup is linear",
     "lora_modules_to_save": "embeddings and head stay frozen under an adapter",
 }
 
-# Plugins from Axolotl configs and what they mean here.
-KNOWN_PLUGINS: dict[str, str] = {
-    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": "cut_cross_entropy",
-    "axolotl.integrations.liger.LigerPlugin": "",
+# Plugins from Axolotl configs: True when kimitune always does what the plugin does (accepted silently), False when
+# it has no effect here (accepted with a warning).
+KNOWN_PLUGINS: dict[str, bool] = {
+    "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin": True,  # the loss never builds the logits
+    "axolotl.integrations.liger.LigerPlugin": False,
 }
 
 
@@ -332,12 +340,10 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> tuple[TrainConf
     ]
     values = {k: v for k, v in raw.items() if k not in INERT_KEYS and v is not None}
     for plugin in values.get("plugins") or []:
-        meaning = KNOWN_PLUGINS.get(plugin)
-        if meaning is None:
+        built_in = KNOWN_PLUGINS.get(plugin)
+        if built_in is None:
             raise ConfigError(f"{source}: unknown plugin `{plugin}`; known: {', '.join(KNOWN_PLUGINS)}")
-        if meaning == "cut_cross_entropy":
-            values.setdefault("cut_cross_entropy", True)
-        else:
+        if not built_in:
             warnings.append(f"plugin `{plugin}` has no effect in kimitune: its fused kernels are built in")
     try:
         config = TrainConfig(**values)

@@ -12,11 +12,12 @@ An analytic model, per byte (T = micro_batch_size * sequence_len tokens per micr
   ``benchmarks/memory_census.py`` for the 48B widths (see ``_kda_bytes`` ...), written as functions of the widths
   so they carry to other shapes; LoRA adds each adapted linear's rank-r product and keeps its input alive (once
   per tensor: q, k, v and the gates read the same one; a copy per linear with lora_dropout); with gradient
-  checkpointing only each layer's input is kept, and one layer's activations are rebuilt at a time in the
-  backward;
-- the loss: cut cross-entropy keeps the final hidden states only; kimitune's chunked fallback (no
-  cut-cross-entropy installed) also holds one 128 MiB chunk of float32 logits and its gradient; full logits
-  (transformers' way, ``loss="full"``) T * vocab * (2 + 4 + 4) bytes;
+  checkpointing a recomputed layer keeps only its input, and its activations are rebuilt in the backward while
+  the layers below it that are not recomputed (``gradient_checkpointing_layers``) are still held;
+- the loss: kimitune's fused cross-entropy (``kimitune.ops.loss``) keeps the gradient of the final hidden states,
+  computed in the forward (its [chunk, vocab] logits are freed before the backward starts); cut-cross-entropy keeps
+  the final hidden states: the same bytes; full logits (transformers' way, ``loss="full"``) T * vocab * (2 + 4 + 4)
+  bytes;
 - transients: the backward's gradient buffers of a MoE layer (b * C * (top_k + 2) per token), one expert stack
   dequantised to bf16 (quantised runs), cuBLAS workspaces (64 MiB);
 - several GPUs (``gpus``, FSDP2 under torchrun): parameters, gradients and optimizer states split over the GPUs (or
@@ -31,7 +32,9 @@ Calibration (benchmarks/RESULTS.md, GPU training section and its memory census; 
 terms come from the census of the 4-layer 48B-widths LoRA run (PyTorch norms, then); against the current code
 (fla's fused norms, LoRA products in bf16) the plan is within 1.3% of the five measured rows (15.7 / 13.4 GiB at
 4096 tokens without / with checkpointing, 17.3 at 16384 with, 17.6 / 14.8 with expert LoRA). When the model code
-changes what it saves, re-run ``benchmarks/memory_census.py`` and update the per-kind terms below. On 2 GPUs the
+changes what it saves, re-run ``benchmarks/memory_census.py`` and update the per-kind terms below. With some layers
+recomputed (``gradient_checkpointing_layers``) it is within 1.2% of the three measured rows (4-layer at 4096 and
+16384 tokens, the whole 48B in bf16 at 8192). On 2 GPUs the
 plan is within 4% of the four 4-layer rows that ``FSDP_EXTRA_GATHERED_LAYERS`` was fitted to, and within 0.5% of
 the whole 48B in bf16 (58.7 GiB per GPU), which it was not fitted to.
 """
@@ -51,7 +54,6 @@ GIB = 2**30
 CUBLAS_WORKSPACE = 64 * 2**20  # two cuBLAS handles' workspaces, allocated through PyTorch's caching allocator
 CUDA_CONTEXT = 0.5 * GIB  # the CUDA context and kernels' modules: outside the allocator, inside nvidia-smi's number
 ALLOCATOR_OVERHEAD = 0.05  # reserved / allocated - 1 at the peak: block rounding and fragmentation
-CHUNKED_CE_BYTES = 128 * 2**20  # float32 logits held at once by kimitune.ops.loss's chunked path
 # FSDP2 on 2+ GPUs: gathered layer weights beyond the one computing, held while the all-gather stream's buffers
 # wait to be reused (the next layer's prefetch, frees that trail the compute stream). Fitted to the four 2-GPU rows
 # of benchmarks/RESULTS.md ("Several GPUs", 1.0-1.5 measured); 0 on one process, where nothing is prefetched.
@@ -261,6 +263,17 @@ def _lora_bytes(targets: list[_Linear], b: int, r: int, dropout: float) -> int:
     return total
 
 
+def _recomputed_layers(train: TrainConfig, num_layers: int, gpus: int) -> set[int]:
+    """The decoder layers the run recomputes in the backward (the model's own choice of which)."""
+    from kimitune.model.modeling import checkpointed_layer_indices
+
+    fsdp_checkpointing = gpus > 1 and train.fsdp_config is not None and train.fsdp_config.activation_checkpointing
+    if not (train.gradient_checkpointing or fsdp_checkpointing):
+        return set()
+    count = train.gradient_checkpointing_layers or num_layers
+    return set(checkpointed_layer_indices(num_layers, min(count, num_layers)))
+
+
 # ----- the plan ------------------------------------------------------------------------------------------------------
 
 def predict_peak_memory(
@@ -277,8 +290,7 @@ def predict_peak_memory(
 
     ``autocast``: the trainer runs the forward under bf16 autocast (True); the benchmarks do not (False).
     ``packed``: packed batches (MLA through varlen flash attention); default ``train.sample_packing``.
-    ``loss``: "cce" (cut-cross-entropy, the GPU default), "chunked" (kimitune's fallback) or "full" (full logits);
-    default "chunked" when ``cut_cross_entropy: false`` else "cce".
+    ``loss``: "fused" (kimitune's, the default), "cce" (cut-cross-entropy) or "full" (full logits).
     ``fused``: fla-core's fused RMSNorm / gated norm / SwiGLU kernels run (kimitune.ops.norm, on CUDA with
     fla-core installed); False for PyTorch's (what the GPU figures of benchmarks/RESULTS.md were measured with).
     ``gpus``: processes under torchrun, each with its own micro-batches; above 1 the model is sharded with FSDP2 as
@@ -291,7 +303,7 @@ def predict_peak_memory(
     C, V = cfg.hidden_size, cfg.vocab_size
     T = train.micro_batch_size * train.sequence_len
     packed = train.sample_packing if packed is None else packed
-    loss = loss or ("chunked" if train.cut_cross_entropy is False else "cce")
+    loss = loss or "fused"
     full_ft = train.adapter is None
     quant = "int8" if train.load_in_8bit else ("int4" if train.load_in_4bit else None)
     double_quant = bool(getattr(train, "bnb_4bit_use_double_quant", False))
@@ -339,24 +351,31 @@ def predict_peak_memory(
     else:
         per_layer = [_layer_bytes(cfg, i, b, lora, train.lora_r, train.lora_dropout, fused, packed)
                      for i in range(cfg.num_hidden_layers)]
-    if train.gradient_checkpointing:
-        kept = cfg.num_hidden_layers * b * C * T
-        recompute = max(per_layer) * T
-        items.append(MemoryItem("layer inputs (checkpointing)", kept, f"{cfg.num_hidden_layers} x {b}C per token"))
-        items.append(MemoryItem("one layer rebuilt in the backward", recompute,
-                                f"largest layer: {max(per_layer) / 1024:.0f} KiB per token"))
-        loss_kept = 2 * b * C * T
+    recomputed = _recomputed_layers(train, cfg.num_hidden_layers, gpus)
+    if recomputed:
+        whole = [per_layer[i] for i in range(cfg.num_hidden_layers) if i not in recomputed]
+        # The backward reaches a recomputed layer j still holding the whole layers below it: the peak is the
+        # largest such sum with j's rebuilt activations, or all whole layers at the backward's start.
+        rebuilt = max(sum(whole[:sum(1 for i in range(j) if i not in recomputed)]) + per_layer[j]
+                      for j in recomputed)
+        items.append(MemoryItem("layer inputs (checkpointing)", len(recomputed) * b * C * T,
+                                f"{len(recomputed)} x {b}C per token"))
+        if whole:
+            items.append(MemoryItem("activations of layers not recomputed", sum(whole) * T,
+                                    f"{sum(whole) / 1024:.0f} KiB per token over {len(whole)} layers"))
+        items.append(MemoryItem("one layer rebuilt in the backward", max(0, rebuilt - sum(whole)) * T,
+                                f"largest recomputed layer: {max(per_layer[j] for j in recomputed) / 1024:.0f} "
+                                "KiB per token"))
+        loss_kept = 2 * b * C * T if cfg.num_hidden_layers - 1 in recomputed else (b * C + 16) * T
     else:
         items.append(MemoryItem("activations", sum(per_layer) * T,
                                 f"{sum(per_layer) / 1024:.0f} KiB per token over {cfg.num_hidden_layers} layers"))
         loss_kept = (b * C + 16) * T
 
     # loss
-    loss_note = {"cce": "cut cross-entropy: final hidden states", "chunked": "chunked: + one 128 MiB logit chunk "
-                 "and its gradient", "full": "full logits: bf16 + fp32 + gradient"}[loss]
-    if loss == "chunked":
-        loss_kept += 2 * min(CHUNKED_CE_BYTES, 4.0 * V * T)
-    elif loss == "full":
+    loss_note = {"fused": "fused cross-entropy: the final hidden states' gradient",
+                 "cce": "cut cross-entropy: final hidden states", "full": "full logits: bf16 + fp32 + gradient"}[loss]
+    if loss == "full":
         loss_kept += (2 + 4 + 4) * V * T
     items.append(MemoryItem("loss", loss_kept, loss_note))
 
@@ -371,7 +390,8 @@ def predict_peak_memory(
     peak = sum(item.bytes for item in items)
     overhead = ALLOCATOR_OVERHEAD * (peak - items[0].bytes) + CUDA_CONTEXT
     settings = {
-        "tokens": T, "gpus": gpus, "gradient_checkpointing": train.gradient_checkpointing, "adapter": train.adapter,
+        "tokens": T, "gpus": gpus, "gradient_checkpointing": train.gradient_checkpointing,
+        "recomputed_layers": len(recomputed), "adapter": train.adapter,
         "quantisation": quant, "loss": loss, "autocast": autocast, "packed": packed, "fused_kernels": fused,
     }
     return MemoryPlan(items, T, peak, peak + overhead, settings)
@@ -431,6 +451,8 @@ class Suggestion:
 
 
 def _yaml(value: Any) -> str:
+    if value is None:
+        return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list):
@@ -444,8 +466,19 @@ def suggest_settings(train: TrainConfig, model_config: KimiLinearConfig, gpu_byt
     change first (each with its own plan); empty when nothing tried fits. A change may be more GPUs ("gpus": FSDP2
     through torchrun), tried after the config's own settings."""
     candidates: list[dict[str, Any]] = []
-    if not train.gradient_checkpointing:
-        candidates.append({"gradient_checkpointing": True})
+    layers = model_config.num_hidden_layers
+    recomputing = len(_recomputed_layers(train, layers, gpus))
+    for count in range(recomputing + 1, layers):  # recompute as few layers as fit: the smallest slow-down
+        change = {"gradient_checkpointing": True, "gradient_checkpointing_layers": count}
+        if predict_peak_memory(train.model_copy(update=change), model_config, gpus=gpus,
+                               **kwargs).device_total <= gpu_bytes:
+            candidates.append(change)
+            break
+    if recomputing < layers:
+        every_layer: dict[str, Any] = {"gradient_checkpointing": True}
+        if train.gradient_checkpointing_layers is not None:
+            every_layer["gradient_checkpointing_layers"] = None
+        candidates.append(every_layer)
     if train.adapter is None:
         candidates.append({"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True})
     elif not (train.load_in_8bit or train.load_in_4bit):

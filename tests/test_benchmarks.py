@@ -20,6 +20,7 @@ SMOKE_RUNS = {
                         "on,off", "--warmup", "1", "--steps", "1"],
     "decode": ["benchmarks/decode.py", "--contexts", "32,48", "--new-tokens", "3"],
     "ce_lora": ["benchmarks/ce_lora.py", "speed", "--tiny", "--seq", "128", "--warmup", "1", "--steps", "1"],
+    "loss_gpu": ["benchmarks/loss_gpu.py", "--device", "cpu", "--rows", "256,300", "--warmup", "1", "--steps", "1"],
 }
 
 
@@ -27,7 +28,7 @@ SMOKE_RUNS = {
 def test_benchmark_smoke_run(name, tmp_path):
     out = tmp_path / "rows.json"
     command = [sys.executable, *SMOKE_RUNS[name]]
-    if name in ("train_gpu", "train_multi_gpu", "decode", "ce_lora"):
+    if name in ("train_gpu", "train_multi_gpu", "decode", "ce_lora", "loss_gpu"):
         command += ["--json", str(out)]
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]

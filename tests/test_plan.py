@@ -126,6 +126,43 @@ def test_what_lowers_the_peak_lowers_the_plan():
     assert predict_peak_memory(train_config(lora_dropout=0.05), cfg).peak_allocated > base
 
 
+# Measured with some layers recomputed (gradient_checkpointing_layers), benchmarks/RESULTS.md, 2026-11-25: the
+# 4-layer model on an H100 (train_gpu.py --ckpt 1) and the whole 48B in bf16 on an H200 (train_48b.py --ckpt-layers 9).
+MEASURED_PARTIAL = [(4, 4096, 1, 15.1), (4, 16384, 1, 24.3), (27, 8192, 9, 126.1)]
+
+
+@pytest.mark.parametrize("layers, seq, recomputed, measured", MEASURED_PARTIAL)
+def test_plan_with_some_layers_recomputed_is_within_10_percent(layers, seq, recomputed, measured):
+    cfg = widths_48b() if layers == 4 else KimiLinearConfig.from_pretrained(
+        ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    config = train_config(sequence_len=seq, gradient_checkpointing=True, gradient_checkpointing_layers=recomputed)
+    plan = predict_peak_memory(config, cfg, autocast=False, packed=False, fused=True)
+    assert abs(plan.peak_allocated_gib / measured - 1) < 0.10, (plan.peak_allocated_gib, measured)
+
+
+def test_recomputing_some_layers_lies_between_none_and_all():
+    cfg = widths_48b()
+    peaks = [predict_peak_memory(train_config(sequence_len=16384, gradient_checkpointing=count != 0,
+                                              gradient_checkpointing_layers=count or None), cfg).peak_allocated
+             for count in (0, 1, 2, 3)]
+    every = predict_peak_memory(train_config(sequence_len=16384, gradient_checkpointing=True), cfg).peak_allocated
+    assert peaks == sorted(peaks, reverse=True) and peaks[-1] > every
+    assert predict_peak_memory(train_config(sequence_len=16384, gradient_checkpointing=True,
+                                            gradient_checkpointing_layers=4), cfg).peak_allocated == every
+
+
+def test_the_fewest_recomputed_layers_that_fit_come_first():
+    cfg = widths_48b()
+    train = train_config(sequence_len=16384)
+    one, two = (predict_peak_memory(train_config(sequence_len=16384, gradient_checkpointing=True,
+                                                 gradient_checkpointing_layers=count), cfg).device_total
+                for count in (1, 2))
+    suggestions = suggest_settings(train, cfg, (one + two) / 2)
+    assert suggestions[0].change == {"gradient_checkpointing": True, "gradient_checkpointing_layers": 2}
+    assert {"gradient_checkpointing": True} in [s.change for s in suggestions]
+    assert suggestions[0].text == "gradient_checkpointing: true, gradient_checkpointing_layers: 2"
+
+
 def test_suggestions_fit_and_name_the_changes():
     cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
     train = train_config(sequence_len=8192, micro_batch_size=2)

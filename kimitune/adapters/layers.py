@@ -95,15 +95,26 @@ class LoraLinear(nn.Module):
         """``x W^T + b``: the frozen product (``weight`` a Parameter or a quantised ``QuantizedWeight``)."""
         return frozen_linear(x, self.weight, self.bias)
 
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """``dropout(x) A^T`` [..., r] in the compute dtype (see ``lora_compute_dtype``)."""
+        dtype = lora_compute_dtype(x)
+        return F.linear(self.lora_dropout(x).to(dtype), self.lora_A.to(dtype))
+
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """``s * dropout(x) A^T B^T`` in the compute dtype (see ``lora_compute_dtype``)."""
-        dtype = lora_compute_dtype(x)
-        x = self.lora_dropout(x).to(dtype)
-        return F.linear(F.linear(x, self.lora_A.to(dtype)) * self.scaling, self.lora_B.to(dtype))
+        down = self._down(x)
+        return F.linear(down * self.scaling, self.lora_B.to(down.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_output(x)
-        return base + self.lora_output(x).to(base.dtype)
+        down = self._down(x)
+        if base.dtype != down.dtype:
+            return base + F.linear(down * self.scaling, self.lora_B.to(down.dtype)).to(base.dtype)
+        # The second low-rank GEMM adds s * down B^T to the frozen product in its epilogue (addmm), instead of a
+        # scale and an add that each pass over the [..., out] output again.
+        out = torch.addmm(base.reshape(-1, self.out_features), down.reshape(-1, self.r), self.lora_B.to(down.dtype).T,
+                          alpha=self.scaling)
+        return out.view(base.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B A`` [out, in] in the adapter's dtype: what merging adds to ``weight``."""

@@ -101,7 +101,7 @@ class KimiLinearModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
         self.layers = nn.ModuleList(KimiLinearDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.gradient_checkpointing = False
+        self.checkpointed_layers: frozenset[int] = frozenset()  # see set_gradient_checkpointing
 
     def forward(
         self,
@@ -112,9 +112,9 @@ class KimiLinearModel(nn.Module):
         """-> (hidden [B, T, C], tokens per expert and balance loss of each MoE layer)."""
         h = self.embed_tokens(input_ids)
         tokens_per_expert, balances = [], []
-        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
+        recompute = self.checkpointed_layers if torch.is_grad_enabled() and cache is None else frozenset()
         for i, layer in enumerate(self.layers):
-            if recompute:
+            if i in recompute:
                 h, counts, balance, _ = checkpoint(layer, h, cu_seqlens, use_reentrant=False)
             elif cache is not None:
                 h, counts, balance, cache.states[i] = layer(h, cu_seqlens, cache.states.get(i), True)
@@ -125,6 +125,16 @@ class KimiLinearModel(nn.Module):
             if balance is not None:
                 balances.append(balance)
         return self.norm(h), tokens_per_expert, balances
+
+
+def checkpointed_layer_indices(num_layers: int, count: int) -> list[int]:
+    """The ``count`` of ``num_layers`` decoder layers that recompute, spread evenly (one in the middle of the
+    stack for 1, every layer for ``num_layers``).
+
+    Spread rather than the first or last ones, so that FSDP's per-layer gathers and the backward's memory peak
+    (the layers kept whole before the first recomputed one) stay level.
+    """
+    return sorted({int((j + 0.5) * num_layers / count) for j in range(count)}) if count else []
 
 
 def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -170,6 +180,7 @@ class KimiLinearForCausalLM(nn.Module):
         self.config = config
         self.model = KimiLinearModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_impl = "fused"  # linear_cross_entropy's impl for return_logits=False ("cce" to measure against)
         self.apply(lambda module: _init_weights(module, config.initializer_range))
 
     # ----- loading and saving (kimitune.model.checkpoint) -----
@@ -194,9 +205,15 @@ class KimiLinearForCausalLM(nn.Module):
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size)
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each decoder layer's activations in the backward pass (torch.utils.checkpoint)."""
-        self.model.gradient_checkpointing = bool(enabled)
+    def set_gradient_checkpointing(self, enabled: bool = True, num_layers: int | None = None) -> None:
+        """Recompute decoder layers' activations in the backward pass (torch.utils.checkpoint): every layer, or
+        ``num_layers`` of them spread evenly over the stack (``checkpointed_layer_indices``)."""
+        total = len(self.model.layers)
+        if num_layers is not None and not 1 <= num_layers <= total:
+            raise ValueError(f"gradient_checkpointing_layers: {num_layers} is not between 1 and the model's {total} "
+                             "decoder layers")
+        count = (total if num_layers is None else num_layers) if enabled else 0
+        self.model.checkpointed_layers = frozenset(checkpointed_layer_indices(total, count))
 
     # ----- forward -----
     def forward(
@@ -228,7 +245,8 @@ class KimiLinearForCausalLM(nn.Module):
                 )
         else:
             out.loss = linear_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets, reduction=loss_reduction
+                hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets, reduction=loss_reduction,
+                impl=self.loss_impl,
             )
         if tokens_per_expert:
             out.router_stats = torch.stack(tokens_per_expert)

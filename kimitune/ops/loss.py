@@ -1,8 +1,18 @@
 """Cross-entropy of a linear head, ``CE(hidden @ weight.T, targets)``, without materialising [N, V] logits.
 
-On CUDA with the ``cut-cross-entropy`` package installed the loss comes from its fused kernels (imported lazily,
-here only). Elsewhere a chunked autograd function computes it: the forward keeps only each row's log-sum-exp, and
-the backward recomputes one chunk of logits at a time, so memory holds [chunk_rows, V] logits at most.
+Two implementations, chosen by ``linear_cross_entropy(..., impl=)``:
+
+- "fused" (any device): a chunked autograd function that computes the gradient already in the forward. For each
+  chunk of rows it computes the logits with one GEMM, overwrites them in place with their gradient
+  (kimitune.ops.softmax_grad: one Triton kernel on CUDA, PyTorch ops elsewhere) and multiplies that by the weight
+  (and, for a trained head, by the hidden states): two GEMMs per chunk where recomputing the logits in the backward
+  takes three. It keeps the gradients, not the inputs, for the backward, which only scales them. Without a
+  gradient to compute (eval, ``torch.no_grad``) it is one GEMM per chunk and keeps nothing. Memory holds one
+  [chunk_rows, V] chunk of logits at a time (``_CHUNK_BYTES``).
+  The default: on an H100 (benchmarks/loss_gpu.py, Kimi's head of 163840 x 2304, bf16) its forward + backward
+  takes 10.6 ms for 4096 rows where cut-cross-entropy takes 16.6 ms and full logits 19.8 ms.
+- "cce": the ``cut-cross-entropy`` package's kernels (CUDA only; imported lazily, here only), which recompute the
+  logits in the backward; kept to measure against.
 
 Logits follow transformers' precision: the matmul runs in the inputs' dtype and is upcast to float32 before the
 softmax. Targets equal to -100 are ignored; ``reduction="mean"`` divides by the number of the others.
@@ -10,12 +20,19 @@ softmax. Targets equal to -100 are ignored; ``reduction="mean"`` divides by the 
 
 from __future__ import annotations
 
-import warnings
+import functools
 
 import torch
 
+from kimitune.ops.softmax_grad import softmax_grad_
+
 IGNORE_INDEX = -100
-_CHUNK_BYTES = 128 * 2**20  # float32 logits held at once by the chunked path
+# One chunk of logits in the compute dtype (the CPU path adds float32 temporaries of its size): 768 rows of bf16 at
+# V = 163840, so that grad_logits @ weight, whose output is only [rows, H], still has enough tiles for every SM.
+# It is freed before the backward, whose buffers kimitune.plan counts at the peak instead.
+_CHUNK_BYTES = 256 * 2**20
+_ROW_ALIGN = 64  # chunk rows rounded down to a multiple of this: a GEMM's M dimension in whole tiles
+IMPLS = ("fused", "cce")
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -25,48 +42,93 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _chunk_slices(num_rows: int, chunk_rows: int):
-    return [slice(s, min(s + chunk_rows, num_rows)) for s in range(0, num_rows, chunk_rows)]
+def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    """Rows of logits per chunk: ``_CHUNK_BYTES`` of [rows, vocab] in ``dtype``, in whole GEMM tiles when that is
+    at least one tile."""
+    rows = max(1, _CHUNK_BYTES // (dtype.itemsize * vocab))
+    return rows - rows % _ROW_ALIGN if rows >= _ROW_ALIGN else rows
 
 
-class _ChunkedLinearCrossEntropySum(torch.autograd.Function):
-    """Sum over the non-ignored rows of -log softmax(hidden @ weight.T)[target], as a float32 scalar."""
+@functools.cache
+def _addmm_into_float32_works(device: torch.device) -> bool:
+    """Whether this PyTorch's CUDA addmm adds a bf16 product straight into a float32 tensor (``out_dtype``).
+
+    Probed once per device on a 2x2 product, because the dtypes ``out_dtype`` accepts for the added tensor have
+    changed between PyTorch releases."""
+    acc = torch.ones(2, 2, device=device)
+    ones = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+    try:
+        torch.addmm(acc, ones, ones, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return bool((acc == 3).all())
+
+
+def _add_product_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc [M, P] float32 += a [M, K] @ b [K, P], a and b in the compute dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _addmm_into_float32_works(acc.device):
+        # cuBLAS accumulates in float32 and adds into acc: no [M, P] temporary in the compute dtype.
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += a @ b
+
+
+def _fused_sum(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_rows: int,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """hidden [N, H], weight [V, H], targets [N] -> (sum of -log softmax(hidden @ weight.T)[target] over the
+    non-ignored rows, float32 scalar; its gradient for hidden [N, H] and for weight [V, H] in their dtypes, or None
+    where not asked for).
+
+    Only the non-ignored rows are computed: finding them costs one host sync (as in cut-cross-entropy), and
+    ignored rows (prompts, padding) then cost no GEMM at all."""
+    write_grad = need_hidden or need_weight
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    # One buffer for every chunk's logits, which become that chunk's gradient in place.
+    buffer = hidden.new_empty(min(chunk_rows, rows.numel()), weight.shape[0])
+    with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are already the compute dtype's
+        for chunk in rows.split(chunk_rows):
+            h = hidden.index_select(0, chunk)
+            logits = torch.mm(h, weight.T, out=buffer[: chunk.numel()])
+            lse, target_logit = softmax_grad_(logits, targets.index_select(0, chunk), write_grad=write_grad)
+            total += (lse - target_logit).sum()
+            if need_hidden:
+                grad_hidden.index_copy_(0, chunk, logits @ weight)
+            if need_weight:
+                _add_product_float32_(grad_weight, logits.T, h)
+    if need_weight:
+        grad_weight = grad_weight.to(weight.dtype)
+    return total, grad_hidden, grad_weight
+
+
+class _FusedLinearCrossEntropySum(torch.autograd.Function):
+    """Sum over the non-ignored rows of -log softmax(hidden @ weight.T)[target], as a float32 scalar; its gradients
+    are computed in the forward and kept for the backward."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
-        valid = targets != IGNORE_INDEX
-        safe_targets = torch.where(valid, targets, 0)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for rows in _chunk_slices(hidden.shape[0], chunk_rows):
-            logits = (hidden[rows] @ weight.T).float()
-            lse[rows] = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, safe_targets[rows, None]).squeeze(1)
-            total += ((lse[rows] - target_logit) * valid[rows]).sum()
-        ctx.save_for_backward(hidden, weight, safe_targets, valid, lse)
-        ctx.chunk_rows = chunk_rows
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total, grad_hidden, grad_weight = _fused_sum(hidden, weight, targets, chunk_rows, need_hidden, need_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
-        hidden, weight, safe_targets, valid, lse = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        for rows in _chunk_slices(hidden.shape[0], ctx.chunk_rows):
-            logits = (hidden[rows] @ weight.T).float()
-            # d(lse - logit[target]) / d logits = softmax - onehot(target); zero for ignored rows.
-            grad_logits = torch.exp(logits - lse[rows, None])
-            grad_logits.scatter_add_(1, safe_targets[rows, None], -torch.ones_like(lse[rows, None]))
-            grad_logits *= (valid[rows] * grad_total)[:, None]
-            grad_logits = grad_logits.to(hidden.dtype)
-            if need_hidden:
-                grad_hidden[rows] = grad_logits @ weight
-            if need_weight:
-                grad_weight += (grad_logits.T @ hidden[rows]).float()
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # Out of place, so that a second backward (retain_graph) scales the saved gradients again from scratch.
+        # Stays in the gradients' dtype: at worst the scale is rounded to it, one relative error on the whole step.
+        scaled = [None if g is None else g * grad_total for g in (grad_hidden, grad_weight)]
+        return scaled[0], scaled[1], None, None
 
 
 def chunked_linear_cross_entropy(
@@ -76,26 +138,26 @@ def chunked_linear_cross_entropy(
     reduction: str = "mean",
     chunk_rows: int | None = None,
 ) -> torch.Tensor:
-    """The device-agnostic path of ``linear_cross_entropy`` (``chunk_rows`` rows of logits at a time)."""
+    """The "fused" implementation of ``linear_cross_entropy``, on any device (``chunk_rows`` rows of logits at a
+    time; by default ``_CHUNK_BYTES`` of them)."""
     if chunk_rows is None:
-        chunk_rows = max(1, _CHUNK_BYTES // (4 * weight.shape[0]))
-    total = _ChunkedLinearCrossEntropySum.apply(hidden, weight, targets, chunk_rows)
+        chunk_rows = default_chunk_rows(weight.shape[0], hidden.dtype)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        total = _FusedLinearCrossEntropySum.apply(hidden, weight, targets, chunk_rows)
+    else:
+        total = _fused_sum(hidden, weight, targets, chunk_rows, need_hidden=False, need_weight=False)[0]
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum()
 
 
 def _cut_cross_entropy():
-    """cut_cross_entropy.linear_cross_entropy, or None (with a one-time warning) when it is not installed."""
+    """cut_cross_entropy.linear_cross_entropy (imported here only), or an ImportError that says how to install it."""
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
-    except ImportError:
-        warnings.warn(
-            "cut-cross-entropy is not installed: the loss uses kimitune's chunked cross-entropy instead "
-            "(correct, slower). Install it with `pip install -e \".[gpu]\"`.",
-            stacklevel=3,
-        )
-        return None
+    except ImportError as error:
+        raise ImportError("linear_cross_entropy(impl='cce') needs cut-cross-entropy. Install it with "
+                          "`pip install -e \".[gpu]\"`.") from error
     return cce
 
 
@@ -104,8 +166,12 @@ def linear_cross_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     reduction: str = "mean",
+    impl: str = "fused",
 ) -> torch.Tensor:
-    """hidden [N, H], weight [V, H], targets [N] (-100 ignored) -> float32 scalar loss ("mean" or "sum")."""
+    """hidden [N, H], weight [V, H], targets [N] (-100 ignored) -> float32 scalar loss ("mean" or "sum").
+
+    ``impl``: "fused" (kimitune's, any device) or "cce" (cut-cross-entropy; CUDA tensors and the package
+    required)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must "
                          "be [N, H] and [V, H]")
@@ -113,10 +179,13 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: targets {tuple(targets.shape)} must be [N] = [{hidden.shape[0]}]")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"linear_cross_entropy: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "cce" and not hidden.is_cuda:
+        raise ValueError(f"linear_cross_entropy: impl='cce' needs CUDA tensors, got {hidden.device}")
     dtype = _compute_dtype(hidden, weight)
     hidden, weight = hidden.to(dtype), weight.to(dtype)
-    if hidden.is_cuda:
-        cce = _cut_cross_entropy()
-        if cce is not None:
-            return cce(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction=reduction).float()
+    if impl == "cce":
+        return _cut_cross_entropy()(hidden, weight, targets, ignore_index=IGNORE_INDEX,
+                                    reduction=reduction).float()
     return chunked_linear_cross_entropy(hidden, weight, targets, reduction)

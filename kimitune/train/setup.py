@@ -178,7 +178,7 @@ def build_training_setup(
         model = _build_model(config, model_device or device, dtype, weights_from)
     model.config.router_aux_loss_coef = config.router_aux_loss_coef  # the model scales its aux loss by this
     if config.gradient_checkpointing:
-        model.set_gradient_checkpointing(True)
+        model.set_gradient_checkpointing(True, config.gradient_checkpointing_layers)
 
     settings = None
     if not full_finetune:

@@ -314,7 +314,7 @@ class Trainer:
         device), and every rank's shards are filled from rank 0's state dict (a collective)."""
         fsdp = self.config.fsdp_config or FsdpConfig()
         if fsdp.activation_checkpointing:
-            setup.model.set_gradient_checkpointing(True)
+            setup.model.set_gradient_checkpointing(True, self.config.gradient_checkpointing_layers)
         console.print(f"FSDP2 over {world.size} process(es) ({world.device.type}): each decoder layer sharded"
                       + (", parameters offloaded to the CPU" if fsdp.offload_params else ""))
         full_state = setup.model.state_dict() if (from_rank0 and world.is_main) else None  # before sharding

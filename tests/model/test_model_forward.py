@@ -7,7 +7,8 @@ import torch
 from model_helpers import assert_close_to_scale, micro_config, perturb_
 
 from kimitune import KimiLinearForCausalLM
-from kimitune.model import KimiLinearCache
+from kimitune.model import KimiLinearCache, modeling
+from kimitune.model.modeling import checkpointed_layer_indices
 from kimitune.model.moe import KimiLinearMoE, Routing
 
 LENGTHS = [5, 7, 4]
@@ -104,7 +105,8 @@ def test_loss_without_logits_matches_value_and_gradients():
             assert_close_to_scale(fused_grads[name], grads[name], 1e-5, name)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("num_layers", [None, 1])
+def test_gradient_checkpointing_gives_the_same_gradients(num_layers, monkeypatch):
     torch.manual_seed(0)
     model = perturb_(KimiLinearForCausalLM(micro_config(router_aux_loss_coef=0.01)))
     _, packed, cu_seqlens = packed_batch()
@@ -116,14 +118,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain, plain_grads = run()
-    model.set_gradient_checkpointing(True)
+    model.set_gradient_checkpointing(True, num_layers)
+    recomputing = []
+    real_checkpoint = modeling.checkpoint
+    monkeypatch.setattr(modeling, "checkpoint", lambda layer, *args, **kw: (recomputing.append(layer),
+                                                                          real_checkpoint(layer, *args, **kw))[1])
     recomputed, recomputed_grads = run()
     model.set_gradient_checkpointing(False)
+    expected = list(model.model.layers) if num_layers is None else [model.model.layers[len(model.model.layers) // 2]]
+    assert recomputing == expected
     assert recomputed.loss.item() == plain.loss.item()
     torch.testing.assert_close(recomputed.router_stats, plain.router_stats)
     assert plain_grads.keys() == recomputed_grads.keys()
     for name in plain_grads:
         assert_close_to_scale(recomputed_grads[name], plain_grads[name], 1e-6, name)
+
+
+def test_checkpointed_layers_are_spread_and_counted():
+    assert checkpointed_layer_indices(4, 0) == []
+    assert checkpointed_layer_indices(4, 1) == [2]
+    assert checkpointed_layer_indices(4, 2) == [1, 3]
+    assert checkpointed_layer_indices(27, 27) == list(range(27))
+    assert all(len(checkpointed_layer_indices(27, k)) == k for k in range(28))
+    model = KimiLinearForCausalLM(micro_config())
+    with pytest.raises(ValueError, match="gradient_checkpointing_layers: 9 is not between 1 and the model's"):
+        model.set_gradient_checkpointing(True, 9)
 
 
 def test_router_stats_count_every_routed_copy(micro_model):

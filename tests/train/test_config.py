@@ -41,7 +41,6 @@ def test_axolotl_kimi_example_is_accepted_with_a_warning_per_inert_key():
     assert config.adapter == "lora" and config.lora_r == 16 and config.lora_alpha == 32
     assert config.lora_target_modules == ["gate_proj", "down_proj", "up_proj", "q_proj", "v_proj", "k_proj", "o_proj"]
     assert config.sample_packing and config.sequence_len == 2048
-    assert config.cut_cross_entropy is True  # from the CutCrossEntropyPlugin
     assert config.datasets[0].path == "fozziethebeat/alpaca_messages_2k_test"
     warned = {w.split("`")[1] for w in warnings}
     assert warned == {"flash_attention", "loss_watchdog_threshold", "loss_watchdog_patience"}
@@ -84,3 +83,12 @@ def test_device_cuda_without_a_gpu_is_a_config_error():
     config, _ = parse_config(minimal(device="cuda"))
     with pytest.raises(ConfigError, match="device: .*no CUDA GPU is visible"):
         pick_device(config)
+
+
+def test_recomputed_layer_count_needs_checkpointing():
+    with pytest.raises(ConfigError, match="gradient_checkpointing_layers only applies with gradient_checkpointing"):
+        parse_config(minimal(gradient_checkpointing_layers=2))
+    with pytest.raises(ConfigError, match="gradient_checkpointing_layers"):
+        parse_config(minimal(gradient_checkpointing=True, gradient_checkpointing_layers=0))
+    config, _ = parse_config(minimal(gradient_checkpointing=True, gradient_checkpointing_layers=2))
+    assert config.gradient_checkpointing_layers == 2

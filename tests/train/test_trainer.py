@@ -76,6 +76,17 @@ def test_full_finetune_learns_and_writes_everything(small_data, tmp_path):
     assert steps == list(range(1, 9))
 
 
+def test_recomputing_some_layers_trains_as_without(small_data, tmp_path):
+    plain = tmp_path / "plain"
+    run(raw_config(small_data, plain, max_steps=3, save_steps=None, eval_steps=None))
+    some = tmp_path / "some"
+    run(raw_config(small_data, some, max_steps=3, save_steps=None, eval_steps=None, gradient_checkpointing=True,
+                   gradient_checkpointing_layers=1))
+    assert [loss for _, loss in losses(some)] == pytest.approx([loss for _, loss in losses(plain)], rel=1e-5)
+    with pytest.raises(ValueError, match="gradient_checkpointing_layers: 99 is not between 1 and the model's"):
+        run(raw_config(small_data, tmp_path / "bad", gradient_checkpointing=True, gradient_checkpointing_layers=99))
+
+
 def test_resume_continues_exactly(small_data, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     run(raw_config(small_data, whole))
