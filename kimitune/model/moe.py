@@ -30,6 +30,7 @@ from torch import nn
 
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.ops.norm import swiglu
+from kimitune.ops.permute import dispatch_rows, inverse_permutation, permute_rows
 from kimitune.quant.matmul import frozen_grouped_linear
 
 
@@ -135,10 +136,10 @@ class KimiLinearMoE(nn.Module):
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, chosen, torch.ones_like(chosen))
         offsets = counts.cumsum(0).to(torch.int32)
-        expert_out = self.experts(flat[order // self.top_k], offsets)
+        inverse = inverse_permutation(order)
+        expert_out = self.experts(dispatch_rows(flat, order, inverse, self.top_k), offsets)
         # Back to token order, then the weighted sum over each token's k experts.
-        per_copy = torch.empty_like(expert_out).index_copy_(0, order, expert_out)
-        per_copy = per_copy.view(flat.shape[0], self.top_k, -1)
+        per_copy = permute_rows(expert_out, inverse, order).view(flat.shape[0], self.top_k, -1)
         y = torch.bmm(routing.weights.to(per_copy.dtype).unsqueeze(1), per_copy).squeeze(1)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
