@@ -65,6 +65,15 @@ def losses(output_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
+def assert_same_losses(resumed: Path, whole: Path) -> None:
+    """The same steps with the same losses. Not to the last bit: on a loaded machine some of PyTorch's multi-threaded
+    CPU kernels round differently (one thread gives equal bits; measured: 1e-7 relative by step 3). A resume that
+    went wrong (other batches, other dropout masks, a lost optimizer state) moves the loss by far more."""
+    got, expected = losses(resumed), losses(whole)
+    assert [step for step, _ in got] == [step for step, _ in expected]
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+
+
 def test_full_finetune_learns_and_writes_everything(small_data, tmp_path):
     summary = run(raw_config(small_data, tmp_path, max_steps=8, save_total_limit=2))
     assert summary.steps == 8 and summary.skipped_steps == 0
@@ -94,7 +103,7 @@ def test_resume_continues_exactly(small_data, tmp_path):
     # The last step is never checkpointed (the final save covers it): resuming restarts from checkpoint-4.
     assert list_checkpoints(split)[-1].name == "checkpoint-4"
     run(raw_config(small_data, split, resume_from_checkpoint=True))
-    assert losses(split) == losses(whole)
+    assert_same_losses(split, whole)
 
 
 def test_lora_with_dropout_resumes_exactly_after_sigkill(small_data, tmp_path):
@@ -118,7 +127,7 @@ def test_lora_with_dropout_resumes_exactly_after_sigkill(small_data, tmp_path):
     assert list_checkpoints(killed), "the checkpoint written before the kill must survive"
 
     run(raw_config(small_data, killed, resume_from_checkpoint=True, **lora))
-    assert losses(killed) == losses(whole)
+    assert_same_losses(killed, whole)
     assert (killed / "adapter_model.safetensors").is_file() and (killed / "adapter_config.json").is_file()
 
 
