@@ -180,7 +180,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     print(f"# {date.today()} {name}; torch {torch.__version__}; {dtype}; "
           f"{sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters; {args.new_tokens} new tokens")
-    header = ("context", "impl", "prefill s", "first prefill s", "decode tok/s", "first decode tok/s", "KDA cache MiB", "MLA cache MiB", "total MiB",
+    header = ("context", "impl", "prefill s", "first prefill s", "decode tok/s", "first decode tok/s",
+              "KDA cache MiB", "MLA cache MiB", "total MiB",
               "full-MLA MiB", "less than full MLA", "full-MHA MiB", "peak GPU MiB")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     results = []

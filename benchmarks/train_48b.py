@@ -234,8 +234,8 @@ def main() -> None:
                       ckpt_layers=count, weights_gib=weights_gib, estimate_gib=planned)
         rows.append(result)
         print(json.dumps(result), flush=True)
-    print("\n| bits | seq | recomputed layers | experts LoRA | tokens/s | MFU | peak allocated GiB | peak reserved GiB | "
-          "estimate GiB | build s |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| bits | seq | recomputed layers | experts LoRA | tokens/s | MFU | peak allocated GiB | "
+          "peak reserved GiB | estimate GiB | build s |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         speed = "OOM" if r.get("oom") else f"{r['tokens_per_s']:.0f}"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"

@@ -30,7 +30,8 @@ from torch import nn
 
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.ops.norm import swiglu
-from kimitune.ops.permute import dispatch_rows, inverse_permutation, permute_rows
+from kimitune.ops.expert_combine import combine_experts
+from kimitune.ops.permute import dispatch_rows, inverse_permutation
 from kimitune.quant.matmul import frozen_grouped_linear
 
 
@@ -138,9 +139,7 @@ class KimiLinearMoE(nn.Module):
         offsets = counts.cumsum(0).to(torch.int32)
         inverse = inverse_permutation(order)
         expert_out = self.experts(dispatch_rows(flat, order, inverse, self.top_k), offsets)
-        # Back to token order, then the weighted sum over each token's k experts.
-        per_copy = permute_rows(expert_out, inverse, order).view(flat.shape[0], self.top_k, -1)
-        y = torch.bmm(routing.weights.to(per_copy.dtype).unsqueeze(1), per_copy).squeeze(1)
+        y = combine_experts(expert_out, routing.weights.to(expert_out.dtype), order, inverse)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return MoEOutput(y.view(shape).to(x.dtype), counts, self._balance(routing, counts))

@@ -3,13 +3,10 @@ against the reference (under Triton's CPU interpreter here, compiled on a GPU)."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_interpreter import interpreted, run_interpreted
 
 from kimitune.ops.softmax_grad import softmax_grad_, softmax_grad_reference_, softmax_grad_triton_
 
@@ -61,21 +58,8 @@ def test_dispatch_uses_the_reference_on_cpu():
     assert torch.equal(a, b)
 
 
-# Triton's interpreter runs kernels on CPU tensors (through NumPy), but only when TRITON_INTERPRET=1 is set before
-# triton is first imported. So the interpreter tests run in a pytest subprocess started with it set.
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-interpreted = pytest.mark.skipif(not INTERPRETING, reason="runs in test_kernel_in_the_interpreter's subprocess")
-
-
 def test_kernel_in_the_interpreter():
-    if INTERPRETING:
-        pytest.skip("this process is the interpreter run")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    run_interpreted(__file__)
 
 
 def assert_matches_reference(logits, targets, valid, scale, write_grad, block_v=None):
