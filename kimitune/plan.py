@@ -356,8 +356,7 @@ def predict_peak_memory(
         whole = [per_layer[i] for i in range(cfg.num_hidden_layers) if i not in recomputed]
         # The backward reaches a recomputed layer j still holding the whole layers below it: the peak is the
         # largest such sum with j's rebuilt activations, or all whole layers at the backward's start.
-        rebuilt = max(sum(whole[:sum(1 for i in range(j) if i not in recomputed)]) + per_layer[j]
-                      for j in recomputed)
+        rebuilt = max(sum(per_layer[i] for i in range(j) if i not in recomputed) + per_layer[j] for j in recomputed)
         items.append(MemoryItem("layer inputs (checkpointing)", len(recomputed) * b * C * T,
                                 f"{len(recomputed)} x {b}C per token"))
         if whole:
@@ -470,8 +469,7 @@ def suggest_settings(train: TrainConfig, model_config: KimiLinearConfig, gpu_byt
     recomputing = len(_recomputed_layers(train, layers, gpus))
     for count in range(recomputing + 1, layers):  # recompute as few layers as fit: the smallest slow-down
         change = {"gradient_checkpointing": True, "gradient_checkpointing_layers": count}
-        if predict_peak_memory(train.model_copy(update=change), model_config, gpus=gpus,
-                               **kwargs).device_total <= gpu_bytes:
+        if predict_peak_memory(train.model_copy(update=change), model_config, gpus=gpus, **kwargs).fits(gpu_bytes):
             candidates.append(change)
             break
     if recomputing < layers:

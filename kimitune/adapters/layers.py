@@ -100,16 +100,19 @@ class LoraLinear(nn.Module):
         dtype = lora_compute_dtype(x)
         return F.linear(self.lora_dropout(x).to(dtype), self.lora_A.to(dtype))
 
+    def _up(self, down: torch.Tensor) -> torch.Tensor:
+        """``s * down B^T`` [..., out] in down's dtype."""
+        return F.linear(down * self.scaling, self.lora_B.to(down.dtype))
+
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """``s * dropout(x) A^T B^T`` in the compute dtype (see ``lora_compute_dtype``)."""
-        down = self._down(x)
-        return F.linear(down * self.scaling, self.lora_B.to(down.dtype))
+        return self._up(self._down(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_output(x)
         down = self._down(x)
         if base.dtype != down.dtype:
-            return base + F.linear(down * self.scaling, self.lora_B.to(down.dtype)).to(base.dtype)
+            return base + self._up(down).to(base.dtype)
         # The second low-rank GEMM adds s * down B^T to the frozen product in its epilogue (addmm), instead of a
         # scale and an add that each pass over the [..., out] output again.
         out = torch.addmm(base.reshape(-1, self.out_features), down.reshape(-1, self.r), self.lora_B.to(down.dtype).T,
