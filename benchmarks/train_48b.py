@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--experts", action="store_true", help="LoRA on the stacked experts too")
     parser.add_argument("--ckpt-layers", default=None,
                         help="comma-separated: how many decoder layers recompute in the backward, one row each "
-                             "(default: all)")
+                             "(default: all; 0: none)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the rows here")
@@ -226,7 +226,7 @@ def main() -> None:
     rows = []
     counts = [int(c) for c in args.ckpt_layers.split(",")] if args.ckpt_layers else [cfg.num_hidden_layers]
     for seq, count in [(seq, count) for seq in seqs for count in counts]:
-        model.set_gradient_checkpointing(True, count)
+        model.set_gradient_checkpointing(count > 0, count or None)  # 0: no layer recomputes
         result = run_seq(model, cfg, seq, args.warmup, args.steps, device, args.profile and device == "cuda")
         quant_type = {16: "bf16", 8: "int8", 4: spec and spec.quant_type}[args.bits]
         planned = estimate(cfg, spec, seq, args.experts)["peak allocated (estimate)"] if spec else float("nan")

@@ -185,13 +185,14 @@ def _layer_common(C: int, b: int, fused: bool) -> int:
 
 def _kda_bytes(config: KimiLinearConfig, b: int, fused: bool) -> int:
     """KDA besides its adapted linears, per channel of the H * K width: the short conv's input (q, k, v: 3b), the
-    kernel's q, k, v (3b) and chunk-local cumulative decay (4), the forget gate's float32 pre-activation and log
-    decay (4 + 4); the gated output norm: fla's fused kernel keeps its input and gate (2b) and an inverse RMS per
-    head, PyTorch's its float32 input, normed product and sigmoid (3 * 4). With PyTorch's norm 36 bytes per
-    channel at b = 2 (measured 35.9 with fla-core 0.6's chunk_kda)."""
+    kernel's q, k, v (3b) and the forget gate's raw input (b: fla computes the decay inside its kernels and
+    recomputes it in the backward, kimitune/ops/kda/gate.py); the gated output norm: fla's fused kernel keeps its
+    input and gate (2b) and an inverse RMS per head, PyTorch's its float32 input, normed product and sigmoid
+    (3 * 4). Before the gate moved into the kernel the float32 decay, its cumulative sum and softplus's input took
+    12 bytes where the raw input takes b: measured 35.9 bytes per channel then, with PyTorch's norm."""
     H, K = config.kda_num_heads, config.kda_head_dim
     norm = 2 * b * H * K + 4 * H if fused else 12 * H * K
-    return (6 * b + 12) * H * K + norm
+    return 7 * b * H * K + norm
 
 
 def _mla_bytes(config: KimiLinearConfig, b: int, fused: bool, packed: bool) -> int:
@@ -214,13 +215,24 @@ def _mlp_bytes(intermediate: int, b: int, fused: bool) -> int:
 
 
 def _moe_bytes(config: KimiLinearConfig, b: int, fused: bool) -> int:
-    """MoE besides its adapted linears: per routed copy (top_k per token) the expert input and output rows
-    (2 * b * C) and the SwiGLU's saved tensors; the router's float32 scores (4 * E) and sort indices; the shared
-    expert's SwiGLU; and 4 * C measured but not attributed (9.6 KiB per token at the 48B widths)."""
+    """MoE besides its adapted linears: per routed copy (top_k per token) the gate_up rows the weighted SwiGLU keeps
+    (2 b I; neither the expert input nor output rows are kept: the frozen grouped products save no activation and
+    the routing weight scales the SwiGLU, kimitune/ops/expert_swiglu.py), its float32 routing weight and three sort
+    indices; the router's float32 scores (4 * E); the shared expert's SwiGLU; and 4 * C measured but not attributed
+    (9.6 KiB per token at the 48B widths)."""
     C, k = config.hidden_size, config.num_experts_per_token
-    routed = k * (2 * b * C + _mlp_bytes(config.moe_intermediate_size, b, fused))
+    routed = k * (2 * b * config.moe_intermediate_size + 4 + 8 * 3)
     shared = _mlp_bytes(config.moe_intermediate_size * config.num_shared_experts, b, fused)
-    return routed + 4 * config.num_experts + 8 * 3 * k + shared + 4 * C
+    return routed + 4 * config.num_experts + shared + 4 * C
+
+
+def _forward_working_bytes(config: KimiLinearConfig, i: int, b: int) -> int:
+    """Bytes per token decoder layer i holds for a moment in its forward beyond what it keeps: in a MoE layer the
+    expert rows (per routed copy its input, gate_up output and SwiGLU output, C + 3I values: measured 83.8 KiB per
+    token at the 48B widths against 86 from this), in a dense one the MLP's intermediate (measured 20 KiB)."""
+    if config.is_moe_layer(i):
+        return config.num_experts_per_token * b * (config.hidden_size + 3 * config.moe_intermediate_size)
+    return b * config.intermediate_size
 
 
 def _layer_bytes(config: KimiLinearConfig, i: int, b: int, lora: list[_Linear], r: int, dropout: float,
@@ -355,8 +367,10 @@ def predict_peak_memory(
     if recomputed:
         whole = [per_layer[i] for i in range(cfg.num_hidden_layers) if i not in recomputed]
         # The backward reaches a recomputed layer j still holding the whole layers below it: the peak is the
-        # largest such sum with j's rebuilt activations, or all whole layers at the backward's start.
-        rebuilt = max(sum(per_layer[i] for i in range(j) if i not in recomputed) + per_layer[j] for j in recomputed)
+        # largest such sum with j's rebuilt activations and its forward working set (the recomputation runs inside
+        # the backward), or all whole layers at the backward's start.
+        rebuilt = max(sum(per_layer[i] for i in range(j) if i not in recomputed) + per_layer[j]
+                      + _forward_working_bytes(cfg, j, b) for j in recomputed)
         items.append(MemoryItem("layer inputs (checkpointing)", len(recomputed) * b * C * T,
                                 f"{len(recomputed)} x {b}C per token"))
         if whole:
@@ -364,7 +378,7 @@ def predict_peak_memory(
                                     f"{sum(whole) / 1024:.0f} KiB per token over {len(whole)} layers"))
         items.append(MemoryItem("one layer rebuilt in the backward", max(0, rebuilt - sum(whole)) * T,
                                 f"largest recomputed layer: {max(per_layer[j] for j in recomputed) / 1024:.0f} "
-                                "KiB per token"))
+                                "KiB per token, and its forward working set"))
         loss_kept = 2 * b * C * T if cfg.num_hidden_layers - 1 in recomputed else (b * C + 16) * T
     else:
         items.append(MemoryItem("activations", sum(per_layer) * T,
@@ -378,10 +392,16 @@ def predict_peak_memory(
         loss_kept += (2 + 4 + 4) * V * T
     items.append(MemoryItem("loss", loss_kept, loss_note))
 
-    # transients
+    # transients: one layer's backward gradient buffers; without recomputation the end of the forward (the last
+    # layer's working set over every layer's activations, before the loss) may be the higher peak instead
     any_moe = any(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
-    backward = b * C * ((cfg.num_experts_per_token if any_moe else 0) + 2) * T
-    items.append(MemoryItem("backward gradient buffers", backward, "one layer's, at the peak"))
+    transient = b * C * ((cfg.num_experts_per_token if any_moe else 0) + 2) * T
+    note = "one layer's backward gradient buffers"
+    if not recomputed:
+        working = _forward_working_bytes(cfg, cfg.num_hidden_layers - 1, b) * T - loss_kept
+        if working > transient:
+            transient, note = working, "the last layer's forward working set (the peak is at the forward's end)"
+    items.append(MemoryItem("largest transient", transient, note))
     if quant:
         items.append(MemoryItem("dequantised weight (transient)", 2.0 * q_largest, "largest stack, bf16"))
     items.append(MemoryItem("cuBLAS workspaces", CUBLAS_WORKSPACE))

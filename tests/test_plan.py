@@ -36,22 +36,23 @@ def train_config(**keys):
 
 # Measured peaks (torch.cuda.max_memory_allocated, GiB) of kimitune's LoRA step in benchmarks/train_gpu.py:
 # 4-layer 48B widths, bf16 weights, no autocast, one unpacked sequence, LoRA r=16 all-linear (+ the experts where
-# marked), fused AdamW, fla's fused norms and SwiGLU, LoRA products in bf16. benchmarks/RESULTS.md, "LoRA training
-# on one GPU against transformers + PEFT (issue 7)", H100, 2026-11-24.
+# marked), fused AdamW, fla's fused norms and gate, the weighted expert SwiGLU. benchmarks/RESULTS.md, "LoRA
+# training on one GPU against transformers + PEFT (issue 7)", H100, 2026-11-26.
 MEASURED = [
-    (4096, False, False, 15.7),
-    (4096, True, False, 13.4),
-    (16384, True, False, 17.3),
-    (4096, False, True, 17.6),
-    (4096, True, True, 14.8),
+    (4096, False, False, 14.6),
+    (4096, True, False, 13.3),
+    (16384, True, False, 16.9),
+    (4096, False, True, 16.5),
+    (4096, True, True, 14.7),
 ]
 
 
 @pytest.mark.parametrize("seq, ckpt, experts, measured", MEASURED)
-def test_plan_is_within_10_percent_of_the_measured_peaks(seq, ckpt, experts, measured):
+def test_plan_is_within_5_percent_of_the_measured_peaks(seq, ckpt, experts, measured):
+    # The issue asks for 10%; the plan has been within 1.3% of every row since its working-set terms.
     config = train_config(sequence_len=seq, gradient_checkpointing=ckpt, lora_target_experts=experts)
     plan = predict_peak_memory(config, widths_48b(), autocast=False, packed=False, fused=True)
-    assert abs(plan.peak_allocated_gib / measured - 1) < 0.10, (plan.peak_allocated_gib, measured)
+    assert abs(plan.peak_allocated_gib / measured - 1) < 0.05, (plan.peak_allocated_gib, measured)
 
 
 def test_plan_of_the_whole_48b_needs_no_weights_and_is_quick():
@@ -126,18 +127,19 @@ def test_what_lowers_the_peak_lowers_the_plan():
     assert predict_peak_memory(train_config(lora_dropout=0.05), cfg).peak_allocated > base
 
 
-# Measured with some layers recomputed (gradient_checkpointing_layers), benchmarks/RESULTS.md, 2026-11-25: the
-# 4-layer model on an H100 (train_gpu.py --ckpt 1) and the whole 48B in bf16 on an H200 (train_48b.py --ckpt-layers 9).
-MEASURED_PARTIAL = [(4, 4096, 1, 15.0), (4, 16384, 1, 23.7), (27, 8192, 9, 121.5)]
+# Measured with some layers recomputed (gradient_checkpointing_layers), benchmarks/RESULTS.md, 2026-11-26: the
+# 4-layer model on an H100 (train_gpu.py --ckpt 1) and the whole 48B in bf16 on an H200 (train_48b.py --ckpt-layers
+# 9,3).
+MEASURED_PARTIAL = [(4, 4096, 1, 14.4), (4, 16384, 1, 21.5), (27, 8192, 9, 112.8), (27, 8192, 3, 118.1)]
 
 
 @pytest.mark.parametrize("layers, seq, recomputed, measured", MEASURED_PARTIAL)
-def test_plan_with_some_layers_recomputed_is_within_10_percent(layers, seq, recomputed, measured):
+def test_plan_with_some_layers_recomputed_is_within_5_percent(layers, seq, recomputed, measured):
     cfg = widths_48b() if layers == 4 else KimiLinearConfig.from_pretrained(
         ROOT / "examples/models/kimi-linear-48b-a3b.json")
     config = train_config(sequence_len=seq, gradient_checkpointing=True, gradient_checkpointing_layers=recomputed)
     plan = predict_peak_memory(config, cfg, autocast=False, packed=False, fused=True)
-    assert abs(plan.peak_allocated_gib / measured - 1) < 0.10, (plan.peak_allocated_gib, measured)
+    assert abs(plan.peak_allocated_gib / measured - 1) < 0.05, (plan.peak_allocated_gib, measured)
 
 
 def test_recomputing_some_layers_lies_between_none_and_all():
@@ -257,13 +259,15 @@ def test_plan_builds_nothing_on_a_device():
     assert (torch.cuda.memory_allocated() if torch.cuda.is_available() else 0) == before
 
 
-# Measured peaks of benchmarks/train_multi_gpu.py on 2 H100s (benchmarks/RESULTS.md, "Several GPUs", 2026-11-25):
+# Measured peaks of benchmarks/train_multi_gpu.py on 2 GPUs (benchmarks/RESULTS.md, "Several GPUs": the 4-layer
+# rows on 2 H200s, 2026-11-26; the 27-layer row on 2 H100s, 2026-11-25, before the weighted expert SwiGLU and the
+# in-kernel KDA gate, which need less than its checkpointed step's peak):
 # (layers, tokens per GPU, checkpointing, reshard_after_forward, GiB of the largest rank). Autocast, unpacked.
 MEASURED_2_GPUS = [
-    (4, 8192, False, True, 23.4),
-    (4, 8192, False, False, 30.6),
-    (4, 16384, False, True, 29.0),
-    (4, 16384, False, False, 36.2),
+    (4, 8192, False, True, 21.4),
+    (4, 8192, False, False, 28.5),
+    (4, 16384, False, True, 24.9),
+    (4, 16384, False, False, 32.0),
     (27, 8192, True, True, 58.7),
 ]
 

@@ -2,6 +2,7 @@
 
     q, k, v = SiLU(causal_conv(x W_q, x W_k, x W_v))           one depthwise short conv over the 3 * H * K channels
     g       = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)    per-channel log decay [B, T, H, K], float32
+                                                               (inside fla's kernels on CUDA: ops/kda/gate.py)
     beta    = sigmoid(b_proj(x))                               [B, T, H]
     o       = KDA(l2norm(q), l2norm(k), v, g, beta)            kimitune.ops.chunk_kda, state [N, H, K, K]
     y       = o_proj(rmsnorm(o) * sigmoid(g_b(g_a(x))))        gated RMSNorm per head, float32
@@ -18,12 +19,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.model.norm import GatedRMSNorm
-from kimitune.ops import causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda
+from kimitune.ops import causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda, kda_decay
 
 
 @dataclass
@@ -53,10 +53,13 @@ class KDAForgetGate(nn.Module):
         dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp_min(1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
+    def gate_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, C] -> f_b_proj(f_a_proj(x)) [B, T, H, K], in x's dtype: what ``kda_decay`` (or chunk_kda with
+        ``A_log`` and ``dt_bias``) turns into the log decay."""
+        return self.f_b_proj(self.f_a_proj(x)).view(*x.shape[:2], self.num_heads, self.head_dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
-        f = f.view(*x.shape[:2], self.num_heads, self.head_dim)
-        return -self.A_log.float().exp() * F.softplus(f)
+        return kda_decay(self.gate_input(x), self.A_log.view(-1), self.dt_bias)
 
 
 class KimiDeltaAttention(nn.Module):
@@ -105,20 +108,15 @@ class KimiDeltaAttention(nn.Module):
                 cu_seqlens=cu_seqlens,
             )
         q, k, v = (t.reshape(heads_shape) for t in qkv.chunk(3, dim=-1))
-        g = self.forget_gate(x)
         beta = torch.sigmoid(self.b_proj(x))
-        kda = fused_recurrent_kda if decode else chunk_kda
-        o, recurrent_state = kda(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            initial_state=None if state is None else state.recurrent,
-            output_final_state=return_state,
-            use_qk_l2norm_in_kernel=True,
-            cu_seqlens=cu_seqlens,
-        )
+        recurrence = dict(initial_state=None if state is None else state.recurrent, output_final_state=return_state,
+                          use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens)
+        if decode:
+            o, recurrent_state = fused_recurrent_kda(q, k, v, self.forget_gate(x), beta, **recurrence)
+        else:  # the decay is computed inside the kernel from the gate's raw input (ops/kda/gate.py says why)
+            gate = self.forget_gate
+            o, recurrent_state = chunk_kda(q, k, v, gate.gate_input(x), beta, A_log=gate.A_log, dt_bias=gate.dt_bias,
+                                           **recurrence)
         gate = self.g_b_proj(self.g_a_proj(x)).view(heads_shape)
         y = self.o_proj(self.o_norm(o, gate).reshape(B, T, -1))
         return y, (KDAState(conv_state, recurrent_state) if return_state else None)

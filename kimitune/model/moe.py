@@ -6,13 +6,16 @@ MoE, per token x [C]:
     chosen  = grouped top-k of (scores + e_score_correction_bias)   the bias only chooses experts
     weights = scores[chosen] / sum(scores[chosen]) * routed_scaling_factor    (moe_renormalize)
     y       = sum_j weights_j * expert_{chosen_j}(x) + shared_experts(x)
+    expert_e(x) = down_e(silu(gate_e(x)) * up_e(x))
 
 Grouped top-k (DeepSeek-V3): experts form ``num_expert_group`` groups; each group scores as the sum of its two best
 biased scores; only the ``topk_group`` best groups take part in the top-k.
 
 The experts are stacked tensors (``gate_up_proj`` [E, 2I, C], w1 rows then w3 rows; ``down_proj`` [E, C, I]). The
 token copies are sorted by expert and run through ``GroupedExperts.project`` (one grouped matmul per projection),
-which a LoRA layer extends with its own per-expert low-rank product.
+which a LoRA layer extends with its own per-expert low-rank product. Each copy's routing weight scales its SwiGLU
+row before the down projection (``weights_j * down_e(h) = down_e(weights_j * h)``: the projection is linear), so the
+expert outputs are summed as they are and need not be kept for the weights' gradient (``kimitune.ops.expert_swiglu``).
 
 The load-balancing loss (used by the model when ``router_aux_loss_coef`` > 0) is the DeepSeek-V3 / Switch
 formulation over all N tokens of the batch: ``balance = sum_e f_e * P_e``, with ``f_e = E / (k * N) * (copies
@@ -29,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimitune.model.configuration import KimiLinearConfig
+from kimitune.ops.expert_swiglu import expert_swiglu
 from kimitune.ops.norm import swiglu
-from kimitune.ops.expert_combine import combine_experts
-from kimitune.ops.permute import dispatch_rows, inverse_permutation
+from kimitune.ops.permute import combine_rows, dispatch_rows, inverse_permutation, permute_rows
 from kimitune.quant.matmul import frozen_grouped_linear
 
 
@@ -98,10 +101,13 @@ class GroupedExperts(nn.Module):
         a Parameter or (``load_in_8bit`` / ``load_in_4bit``) a ``kimitune.quant.QuantizedWeight``."""
         return frozen_grouped_linear(x, getattr(self, name), offsets)
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """x [N, C] sorted by expert, offsets [E] int32 cumulative ends -> [N, C]."""
-        gate, up = self.project("gate_up_proj", x, offsets).chunk(2, dim=-1)
-        return self.project("down_proj", swiglu(gate, up), offsets)
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, C] sorted by expert, offsets [E] int32 cumulative ends, row_weights [N] float32 (each row's routing
+        weight; None: 1) -> [N, C], row i = row_weights[i] * expert(x[i])."""
+        if row_weights is None:
+            row_weights = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        hidden = expert_swiglu(self.project("gate_up_proj", x, offsets), row_weights)
+        return self.project("down_proj", hidden, offsets)
 
 
 @dataclass
@@ -138,8 +144,9 @@ class KimiLinearMoE(nn.Module):
         counts.scatter_add_(0, chosen, torch.ones_like(chosen))
         offsets = counts.cumsum(0).to(torch.int32)
         inverse = inverse_permutation(order)
-        expert_out = self.experts(dispatch_rows(flat, order, inverse, self.top_k), offsets)
-        y = combine_experts(expert_out, routing.weights.to(expert_out.dtype), order, inverse)
+        row_weights = permute_rows(routing.weights.reshape(-1, 1), order, inverse).view(-1)
+        expert_out = self.experts(dispatch_rows(flat, order, inverse, self.top_k), offsets, row_weights)
+        y = combine_rows(expert_out, order, inverse, self.top_k)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return MoEOutput(y.view(shape).to(x.dtype), counts, self._balance(routing, counts))

@@ -15,6 +15,7 @@ from kimitune.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch
 from kimitune.ops.kda import fla
 from kimitune.ops.kda.chunk import chunk_kda_torch
 from kimitune.ops.kda.fla import cu_seqlens_on
+from kimitune.ops.kda.gate import kda_decay
 from kimitune.ops.kda.naive import naive_recurrent_kda
 from kimitune.ops.kda.recurrent import fused_recurrent_kda_torch
 
@@ -30,16 +31,25 @@ def chunk_kda(
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA over whole sequences (training, prefill), chunkwise; differentiable in every tensor argument.
 
     o_t = S_t^T (scale * q_t) with S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + beta_t k_t v_t^T;
     ``scale`` defaults to K^-0.5; ``use_qk_l2norm_in_kernel`` l2-normalises q and k first (x / sqrt(|x|^2 + 1e-6)).
+    With ``A_log`` [H] (and ``dt_bias`` [H * K]) ``g`` is the forget gate's raw input and the log decay is
+    ``kda_decay(g, A_log, dt_bias)``, computed inside fla's kernels on CUDA (kda/gate.py says why).
     Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in float32, or None unless
     ``output_final_state``).
     """
-    kda = fla.chunk_kda if q.is_cuda else chunk_kda_torch
-    return kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
+    if q.is_cuda:
+        return fla.chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                             cu_seqlens, A_log, dt_bias)
+    if A_log is not None:
+        g = kda_decay(g, A_log, dt_bias)
+    return chunk_kda_torch(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                           cu_seqlens)
 
 
 def fused_recurrent_kda(
@@ -93,4 +103,4 @@ def causal_conv1d_update(
 
 
 __all__ = ["chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update", "naive_recurrent_kda",
-           "cu_seqlens_on"]
+           "cu_seqlens_on", "kda_decay"]

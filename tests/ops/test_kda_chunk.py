@@ -186,3 +186,27 @@ def test_bad_inputs_raise_clear_errors(change, message):
     args = change({"q": q, "k": k, "v": v, "g": g, "beta": beta, "initial_state": h0, "cu_seqlens": None})
     with pytest.raises(ValueError, match=message):
         chunk_kda(**args)
+
+
+def test_gate_parameters_give_the_decay_of_kda_decay():
+    """chunk_kda(f, A_log=, dt_bias=) is chunk_kda(kda_decay(f, A_log, dt_bias)), gradients to f, A_log and dt_bias
+    included (the CPU path computes the decay first; fla computes it in its kernel)."""
+    from kimitune.ops import kda_decay
+
+    q, k, v, _, beta, h0 = make_inputs(1, 70, 2, 8, 8)
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(1, 70, 2, 8, generator=gen, dtype=F64, requires_grad=True)
+    A_log = torch.rand(2, generator=gen, dtype=F64).add(1).log().requires_grad_()
+    dt_bias = torch.randn(16, generator=gen, dtype=F64, requires_grad=True)
+    direct = chunk_kda(q, k, v, f, beta, initial_state=h0, A_log=A_log, dt_bias=dt_bias)[0]
+    via_decay = chunk_kda(q, k, v, kda_decay(f, A_log, dt_bias), beta, initial_state=h0)[0]
+    torch.testing.assert_close(direct, via_decay, rtol=0, atol=0)
+    direct.sum().backward()
+    grads = [t.grad.clone() for t in (f, A_log, dt_bias)]
+    for t in (f, A_log, dt_bias):
+        t.grad = None
+    via_decay.sum().backward()
+    for got, expected in zip(grads, (f.grad, A_log.grad, dt_bias.grad)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    expected_g = -A_log.detach().exp()[:, None] * F.softplus(f.detach() + dt_bias.detach().view(2, 8))
+    torch.testing.assert_close(kda_decay(f, A_log, dt_bias), expected_g.float())

@@ -65,6 +65,17 @@ def test_chunk_kda_passes_tensors_through_and_both_cu_seqlens(fake_fla):
     assert torch.equal(kwargs["cu_seqlens"], cu)
 
 
+def test_chunk_kda_hands_the_gate_parameters_to_fla(fake_fla):
+    q, k, v, f, beta = kda_inputs()
+    A_log, dt_bias = torch.zeros(1, 1, 2, 1), torch.zeros(8)
+    fla_backend.chunk_kda(q, k, v, f, beta, A_log=A_log, dt_bias=dt_bias)
+    kwargs = fake_fla["chunk_kda"][1]
+    assert kwargs["use_gate_in_kernel"] is True and kwargs["dt_bias"] is dt_bias
+    assert kwargs["A_log"].shape == (2,) and kwargs["A_log"].data_ptr() == A_log.data_ptr()  # fla takes A_log [H]
+    fla_backend.chunk_kda(q, k, v, f, beta)
+    assert "use_gate_in_kernel" not in fake_fla["chunk_kda"][1]
+
+
 def test_device_copy_of_cu_seqlens_is_made_once_per_tensor(fake_fla):
     cu = torch.tensor([0, 5, 12])
     first = fla_backend._cu_seqlens_args(cu, torch.device("meta"))

@@ -81,6 +81,37 @@ def test_chunk_kda_fla_matches_pytorch_path_unpacked():
         assert relative_error(a, b) < TOLERANCE[name], f"{name}: relative error {relative_error(a, b):.3g}"
 
 
+def test_chunk_kda_gate_in_fla_kernel_matches_precomputed_decay():
+    """With A_log and dt_bias fla computes the decay in its kernel (use_gate_in_kernel): the same output and
+    gradients as the decay precomputed by kda_decay, packed sequences included."""
+    from kimitune.ops import kda_decay
+
+    lens = [3, 300, 129]
+    cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+    q, k, v, _, beta, h0 = kda_inputs(sum(lens), N=len(lens))
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    f = torch.randn(q.shape, device="cuda", generator=gen).bfloat16()
+    A_log = torch.empty(4, device="cuda").uniform_(1, 16, generator=gen).log()
+    dt_bias = torch.randn(4 * 64, device="cuda", generator=gen) - 3
+
+    def gated(in_kernel):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, f, beta, A_log, dt_bias)]
+        q_, k_, v_, f_, beta_, a_, b_ = leaves
+        if in_kernel:
+            o, _ = chunk_kda(q_, k_, v_, f_, beta_, initial_state=h0, use_qk_l2norm_in_kernel=True, cu_seqlens=cu,
+                             A_log=a_, dt_bias=b_)
+        else:
+            o, _ = chunk_kda(q_, k_, v_, kda_decay(f_, a_, b_), beta_, initial_state=h0,
+                             use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
+        (o.float() * torch.randn(o.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(9))).sum().backward()
+        return [o] + [t.grad for t in leaves]
+
+    names = ["o", "dq", "dk", "dv", "df", "dbeta", "dA_log", "ddt_bias"]
+    for name, a, b in zip(names, gated(True), gated(False)):
+        assert a.shape == b.shape and torch.isfinite(a).all(), name
+        assert relative_error(a, b) < 2e-2, f"{name}: relative error {relative_error(a, b):.3g}"
+
+
 def test_fused_recurrent_fla_matches_pytorch_path_packed_decode():
     N = 3
     inputs = kda_inputs(N, N=N, seed=1)  # one token per sequence: a decode step

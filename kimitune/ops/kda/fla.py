@@ -65,15 +65,18 @@ def _cu_seqlens_args(cu_seqlens: torch.Tensor | None, device: torch.device) -> d
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-              use_qk_l2norm_in_kernel=False, cu_seqlens=None):
-    """fla's chunkwise KDA; arguments and results as ``kimitune.ops.chunk_kda``."""
+              use_qk_l2norm_in_kernel=False, cu_seqlens=None, A_log=None, dt_bias=None):
+    """fla's chunkwise KDA; arguments and results as ``kimitune.ops.chunk_kda`` (``A_log``: fla's
+    ``use_gate_in_kernel``)."""
     check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, "chunk_kda")
+    gate = {} if A_log is None else {"use_gate_in_kernel": True, "A_log": A_log.view(-1), "dt_bias": dt_bias}
     return _fla().chunk_kda(
         q, k, v, g, beta,
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        **gate,
         **_cu_seqlens_args(cu_seqlens, q.device),
     )
 
