@@ -229,9 +229,7 @@ class TrainConfig(_Strict):
             if not 0.0 <= value < 1.0:
                 key = "ce_lora_sparsity" if name is None else f"ce_lora_sparsity[{name!r}]"
                 raise ValueError(f"{key} must be in [0, 1), got {value}")
-        checkpointing = self.gradient_checkpointing or bool(self.fsdp_config and
-                                                            self.fsdp_config.activation_checkpointing)
-        if self.gradient_checkpointing_layers is not None and not checkpointing:
+        if self.gradient_checkpointing_layers is not None and not self.recomputes_layers(sharded=True):
             raise ValueError("gradient_checkpointing_layers only applies with gradient_checkpointing: true (or "
                              "fsdp_config.activation_checkpointing: true)")
         if self.fsdp_version not in (None, 2):
@@ -243,6 +241,13 @@ class TrainConfig(_Strict):
         if self.save_steps is not None and self.saves_per_epoch is not None:
             raise ValueError("set save_steps or saves_per_epoch, not both")
         return self
+
+    def recomputes_layers(self, sharded: bool) -> bool:
+        """Whether the run recomputes decoder layers in the backward (``gradient_checkpointing_layers`` of them, or
+        all): ``gradient_checkpointing``, or when the model is sharded with FSDP2 (under torchrun)
+        ``fsdp_config.activation_checkpointing``."""
+        fsdp = sharded and self.fsdp_config is not None and self.fsdp_config.activation_checkpointing
+        return self.gradient_checkpointing or fsdp
 
     @property
     def tokenizer_path(self) -> str:

@@ -276,11 +276,11 @@ def _lora_bytes(targets: list[_Linear], b: int, r: int, dropout: float) -> int:
 
 
 def _recomputed_layers(train: TrainConfig, num_layers: int, gpus: int) -> set[int]:
-    """The decoder layers the run recomputes in the backward (the model's own choice of which)."""
+    """The decoder layers the run recomputes in the backward (the model's own choice of which); FSDP's settings
+    count with more than one GPU."""
     from kimitune.model.modeling import checkpointed_layer_indices
 
-    fsdp_checkpointing = gpus > 1 and train.fsdp_config is not None and train.fsdp_config.activation_checkpointing
-    if not (train.gradient_checkpointing or fsdp_checkpointing):
+    if not train.recomputes_layers(sharded=gpus > 1):
         return set()
     count = train.gradient_checkpointing_layers or num_layers
     return set(checkpointed_layer_indices(num_layers, min(count, num_layers)))

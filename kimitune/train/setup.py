@@ -177,7 +177,7 @@ def build_training_setup(
     else:
         model = _build_model(config, model_device or device, dtype, weights_from)
     model.config.router_aux_loss_coef = config.router_aux_loss_coef  # the model scales its aux loss by this
-    if config.gradient_checkpointing:
+    if config.recomputes_layers(sharded=False):  # FSDP's activation_checkpointing applies when the model is sharded
         model.set_gradient_checkpointing(True, config.gradient_checkpointing_layers)
 
     settings = None

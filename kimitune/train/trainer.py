@@ -313,7 +313,7 @@ class Trainer:
         """The model sharded with FSDP2; ``from_rank0``: only rank 0 holds weights (ranks > 0 built on the meta
         device), and every rank's shards are filled from rank 0's state dict (a collective)."""
         fsdp = self.config.fsdp_config or FsdpConfig()
-        if fsdp.activation_checkpointing:
+        if self.config.recomputes_layers(sharded=True):
             setup.model.set_gradient_checkpointing(True, self.config.gradient_checkpointing_layers)
         console.print(f"FSDP2 over {world.size} process(es) ({world.device.type}): each decoder layer sharded"
                       + (", parameters offloaded to the CPU" if fsdp.offload_params else ""))
