@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimitune.adapters.casts import AdapterCasts
 from kimitune.ops.grouped_mm import grouped_linear
 from kimitune.quant.matmul import frozen_grouped_linear, frozen_linear
 
@@ -90,33 +91,34 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=LORA_DTYPE))
         self.lora_dropout = _dropout(dropout)
         _init_lora_a(self.lora_A.data)
+        self.adapter_casts: AdapterCasts | None = None  # set by apply_lora
 
     def base_output(self, x: torch.Tensor) -> torch.Tensor:
         """``x W^T + b``: the frozen product (``weight`` a Parameter or a quantised ``QuantizedWeight``)."""
         return frozen_linear(x, self.weight, self.bias)
 
-    def _down(self, x: torch.Tensor) -> torch.Tensor:
-        """``dropout(x) A^T`` [..., r] in the compute dtype (see ``lora_compute_dtype``)."""
-        dtype = lora_compute_dtype(x)
-        return F.linear(self.lora_dropout(x).to(dtype), self.lora_A.to(dtype))
-
-    def _up(self, down: torch.Tensor) -> torch.Tensor:
-        """``s * down B^T`` [..., out] in down's dtype."""
-        return F.linear(down * self.scaling, self.lora_B.to(down.dtype))
+    def adapter_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lora_A, lora_B)`` in ``dtype``: the model's shared copies (``casts.py``) when ``apply_lora`` made it."""
+        if self.adapter_casts is not None:
+            return self.adapter_casts.weights(self, dtype)
+        return self.lora_A.to(dtype), self.lora_B.to(dtype)
 
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """``s * dropout(x) A^T B^T`` in the compute dtype (see ``lora_compute_dtype``)."""
-        return self._up(self._down(x))
+        dtype = lora_compute_dtype(x)
+        lora_a, lora_b = self.adapter_weights(dtype)
+        return F.linear(F.linear(self.lora_dropout(x).to(dtype), lora_a) * self.scaling, lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_output(x)
-        down = self._down(x)
-        if base.dtype != down.dtype:
-            return base + self._up(down).to(base.dtype)
+        dtype = lora_compute_dtype(x)
+        lora_a, lora_b = self.adapter_weights(dtype)
+        down = F.linear(self.lora_dropout(x).to(dtype), lora_a)
+        if base.dtype != dtype:
+            return base + F.linear(down * self.scaling, lora_b).to(base.dtype)
         # The second low-rank GEMM adds s * down B^T to the frozen product in its epilogue (addmm), instead of a
         # scale and an add that each pass over the [..., out] output again.
-        out = torch.addmm(base.reshape(-1, self.out_features), down.reshape(-1, self.r), self.lora_B.to(down.dtype).T,
-                          alpha=self.scaling)
+        out = torch.addmm(base.reshape(-1, self.out_features), down.reshape(-1, self.r), lora_b.T, alpha=self.scaling)
         return out.view(base.shape)
 
     def delta_weight(self) -> torch.Tensor:

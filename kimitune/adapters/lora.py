@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from kimitune.adapters.casts import AdapterCasts
 from kimitune.adapters.layers import (
     ExpertsLora,
     LoraExpertsMixin,
@@ -114,7 +115,8 @@ def apply_lora(
     Names: each linear module's full name and ``<experts module>.<projection>`` for expert stacks, in model
     order. Adapters are float32 on the base weight's device. Raises ``LoraTargetError`` for a target that
     matches nothing, ``ValueError`` when the model already has adapters. ``linear_cls`` / ``experts_lora_cls``
-    let a LoRA variant (CE-LoRA) bring its own layers.
+    let a LoRA variant (CE-LoRA) bring its own layers. The adapted linears share one ``AdapterCasts``
+    (``casts.py``): their bf16 copies are made together, once per pass with gradients.
     """
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters: merge_lora() them first, or load into them")
@@ -132,6 +134,10 @@ def apply_lora(
             experts.__class__ = lora_experts_class(type(experts))
             experts.lora = nn.ModuleDict()
         experts.lora[proj] = experts_lora_cls(getattr(experts, proj), **lora_args).train(experts.training)
+    linears = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    casts = AdapterCasts(linears)
+    for module in linears:
+        module.adapter_casts = casts
     return list(targets.names)
 
 

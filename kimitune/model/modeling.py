@@ -27,7 +27,7 @@ from kimitune.model.mla import MLAState, MultiheadLatentAttention
 from kimitune.model.moe import GroupedExperts, KimiLinearMLP, KimiLinearMoE, TopkRouter
 from kimitune.model.norm import GatedRMSNorm, RMSNorm
 from kimitune.ops import cu_seqlens_on
-from kimitune.ops.loss import IGNORE_INDEX, linear_cross_entropy
+from kimitune.ops.loss import IGNORE_INDEX, LossRows, linear_cross_entropy
 
 
 @dataclass
@@ -231,9 +231,12 @@ class KimiLinearForCausalLM(nn.Module):
         cross-entropy; with ``return_logits=False`` it is computed without materialising the [B * T, V] logits.
         """
         self._check_inputs(input_ids, labels, cu_seqlens, cache, return_logits, loss_reduction)
+        targets = None if labels is None else shift_labels(labels, cu_seqlens).reshape(-1)
+        # Started before the layers, so that the loss finds its rows without waiting for the GPU (LossRows).
+        fused_loss = targets is not None and not return_logits and self.loss_impl == "fused"
+        loss_rows = LossRows(targets) if fused_loss else None
         hidden, tokens_per_expert, balances = self.model(input_ids, cu_seqlens, cache)
         out = KimiLinearOutput(cache=cache)
-        targets = None if labels is None else shift_labels(labels, cu_seqlens).reshape(-1)
         if return_logits:
             out.logits = self.lm_head(hidden)
             if targets is not None:
@@ -246,7 +249,7 @@ class KimiLinearForCausalLM(nn.Module):
         else:
             out.loss = linear_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets, reduction=loss_reduction,
-                impl=self.loss_impl,
+                impl=self.loss_impl, loss_rows=loss_rows,
             )
         if tokens_per_expert:
             out.router_stats = torch.stack(tokens_per_expert)

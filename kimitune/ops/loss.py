@@ -10,7 +10,7 @@ Two implementations, chosen by ``linear_cross_entropy(..., impl=)``:
   gradient to compute (eval, ``torch.no_grad``) it is one GEMM per chunk and keeps nothing. Memory holds one
   [chunk_rows, V] chunk of logits at a time (``_CHUNK_BYTES``).
   The default: on an H100 (benchmarks/loss_gpu.py, Kimi's head of 163840 x 2304, bf16) its forward + backward
-  takes 10.6 ms for 4096 rows where cut-cross-entropy takes 16.6 ms and full logits 19.8 ms.
+  takes 10.3 ms for 4096 rows where cut-cross-entropy takes 16.6 ms and full logits 19.8 ms.
 - "cce": the ``cut-cross-entropy`` package's kernels (CUDA only; imported lazily, here only), which recompute the
   logits in the backward; kept to measure against.
 
@@ -27,10 +27,11 @@ import torch
 from kimitune.ops.softmax_grad import softmax_grad_
 
 IGNORE_INDEX = -100
-# One chunk of logits in the compute dtype (the CPU path adds float32 temporaries of its size): 768 rows of bf16 at
+# One chunk of logits in the compute dtype (the CPU path adds float32 temporaries of its size): 1024 rows of bf16 at
 # V = 163840, so that grad_logits @ weight, whose output is only [rows, H], still has enough tiles for every SM.
+# 4096 rows on an H100 (benchmarks/loss_gpu.py): 10.27 ms in chunks of 1024, 10.96 in chunks of 768.
 # It is freed before the backward, whose buffers kimitune.plan counts at the peak instead.
-_CHUNK_BYTES = 256 * 2**20
+_CHUNK_BYTES = 320 * 2**20
 _ROW_ALIGN = 64  # chunk rows rounded down to a multiple of this: a GEMM's M dimension in whole tiles
 IMPLS = ("fused", "cce")
 
@@ -75,6 +76,40 @@ def _add_product_float32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -
         acc += a @ b
 
 
+class LossRows:
+    """The rows of ``targets`` [N] that carry a loss (target != -100), found on the host without draining the GPU.
+
+    The fused loss computes only these rows, so ignored ones (prompts, padding) cost no GEMM; but their number
+    must be known on the host. ``nonzero`` on the device would make the host wait, at the loss, for the whole
+    forward the GPU has queued, after which the GPU idles while the host launches the backward's first kernels.
+    Built before the forward's layers (``KimiLinearForCausalLM.forward`` does), this instead copies the mask to
+    pinned host memory behind an event; ``indices()`` then waits only for that copy, which the GPU reached at the
+    start of the forward. On the CPU it is ``nonzero`` directly.
+    """
+
+    def __init__(self, targets: torch.Tensor):
+        self.device = targets.device
+        mask = targets != IGNORE_INDEX
+        self._event = None
+        self._indices: torch.Tensor | None = None
+        if targets.is_cuda:
+            self._mask = torch.empty(mask.shape, dtype=torch.bool, pin_memory=True)
+            self._mask.copy_(mask, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._mask = mask
+
+    def indices(self) -> torch.Tensor:
+        """[n] int64 on the targets' device: the rows with a target, in order."""
+        if self._indices is None:
+            if self._event is not None:
+                self._event.synchronize()
+            rows = self._mask.nonzero().squeeze(1)
+            self._indices = rows.pin_memory().to(self.device, non_blocking=True) if self._event is not None else rows
+        return self._indices
+
+
 def _fused_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -82,15 +117,15 @@ def _fused_sum(
     chunk_rows: int,
     need_hidden: bool,
     need_weight: bool,
+    loss_rows: LossRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """hidden [N, H], weight [V, H], targets [N] -> (sum of -log softmax(hidden @ weight.T)[target] over the
     non-ignored rows, float32 scalar; its gradient for hidden [N, H] and for weight [V, H] in their dtypes, or None
     where not asked for).
 
-    Only the non-ignored rows are computed: finding them costs one host sync (as in cut-cross-entropy), and
-    ignored rows (prompts, padding) then cost no GEMM at all."""
+    Only the non-ignored rows are computed (``LossRows``; made here when not given, which waits for the GPU)."""
     write_grad = need_hidden or need_weight
-    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    rows = (loss_rows or LossRows(targets)).indices()
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -116,9 +151,11 @@ class _FusedLinearCrossEntropySum(torch.autograd.Function):
     are computed in the forward and kept for the backward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                loss_rows: LossRows | None):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total, grad_hidden, grad_weight = _fused_sum(hidden, weight, targets, chunk_rows, need_hidden, need_weight)
+        total, grad_hidden, grad_weight = _fused_sum(hidden, weight, targets, chunk_rows, need_hidden, need_weight,
+                                                     loss_rows)
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 
@@ -128,7 +165,7 @@ class _FusedLinearCrossEntropySum(torch.autograd.Function):
         # Out of place, so that a second backward (retain_graph) scales the saved gradients again from scratch.
         # Stays in the gradients' dtype: at worst the scale is rounded to it, one relative error on the whole step.
         scaled = [None if g is None else g * grad_total for g in (grad_hidden, grad_weight)]
-        return scaled[0], scaled[1], None, None
+        return scaled[0], scaled[1], None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -137,15 +174,17 @@ def chunked_linear_cross_entropy(
     targets: torch.Tensor,
     reduction: str = "mean",
     chunk_rows: int | None = None,
+    loss_rows: LossRows | None = None,
 ) -> torch.Tensor:
     """The "fused" implementation of ``linear_cross_entropy``, on any device (``chunk_rows`` rows of logits at a
-    time; by default ``_CHUNK_BYTES`` of them)."""
+    time; by default ``_CHUNK_BYTES`` of them). ``loss_rows``: ``LossRows(targets)`` made earlier (no host wait)."""
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.shape[0], hidden.dtype)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        total = _FusedLinearCrossEntropySum.apply(hidden, weight, targets, chunk_rows)
+        total = _FusedLinearCrossEntropySum.apply(hidden, weight, targets, chunk_rows, loss_rows)
     else:
-        total = _fused_sum(hidden, weight, targets, chunk_rows, need_hidden=False, need_weight=False)[0]
+        total = _fused_sum(hidden, weight, targets, chunk_rows, need_hidden=False, need_weight=False,
+                           loss_rows=loss_rows)[0]
     if reduction == "sum":
         return total
     return total / (targets != IGNORE_INDEX).sum()
@@ -167,11 +206,13 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     reduction: str = "mean",
     impl: str = "fused",
+    loss_rows: LossRows | None = None,
 ) -> torch.Tensor:
     """hidden [N, H], weight [V, H], targets [N] (-100 ignored) -> float32 scalar loss ("mean" or "sum").
 
     ``impl``: "fused" (kimitune's, any device) or "cce" (cut-cross-entropy; CUDA tensors and the package
-    required)."""
+    required). ``loss_rows``: the fused loss's ``LossRows(targets)``, made before the forward's layers so that
+    finding the rows does not wait for them."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must "
                          "be [N, H] and [V, H]")
@@ -188,4 +229,4 @@ def linear_cross_entropy(
     if impl == "cce":
         return _cut_cross_entropy()(hidden, weight, targets, ignore_index=IGNORE_INDEX,
                                     reduction=reduction).float()
-    return chunked_linear_cross_entropy(hidden, weight, targets, reduction)
+    return chunked_linear_cross_entropy(hidden, weight, targets, reduction, loss_rows=loss_rows)

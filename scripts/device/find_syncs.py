@@ -7,9 +7,9 @@ packed (three sequences, ``cu_seqlens`` on the host as the trainer passes it).
 
     . scripts/device/setup.sh && python scripts/device/find_syncs.py
 
-Last result (H100, 2026-11-25): one sync per step, cut-cross-entropy's ``nonzero`` over the valid targets
-(cut_cross_entropy/utils.py, part of its API); the packed step had a second one, the label shift's copy of
-``cu_seqlens`` to the GPU, since replaced by the layers' cached asynchronous copy.
+Last result (H100, 2026-11-26): no sync, unpacked or packed. The one before, the loss's ``nonzero`` over the
+valid targets, is now an asynchronous copy started before the layers (``kimitune.ops.loss.LossRows``);
+``tests/adapters/test_lora_gpu.py`` checks a packed step with ``set_sync_debug_mode("error")``.
 """
 
 from __future__ import annotations

@@ -40,3 +40,27 @@ def test_cuda_bf16_lora_step_matches_cpu(tmp_path, r):
         grad = module.lora_B.grad
         assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all(), name
         assert grad.abs().sum() > 0, name
+
+
+def test_cuda_lora_training_step_never_waits_for_the_gpu():
+    """A packed bf16 LoRA step (forward, backward, AdamW) makes no implicit host-device sync: the loss's rows come
+    from an early asynchronous copy (``LossRows``), routing and grouped GEMMs stay on the device."""
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(tiny_config()).to("cuda", torch.bfloat16).train()
+    apply_lora(model, LoraSettings(r=16, alpha=32, target_linear=True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    ids = torch.randint(3, 128, (1, 24), device="cuda")
+    labels = ids.clone()
+    labels[:, :5] = -100
+    cu_seqlens = torch.tensor([0, 10, 24], dtype=torch.int32)  # on the host, as the trainer passes it
+    for step in range(3):  # the first step autotunes kernels, which may sync
+        torch.cuda.set_sync_debug_mode("error" if step == 2 else "default")
+        try:
+            loss = model(ids, labels=labels, cu_seqlens=cu_seqlens, return_logits=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimitune.ops.loss import chunked_linear_cross_entropy, linear_cross_entropy
+from kimitune.ops.loss import LossRows, chunked_linear_cross_entropy, linear_cross_entropy
 
 
 def case(dtype=torch.float32, rows=37, hidden=16, vocab=50, seed=0):
@@ -201,3 +201,17 @@ def test_fused_impl_on_cuda_without_grad():
     with torch.no_grad():
         got = linear_cross_entropy(h, w, targets, impl="fused")
     torch.testing.assert_close(got, plain(h.float(), w.float(), targets, "mean"), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_loss_rows_made_early_give_the_same_rows_and_loss(device):
+    h, w, targets = (t.to(device) for t in case(rows=300))
+    rows = LossRows(targets)
+    h = h * 2  # work queued after the rows were asked for
+    assert torch.equal(rows.indices(), (targets != -100).nonzero().squeeze(1))
+    assert rows.indices().device == targets.device
+    got = grads(lambda h, w: chunked_linear_cross_entropy(h, w, targets, loss_rows=rows), h, w)
+    expected = grads(lambda h, w: chunked_linear_cross_entropy(h, w, targets), h, w)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
