@@ -1,5 +1,6 @@
-"""Operators with one API everywhere: fla-core's Triton kernels for CUDA tensors, the project's PyTorch code
-elsewhere (kimitune/ops/kda/chunk.py, recurrent.py, conv.py). Both follow fla's argument conventions.
+"""Operators with one API everywhere: fla-core's Triton kernels for CUDA tensors (the training short conv: the
+project's, short_conv.py), the project's PyTorch code elsewhere (kimitune/ops/kda/chunk.py, recurrent.py,
+conv.py). Both follow fla's argument conventions.
 
 KDA: q, k, g [B, T, H, K] (g the per-channel log decay); v [B, T, H, V]; beta [B, T, H]; states [N, H, K, V] in
 float32. With ``cu_seqlens`` [N+1] (int32 or int64, B = 1) each packed sequence starts from its own initial state
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from kimitune.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch
+from kimitune.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch, check_conv_inputs
+from kimitune.ops.short_conv import conv_silu
 from kimitune.ops.kda import fla
 from kimitune.ops.kda.chunk import chunk_kda_torch
 from kimitune.ops.kda.fla import cu_seqlens_on
@@ -82,7 +84,11 @@ def causal_conv1d(
     """Causal depthwise conv y[t] = act(bias + sum_i weight[:, i] x[t-W+1+i]) of x [B, T, D] with weight [D, W];
     packed sequences (``cu_seqlens``, B = 1) never read each other's tokens, and taps before a sequence's start read
     its ``initial_state`` [N, D, W] (the last W inputs, oldest first; zeros when None). ``activation``: None or
-    'silu'. Returns (y [B, T, D], final state [N, D, W] in x's dtype, or None unless ``output_final_state``)."""
+    'silu'. Returns (y [B, T, D], final state [N, D, W] in x's dtype, or None unless ``output_final_state``).
+    On CUDA the training case (SiLU, no bias, no states) runs kimitune's kernels (short_conv.py), the rest fla's."""
+    if x.is_cuda and activation == "silu" and bias is None and initial_state is None and not output_final_state:
+        check_conv_inputs(x, weight, bias, activation, initial_state, cu_seqlens, "causal_conv1d")
+        return conv_silu(x, weight, None if cu_seqlens is None else cu_seqlens_on(cu_seqlens, x.device)), None
     if x.is_cuda:
         return fla.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
     return causal_conv1d_torch(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)

@@ -69,6 +69,12 @@ def _sequence_bounds(B: int, T: int, cu_seqlens: torch.Tensor | None, device: to
     return starts, lens, seq, pos
 
 
+def sequence_positions(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The position of each of the B*T flat tokens in its sequence (a batch row, or a ``cu_seqlens`` segment),
+    [B*T] int64 on ``device``; no host sync when ``cu_seqlens`` is on ``device``."""
+    return _sequence_bounds(B, T, cu_seqlens, device)[3]
+
+
 def causal_conv1d_torch(
     x: torch.Tensor,
     weight: torch.Tensor,

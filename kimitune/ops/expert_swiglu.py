@@ -35,7 +35,7 @@ def expert_swiglu_reference(gate_up: torch.Tensor, weights: torch.Tensor) -> tor
     return (F.silu(gate.to(acc)) * up.to(acc) * weights.to(acc)[:, None]).to(gate_up.dtype)
 
 
-def _forward_kernel(gu_ptr, w_ptr, h_ptr, I: tl.constexpr, BLOCK: tl.constexpr):
+def _expert_swiglu_forward_kernel(gu_ptr, w_ptr, h_ptr, I: tl.constexpr, BLOCK: tl.constexpr):
     """One program per row m: h[m] = silu(gu[m, :I]) * gu[m, I:] * w[m]."""
     m = tl.program_id(0).to(tl.int64)
     w = tl.load(w_ptr + m).to(tl.float32)
@@ -48,7 +48,7 @@ def _forward_kernel(gu_ptr, w_ptr, h_ptr, I: tl.constexpr, BLOCK: tl.constexpr):
         tl.store(h_ptr + m * I + cols, h.to(h_ptr.dtype.element_ty), mask=in_i)
 
 
-def _backward_kernel(gu_ptr, w_ptr, dh_ptr, dgu_ptr, dw_ptr, I: tl.constexpr, BLOCK: tl.constexpr):
+def _expert_swiglu_backward_kernel(gu_ptr, w_ptr, dh_ptr, dgu_ptr, dw_ptr, I: tl.constexpr, BLOCK: tl.constexpr):
     """One program per row m: the gradients of gate and up (into dgu[m]) and dw[m] = <dh[m], silu(gate) * up>."""
     m = tl.program_id(0).to(tl.int64)
     w = tl.load(w_ptr + m).to(tl.float32)
@@ -77,7 +77,7 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    return triton.jit(_forward_kernel), triton.jit(_backward_kernel)
+    return triton.jit(_expert_swiglu_forward_kernel), triton.jit(_expert_swiglu_backward_kernel)
 
 
 def _sizes(gate_up: torch.Tensor, weights: torch.Tensor) -> dict:

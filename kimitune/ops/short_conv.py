@@ -1,0 +1,144 @@
+"""The KDA layer's short convolution as a training step runs it: causal depthwise conv + SiLU, one Triton kernel
+each way.
+
+    conv_silu(x [B, T, D], weight [D, W], cu_seqlens=None) -> y [B, T, D]
+        y[t] = silu(sum_i weight[:, i] * x[t - (W-1) + i]), a tap before its sequence's start reading zero
+
+This is ``kimitune.ops.causal_conv1d`` with activation 'silu', no bias and no states (fla's kernels keep every other
+case). fla's backward first recomputes the pre-activation with a forward kernel, writes it out and reads it back
+beside x and the output gradient. This backward recomputes the pre-activation in registers from x's taps, which
+it reads through the cache, so memory sees x and dy read once and dx written once, plus a [tiles, D, W] float32
+partial sum of the weight's gradient per tile of rows (summed after; deterministic). Packed or not, one launch
+each way. ``benchmarks/short_conv_gpu.py``, 4096 tokens of the 48B widths (D = 12288), forward + backward on an
+H200: fla 0.91 ms on one sequence and 1.20 ms packed, these kernels 0.40 ms.
+
+Packed sequences never exchange values: each token's position in its sequence (``pos``, int32) bounds its taps.
+Arithmetic is float32, rounded once per output. ``kimitune.ops.conv.causal_conv1d_torch`` is the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kimitune.ops.conv import sequence_positions
+
+tl = None  # triton.language, imported by _kernels() on first use
+
+BLOCK_T = 16  # rows per program (and per partial sum of the weight's gradient)
+BLOCK_D = 128  # channels per program
+NUM_WARPS = 4
+
+
+def _short_conv_forward_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, N, D, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """One program per (BT rows, BD channels): y = silu(sum of W taps), taps before the sequence start read zero."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    in_rows, in_cols = rows < N, cols < D
+    pos = tl.load(pos_ptr + rows, mask=in_rows, other=0)
+    pre = tl.zeros([BT, BD], dtype=tl.float32)
+    for i in tl.static_range(W):
+        back = W - 1 - i
+        tap = in_rows & (pos >= back)
+        w = tl.load(w_ptr + cols * W + i, mask=in_cols, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + (rows - back).to(tl.int64)[:, None] * D + cols[None, :],
+                    mask=tap[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
+        pre += x * w[None, :]
+    y = pre * tl.sigmoid(pre)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty),
+             mask=in_rows[:, None] & in_cols[None, :])
+
+
+def _short_conv_backward_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_ptr, N, D, W: tl.constexpr, BT: tl.constexpr,
+                     BD: tl.constexpr, WEIGHT_GRAD: tl.constexpr):
+    """One program per (BT rows, BD channels). x[t] feeds output t + s through tap W-1-s, for s < W within its
+    sequence: dx[t] = sum_s w[W-1-s] * g[t+s] with g = dy * silu'(pre), the pre-activations recomputed from x's
+    taps. With WEIGHT_GRAD, dw_ptr[tile, d, i] = sum over the tile's outputs t of g[t] * x[t - (W-1-i)]."""
+    tile = tl.program_id(0)
+    rows = tile * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    in_rows, in_cols = rows < N, cols < D
+    pos = tl.load(pos_ptr + rows, mask=in_rows, other=0)
+    dx = tl.zeros([BT, BD], dtype=tl.float32)
+    for s in tl.static_range(W):
+        out = rows + s
+        out_pos = tl.load(pos_ptr + out, mask=out < N, other=-1)
+        same = in_rows & (out < N) & (out_pos == pos + s)  # output t + s is in t's sequence
+        pre = tl.zeros([BT, BD], dtype=tl.float32)
+        for i in tl.static_range(W):
+            back = W - 1 - i
+            w = tl.load(w_ptr + cols * W + i, mask=in_cols, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + (out - back).to(tl.int64)[:, None] * D + cols[None, :],
+                        mask=(same & (out_pos >= back))[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
+            pre += x * w[None, :]
+        dy = tl.load(dy_ptr + out.to(tl.int64)[:, None] * D + cols[None, :], mask=same[:, None] & in_cols[None, :],
+                     other=0.0).to(tl.float32)
+        sig = tl.sigmoid(pre)
+        g = dy * sig * (1.0 + pre * (1.0 - sig))
+        w_s = tl.load(w_ptr + cols * W + (W - 1 - s), mask=in_cols, other=0.0).to(tl.float32)
+        dx += g * w_s[None, :]
+        if WEIGHT_GRAD and s == 0:
+            for i in tl.static_range(W):
+                back = W - 1 - i
+                x = tl.load(x_ptr + (rows - back).to(tl.int64)[:, None] * D + cols[None, :],
+                            mask=(in_rows & (pos >= back))[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
+                tl.store(dw_ptr + tile.to(tl.int64) * D * W + cols * W + i, tl.sum(g * x, axis=0), mask=in_cols)
+    tl.store(dx_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=in_rows[:, None] & in_cols[None, :])
+
+
+@functools.cache
+def _kernels():
+    """The jitted kernels, built on first use (triton imported here only; TRITON_INTERPRET=1 must be set before that
+    import for the interpreter to run them)."""
+    global tl  # a module global: Triton's compiler and interpreter resolve `tl` in the kernels' globals
+    import triton
+    import triton.language as tl
+
+    return triton.jit(_short_conv_forward_kernel), triton.jit(_short_conv_backward_kernel)
+
+
+def conv_silu_forward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, block_t: int = BLOCK_T,
+                             block_d: int = BLOCK_D, num_warps: int = NUM_WARPS) -> torch.Tensor:
+    """x [N, D] (rows of every sequence back to back), weight [D, W], pos int32 [N] -> y [N, D] in x's dtype."""
+    y = torch.empty_like(x)
+    grid = (-(-x.shape[0] // block_t), -(-x.shape[1] // block_d))
+    if x.numel():
+        _kernels()[0][grid](x, weight, pos, y, x.shape[0], x.shape[1], W=weight.shape[1], BT=block_t, BD=block_d,
+                            num_warps=num_warps)
+    return y
+
+
+def conv_silu_backward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, grad_y: torch.Tensor,
+                              weight_grad: bool = True, block_t: int = BLOCK_T, block_d: int = BLOCK_D,
+                              num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """-> (grad x [N, D] in x's dtype, grad weight [D, W] in weight's dtype, or None without ``weight_grad``)."""
+    grad_x = torch.empty_like(x)
+    grid = (-(-x.shape[0] // block_t), -(-x.shape[1] // block_d))
+    partial = torch.zeros(grid[0] if weight_grad else 1, *weight.shape, dtype=torch.float32, device=x.device)
+    if x.numel():
+        _kernels()[1][grid](x, weight, pos, grad_y, grad_x, partial, x.shape[0], x.shape[1], W=weight.shape[1],
+                            BT=block_t, BD=block_d, WEIGHT_GRAD=weight_grad, num_warps=num_warps)
+    return grad_x, partial.sum(0).to(weight.dtype) if weight_grad else None
+
+
+class _ConvSilu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight, pos)
+        return conv_silu_forward_triton(x, weight, pos)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, weight, pos = ctx.saved_tensors
+        grad_x, grad_w = conv_silu_backward_triton(x, weight, pos, grad_y.contiguous(), ctx.needs_input_grad[1])
+        return grad_x, grad_w, None
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, T, D], weight [D, W], cu_seqlens int32 [n + 1] on x's device (B == 1) or None -> y [B, T, D]."""
+    B, T, D = x.shape
+    pos = sequence_positions(B, T, cu_seqlens, x.device).to(torch.int32)
+    flat = x.reshape(B * T, D).contiguous()
+    return _ConvSilu.apply(flat, weight.contiguous(), pos).view(B, T, D)
