@@ -68,6 +68,15 @@ class _Copy:
     versions: tuple[int, int, int, int]
 
 
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor (FSDP2's sharded Parameters) cannot join a plain concatenation."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def _versions(module: nn.Module) -> tuple[int, int, int, int]:
     a, b = module.lora_A, module.lora_B
     return a._version, b._version, a.data_ptr(), b.data_ptr()
@@ -109,8 +118,7 @@ class AdapterCasts:
         if not tensors:
             return
         first = tensors[0]
-        if any(type(t.data) is not torch.Tensor or t.device != first.device or t.dtype != first.dtype
-               for t in tensors):
+        if any(_is_sharded(t) or t.device != first.device or t.dtype != first.dtype for t in tensors):
             self.enabled = False
             return
         # A weak reference: the copies hold this node, whose context would otherwise hold the copies through
