@@ -16,6 +16,7 @@ gradients this node would hold until the end of the backward.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,13 +69,15 @@ class _Copy:
     versions: tuple[int, int, int, int]
 
 
-def _is_sharded(tensor: torch.Tensor) -> bool:
-    """A DTensor (FSDP2's sharded Parameters) cannot join a plain concatenation."""
+@functools.cache
+def _sharded_type() -> type | None:
+    """DTensor (FSDP2's sharded Parameters, which cannot join a plain concatenation), or None without
+    torch.distributed."""
     if not torch.distributed.is_available():
-        return False
+        return None
     from torch.distributed.tensor import DTensor
 
-    return isinstance(tensor, DTensor)
+    return DTensor
 
 
 def _versions(module: nn.Module) -> tuple[int, int, int, int]:
@@ -117,8 +120,9 @@ class AdapterCasts:
         tensors = [t for m in modules for t in (m.lora_A, m.lora_B)]
         if not tensors:
             return
-        first = tensors[0]
-        if any(_is_sharded(t) or t.device != first.device or t.dtype != first.dtype for t in tensors):
+        first, sharded = tensors[0], _sharded_type()
+        if any((sharded is not None and isinstance(t, sharded)) or t.device != first.device or t.dtype != first.dtype
+               for t in tensors):
             self.enabled = False
             return
         # A weak reference: the copies hold this node, whose context would otherwise hold the copies through

@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 
 from kimitune.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch, check_conv_inputs
-from kimitune.ops.short_conv import conv_silu
 from kimitune.ops.kda import fla
 from kimitune.ops.kda.chunk import chunk_kda_torch
 from kimitune.ops.kda.fla import cu_seqlens_on
 from kimitune.ops.kda.gate import kda_decay
 from kimitune.ops.kda.naive import naive_recurrent_kda
 from kimitune.ops.kda.recurrent import fused_recurrent_kda_torch
+from kimitune.ops.short_conv import conv_silu
 
 
 def chunk_kda(

@@ -156,3 +156,26 @@ def test_a_deleted_model_is_freed_with_its_copies_alive_in_a_graph():
     del model
     gc.collect()
     assert layer() is None
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+def test_sharded_adapters_fall_back_to_per_layer_casts():
+    """Under FSDP2 the adapters are DTensor shards outside their layer's forward: no shared copies, same loss."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = bf16_lora_model()
+        twin = without_shared_casts(model)
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        ids = token_ids()
+        loss, _ = loss_and_grads(model, ids)
+        assert not next(m for m in model.modules() if isinstance(m, LoraLinear)).adapter_casts.enabled
+        assert torch.equal(loss, loss_and_grads(twin, ids)[0])
+    finally:
+        dist.destroy_process_group()
