@@ -19,6 +19,7 @@ Arithmetic is float32, rounded once per output. ``kimitune.ops.conv.causal_conv1
 from __future__ import annotations
 
 import functools
+from collections import deque
 
 import torch
 
@@ -136,9 +137,25 @@ class _ConvSilu(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+# (cu_seqlens or None, its version, B, T, device, positions): every KDA layer of a pass (and its recomputation) gets
+# the same cu_seqlens object, so the positions are computed once per batch instead of once per layer.
+_positions: deque[tuple] = deque(maxlen=8)
+
+
+def token_positions(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``sequence_positions`` as int32 [B*T], cached per ``cu_seqlens`` object (and its in-place version)."""
+    version = None if cu_seqlens is None else cu_seqlens._version
+    for seqlens, seen_version, b, t, where, pos in _positions:
+        if seqlens is cu_seqlens and seen_version == version and (b, t, where) == (B, T, device):
+            return pos
+    pos = sequence_positions(B, T, cu_seqlens, device).to(torch.int32)
+    _positions.append((cu_seqlens, version, B, T, device, pos))
+    return pos
+
+
 def conv_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """x [B, T, D], weight [D, W], cu_seqlens int32 [n + 1] on x's device (B == 1) or None -> y [B, T, D]."""
     B, T, D = x.shape
-    pos = sequence_positions(B, T, cu_seqlens, x.device).to(torch.int32)
+    pos = token_positions(B, T, cu_seqlens, x.device)
     flat = x.reshape(B * T, D).contiguous()
     return _ConvSilu.apply(flat, weight.contiguous(), pos).view(B, T, D)

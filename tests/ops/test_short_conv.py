@@ -8,7 +8,8 @@ import torch
 from triton_interpreter import interpreted, run_interpreted
 
 from kimitune.ops.conv import causal_conv1d_torch
-from kimitune.ops.short_conv import conv_silu
+from kimitune.ops.conv import sequence_positions
+from kimitune.ops.short_conv import conv_silu, token_positions
 
 
 def case(T=150, D=200, W=4, dtype=torch.float32, device="cpu", seed=0):
@@ -66,6 +67,17 @@ def test_interpreted_frozen_weight_gets_no_gradient():
     x = x.requires_grad_()
     conv_silu(x, weight).backward(grad_y)
     assert weight.grad is None and x.grad is not None
+
+
+def test_positions_are_computed_once_per_batch_and_follow_in_place_changes():
+    cu_seqlens = torch.tensor([0, 3, 10], dtype=torch.int32)
+    first = token_positions(1, 10, cu_seqlens, cu_seqlens.device)
+    assert first.dtype == torch.int32 and first.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]
+    assert token_positions(1, 10, cu_seqlens, cu_seqlens.device) is first
+    cu_seqlens[1] = 5  # a reused buffer with the next batch's bounds
+    assert torch.equal(token_positions(1, 10, cu_seqlens, cu_seqlens.device),
+                       sequence_positions(1, 10, cu_seqlens, cu_seqlens.device).to(torch.int32))
+    assert token_positions(2, 4, None, cu_seqlens.device).tolist() == [0, 1, 2, 3] * 2
 
 
 def test_kernels_in_the_interpreter():
