@@ -103,21 +103,24 @@ class LoraLinear(nn.Module):
             return self.adapter_casts.weights(self, dtype)
         return self.lora_A.to(dtype), self.lora_B.to(dtype)
 
+    def _down(self, x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+        """``dropout(x) A^T`` [..., r] in ``lora_a``'s dtype (the compute dtype)."""
+        return F.linear(self.lora_dropout(x).to(lora_a.dtype), lora_a)
+
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
         """``s * dropout(x) A^T B^T`` in the compute dtype (see ``lora_compute_dtype``)."""
-        dtype = lora_compute_dtype(x)
-        lora_a, lora_b = self.adapter_weights(dtype)
-        return F.linear(F.linear(self.lora_dropout(x).to(dtype), lora_a) * self.scaling, lora_b)
+        lora_a, lora_b = self.adapter_weights(lora_compute_dtype(x))
+        return F.linear(self._down(x, lora_a) * self.scaling, lora_b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_output(x)
         dtype = lora_compute_dtype(x)
-        lora_a, lora_b = self.adapter_weights(dtype)
-        down = F.linear(self.lora_dropout(x).to(dtype), lora_a)
         if base.dtype != dtype:
-            return base + F.linear(down * self.scaling, lora_b).to(base.dtype)
+            return base + self.lora_output(x).to(base.dtype)
+        lora_a, lora_b = self.adapter_weights(dtype)
         # The second low-rank GEMM adds s * down B^T to the frozen product in its epilogue (addmm), instead of a
         # scale and an add that each pass over the [..., out] output again.
+        down = self._down(x, lora_a)
         out = torch.addmm(base.reshape(-1, self.out_features), down.reshape(-1, self.r), lora_b.T, alpha=self.scaling)
         return out.view(base.shape)
 

@@ -117,7 +117,8 @@ def conv_silu_backward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.
     """-> (grad x [N, D] in x's dtype, grad weight [D, W] in weight's dtype, or None without ``weight_grad``)."""
     grad_x = torch.empty_like(x)
     grid = (-(-x.shape[0] // block_t), -(-x.shape[1] // block_d))
-    partial = torch.zeros(grid[0] if weight_grad else 1, *weight.shape, dtype=torch.float32, device=x.device)
+    # Every tile writes its whole [D, W] slice, so no zero fill; without WEIGHT_GRAD nothing is written.
+    partial = torch.empty(grid[0] if weight_grad else 1, *weight.shape, dtype=torch.float32, device=x.device)
     if x.numel():
         _kernels()[1][grid](x, weight, pos, grad_y, grad_x, partial, x.shape[0], x.shape[1], W=weight.shape[1],
                             BT=block_t, BD=block_d, WEIGHT_GRAD=weight_grad, num_warps=num_warps)
