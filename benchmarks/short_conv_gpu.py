@@ -6,7 +6,8 @@ a sweep of block sizes.
     python benchmarks/short_conv_gpu.py --tokens 4096 --configs 16x128x4,32x64x4   # + these (rows, channels, warps)
 
 The input is one packed row of three sequences (fla also on one unpacked sequence, its other path; kimitune's
-kernels take both the same way); the weight is frozen (LoRA training), so only dx is computed.
+kernels take both the same way); the weight is frozen (LoRA training), so only dx is computed. "q k v apart": the
+output as three tensors, as the KDA layer takes it.
 """
 
 from __future__ import annotations
@@ -59,13 +60,15 @@ def main() -> None:
         def fla_both(packed=True):
             fla_fwd(packed).backward(grad_y)
 
-        def ours(cfg):
-            return lambda: cs.conv_silu_forward_triton(flat, weight, pos, *cfg)
+        def ours(cfg, parts=1):
+            return lambda: cs.conv_silu_forward_triton(flat, weight, pos, parts, *cfg)
 
-        def ours_both(cfg):
+        def ours_both(cfg, parts=1):
+            grads = tuple(g.contiguous() for g in flat_grad.chunk(parts, dim=-1))
+
             def run():
-                cs.conv_silu_forward_triton(flat, weight, pos, *cfg)
-                cs.conv_silu_backward_triton(flat, weight, pos, flat_grad, False, *cfg)
+                cs.conv_silu_forward_triton(flat, weight, pos, parts, *cfg)
+                cs.conv_silu_backward_triton(flat, weight, pos, grads, False, *cfg)
             return run
 
         bytes_bwd = 3 * T * D * 2
@@ -78,6 +81,8 @@ def main() -> None:
         for cfg in configs:
             f, b = timed(ours(cfg)), timed(ours_both(cfg))
             print(f"| kimitune | {T} | {cfg} | {f:.3f} | {b:.3f} | {bytes_bwd / (b - f) / 1e6:.0f} |", flush=True)
+        f, b = timed(ours(configs[0], 3)), timed(ours_both(configs[0], 3))
+        print(f"| kimitune, q k v apart | {T} | {configs[0]} | {f:.3f} | {b:.3f} | {bytes_bwd / (b - f) / 1e6:.0f} |")
 
 
 if __name__ == "__main__":

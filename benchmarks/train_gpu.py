@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 
@@ -168,16 +169,25 @@ def measure(cfg, state, row: Row, warmup: int, steps: int) -> dict:
 
 def print_profile(step, label: str, rows: int = 40) -> None:
     """Runs ``step`` once under the profiler and prints its ops by CUDA time, with the step's wall time beside the
-    kernels' total: the difference is time the GPU waited for the host."""
+    kernels' total: the difference is time the GPU waited for the host. With ``PROFILE_SHAPES=FILE`` in the
+    environment it also records input shapes and writes the ops grouped by shape to FILE (appended)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    shapes_file = os.environ.get("PROFILE_SHAPES")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=bool(shapes_file)) as prof:
         start = time.perf_counter()
         step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     print(f"--- profile: {label}; step wall time under the profiler {1000 * wall:.1f} ms ---")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+    print("--- the same step's kernels by their own time ---")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90))
+    if shapes_file:
+        with open(shapes_file, "a") as f:
+            f.write(f"--- {label} ---\n")
+            f.write(prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cuda_time_total", row_limit=150, max_name_column_width=40, max_shapes_column_width=120))
 
 
 def _peak_gib() -> float:

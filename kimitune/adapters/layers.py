@@ -118,11 +118,12 @@ class LoraLinear(nn.Module):
         if base.dtype != dtype:
             return base + self.lora_output(x).to(base.dtype)
         lora_a, lora_b = self.adapter_weights(dtype)
-        # The second low-rank GEMM adds s * down B^T to the frozen product in its epilogue (addmm), instead of a
-        # scale and an add that each pass over the [..., out] output again.
+        # The second low-rank GEMM adds s * down B^T to the frozen product in its epilogue, instead of a scale and
+        # an add that each pass over the [..., out] output again. In place: the out-of-place addmm first copies the
+        # frozen product into its result (an extra pass); autograd keeps no reference to that product.
         down = self._down(x, lora_a)
-        out = torch.addmm(base.reshape(-1, self.out_features), down.reshape(-1, self.r), lora_b.T, alpha=self.scaling)
-        return out.view(base.shape)
+        base.view(-1, self.out_features).addmm_(down.reshape(-1, self.r), lora_b.T, alpha=self.scaling)
+        return base
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B A`` [out, in] in the adapter's dtype: what merging adds to ``weight``."""

@@ -1,6 +1,7 @@
 """Kimi Delta Attention (KDA) layer: the linear-attention layers of Kimi Linear.
 
     q, k, v = SiLU(causal_conv(x W_q, x W_k, x W_v))           one depthwise short conv over the 3 * H * K channels
+                                                               (x's six projections: adapters/shared_input.py)
     g       = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)    per-channel log decay [B, T, H, K], float32
                                                                (inside fla's kernels on CUDA: ops/kda/gate.py)
     beta    = sigmoid(b_proj(x))                               [B, T, H]
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kimitune.adapters.shared_input import project_shared_input
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.model.norm import GatedRMSNorm
 from kimitune.ops import causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda, kda_decay
@@ -53,13 +55,14 @@ class KDAForgetGate(nn.Module):
         dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp_min(1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
-    def gate_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, C] -> f_b_proj(f_a_proj(x)) [B, T, H, K], in x's dtype: what ``kda_decay`` (or chunk_kda with
-        ``A_log`` and ``dt_bias``) turns into the log decay."""
-        return self.f_b_proj(self.f_a_proj(x)).view(*x.shape[:2], self.num_heads, self.head_dim)
+    def gate_input(self, f_a: torch.Tensor) -> torch.Tensor:
+        """f_a_proj(x) [B, T, K] -> f_b_proj(f_a_proj(x)) [B, T, H, K], in x's dtype: what ``kda_decay`` (or
+        chunk_kda with ``A_log`` and ``dt_bias``) turns into the log decay. (The layer computes f_a_proj(x) with its
+        other projections of x.)"""
+        return self.f_b_proj(f_a).view(*f_a.shape[:2], self.num_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kda_decay(self.gate_input(x), self.A_log.view(-1), self.dt_bias)
+        return kda_decay(self.gate_input(self.f_a_proj(x)), self.A_log.view(-1), self.dt_bias)
 
 
 class KimiDeltaAttention(nn.Module):
@@ -92,12 +95,14 @@ class KimiDeltaAttention(nn.Module):
         """x [B, T, C] -> (y [B, T, C], the state after the input when ``return_state`` else None)."""
         B, T, _ = x.shape
         heads_shape = (B, T, self.num_heads, self.head_dim)
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        gate = self.forget_gate
+        qkv, beta, f_a, g_a = project_shared_input(x, (self.q_proj, self.k_proj, self.v_proj), self.b_proj,
+                                                   gate.f_a_proj, self.g_a_proj)
         conv_weight = self.conv1d.weight.squeeze(1)
         decode = state is not None and T == 1 and cu_seqlens is None
         if decode:
             qkv, conv_state = causal_conv1d_update(qkv[:, 0], state.conv, conv_weight, activation="silu")
-            qkv = qkv[:, None]
+            qkv = qkv[:, None].chunk(3, dim=-1)
         else:
             qkv, conv_state = causal_conv1d(
                 qkv,
@@ -106,17 +111,17 @@ class KimiDeltaAttention(nn.Module):
                 initial_state=None if state is None else state.conv,
                 output_final_state=return_state,
                 cu_seqlens=cu_seqlens,
+                parts=3,
             )
-        q, k, v = (t.reshape(heads_shape) for t in qkv.chunk(3, dim=-1))
-        beta = torch.sigmoid(self.b_proj(x))
+        q, k, v = (t.reshape(heads_shape) for t in qkv)
+        beta = torch.sigmoid(beta)
         recurrence = dict(initial_state=None if state is None else state.recurrent, output_final_state=return_state,
                           use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens)
         if decode:
-            o, recurrent_state = fused_recurrent_kda(q, k, v, self.forget_gate(x), beta, **recurrence)
+            decay = kda_decay(gate.gate_input(f_a), gate.A_log.view(-1), gate.dt_bias)
+            o, recurrent_state = fused_recurrent_kda(q, k, v, decay, beta, **recurrence)
         else:  # the decay is computed inside the kernel from the gate's raw input (ops/kda/gate.py says why)
-            gate = self.forget_gate
-            o, recurrent_state = chunk_kda(q, k, v, gate.gate_input(x), beta, A_log=gate.A_log, dt_bias=gate.dt_bias,
+            o, recurrent_state = chunk_kda(q, k, v, gate.gate_input(f_a), beta, A_log=gate.A_log, dt_bias=gate.dt_bias,
                                            **recurrence)
-        gate = self.g_b_proj(self.g_a_proj(x)).view(heads_shape)
-        y = self.o_proj(self.o_norm(o, gate).reshape(B, T, -1))
+        y = self.o_proj(self.o_norm(o, self.g_b_proj(g_a).view(heads_shape)).reshape(B, T, -1))
         return y, (KDAState(conv_state, recurrent_state) if return_state else None)

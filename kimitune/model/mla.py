@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kimitune.adapters.shared_input import project_shared_input
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.model.norm import RMSNorm
 from kimitune.ops.attention import causal_attention, packed_causal_attention
@@ -74,10 +75,12 @@ class MultiheadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, hidden, bias=False)
         self._kv_b_split: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # see _absorbed_weights
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
+    def _query_and_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, C] -> (q [B, T, H * (nope + rope)], kv_a_proj_with_mqa(x)): x's two projections, together."""
         if self.q_lora_rank is None:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            return project_shared_input(x, self.q_proj, self.kv_a_proj_with_mqa)
+        q_a, kv_a = project_shared_input(x, self.q_a_proj, self.kv_a_proj_with_mqa)
+        return self.q_b_proj(self.q_a_layernorm(q_a)), kv_a
 
     def forward(
         self,
@@ -88,8 +91,9 @@ class MultiheadLatentAttention(nn.Module):
     ) -> tuple[torch.Tensor, MLAState | None]:
         """x [B, T, C] -> (y [B, T, C], the latents including this input when ``return_state`` else None)."""
         B, T, _ = x.shape
-        q = self._query(x).view(B, T, self.num_heads, -1).transpose(1, 2)
-        latent, k_shared = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q, kv_a = self._query_and_latent(x)
+        q = q.view(B, T, self.num_heads, -1).transpose(1, 2)
+        latent, k_shared = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         valid = None
         if state is not None:

@@ -28,13 +28,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kimitune.adapters.shared_input import project_shared_input
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.ops.expert_swiglu import expert_swiglu
 from kimitune.ops.norm import swiglu
 from kimitune.ops.permute import combine_rows, dispatch_rows, inverse_permutation, permute_rows
+from kimitune.ops.router import router_logits
 from kimitune.quant.matmul import frozen_grouped_linear
 
 
@@ -48,7 +49,7 @@ class KimiLinearMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(*project_shared_input(x, self.gate_proj, self.up_proj)))
 
 
 @dataclass
@@ -73,7 +74,7 @@ class TopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x [N, C] -> Routing."""
-        scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))
+        scores = torch.sigmoid(router_logits(x, self.weight))
         biased = scores + self.e_score_correction_bias.float()
         if self.num_groups > 1:
             group_scores = biased.view(-1, self.num_groups, self.num_experts // self.num_groups).topk(2, dim=-1)[0]

@@ -80,18 +80,24 @@ def causal_conv1d(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    parts: int = 1,
+) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | None]:
     """Causal depthwise conv y[t] = act(bias + sum_i weight[:, i] x[t-W+1+i]) of x [B, T, D] with weight [D, W];
     packed sequences (``cu_seqlens``, B = 1) never read each other's tokens, and taps before a sequence's start read
     its ``initial_state`` [N, D, W] (the last W inputs, oldest first; zeros when None). ``activation``: None or
-    'silu'. Returns (y [B, T, D], final state [N, D, W] in x's dtype, or None unless ``output_final_state``).
-    On CUDA the training case (SiLU, no bias, no states) runs kimitune's kernels (short_conv.py), the rest fla's."""
+    'silu'. Returns (y [B, T, D], final state [N, D, W] in x's dtype, or None unless ``output_final_state``);
+    with ``parts`` > 1, y as a tuple of ``parts`` tensors [B, T, D / parts] (its channels in order; contiguous each
+    on CUDA's training path). On CUDA the training case (SiLU, no bias, no states) runs kimitune's kernels
+    (short_conv.py), the rest fla's."""
     if x.is_cuda and activation == "silu" and bias is None and initial_state is None and not output_final_state:
         check_conv_inputs(x, weight, bias, activation, initial_state, cu_seqlens, "causal_conv1d")
-        return conv_silu(x, weight, None if cu_seqlens is None else cu_seqlens_on(cu_seqlens, x.device)), None
+        cu_seqlens = None if cu_seqlens is None else cu_seqlens_on(cu_seqlens, x.device)
+        return conv_silu(x, weight, cu_seqlens, parts), None
     if x.is_cuda:
-        return fla.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
-    return causal_conv1d_torch(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+        y, state = fla.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+    else:
+        y, state = causal_conv1d_torch(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+    return (y if parts == 1 else y.chunk(parts, dim=-1)), state
 
 
 def causal_conv1d_update(

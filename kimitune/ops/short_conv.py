@@ -1,7 +1,7 @@
 """The KDA layer's short convolution as a training step runs it: causal depthwise conv + SiLU, one Triton kernel
 each way.
 
-    conv_silu(x [B, T, D], weight [D, W], cu_seqlens=None) -> y [B, T, D]
+    conv_silu(x [B, T, D], weight [D, W], cu_seqlens=None, parts=1) -> y [B, T, D] (or ``parts`` tensors of its channels)
         y[t] = silu(sum_i weight[:, i] * x[t - (W-1) + i]), a tap before its sequence's start reading zero
 
 This is ``kimitune.ops.causal_conv1d`` with activation 'silu', no bias and no states (fla's kernels keep every other
@@ -32,8 +32,11 @@ BLOCK_D = 128  # channels per program
 NUM_WARPS = 4
 
 
-def _short_conv_forward_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, N, D, W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """One program per (BT rows, BD channels): y = silu(sum of W taps), taps before the sequence start read zero."""
+def _short_conv_forward_kernel(x_ptr, w_ptr, pos_ptr, y0_ptr, y1_ptr, y2_ptr, N, D, DP, W: tl.constexpr,
+                               BT: tl.constexpr, BD: tl.constexpr, PARTS: tl.constexpr):
+    """One program per (BT rows, BD channels): y = silu(sum of W taps), taps before the sequence start read zero.
+    y's channels go to PARTS (1 or 3) tensors [N, DP]: the program's channels all lie in part
+    ``program_id(1) * BD // DP`` (BD divides DP)."""
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     in_rows, in_cols = rows < N, cols < D
@@ -46,21 +49,31 @@ def _short_conv_forward_kernel(x_ptr, w_ptr, pos_ptr, y_ptr, N, D, W: tl.constex
         x = tl.load(x_ptr + (rows - back).to(tl.int64)[:, None] * D + cols[None, :],
                     mask=tap[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
         pre += x * w[None, :]
-    y = pre * tl.sigmoid(pre)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=in_rows[:, None] & in_cols[None, :])
+    y = (pre * tl.sigmoid(pre)).to(y0_ptr.dtype.element_ty)
+    part = tl.program_id(1) * BD // DP
+    offsets = rows.to(tl.int64)[:, None] * DP + (cols - part * DP)[None, :]
+    mask = in_rows[:, None] & in_cols[None, :]
+    if PARTS == 1 or part == 0:
+        tl.store(y0_ptr + offsets, y, mask=mask)
+    elif part == 1:
+        tl.store(y1_ptr + offsets, y, mask=mask)
+    else:
+        tl.store(y2_ptr + offsets, y, mask=mask)
 
 
-def _short_conv_backward_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_ptr, N, D, W: tl.constexpr, BT: tl.constexpr,
-                     BD: tl.constexpr, WEIGHT_GRAD: tl.constexpr):
+def _short_conv_backward_kernel(x_ptr, w_ptr, pos_ptr, dy0_ptr, dy1_ptr, dy2_ptr, dx_ptr, dw_ptr, N, D, DP,
+                                W: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PARTS: tl.constexpr,
+                                WEIGHT_GRAD: tl.constexpr):
     """One program per (BT rows, BD channels). x[t] feeds output t + s through tap W-1-s, for s < W within its
     sequence: dx[t] = sum_s w[W-1-s] * g[t+s] with g = dy * silu'(pre), the pre-activations recomputed from x's
-    taps. With WEIGHT_GRAD, dw_ptr[tile, d, i] = sum over the tile's outputs t of g[t] * x[t - (W-1-i)]."""
+    taps; dy in PARTS tensors [N, DP], as the forward's y. With WEIGHT_GRAD, dw_ptr[tile, d, i] = sum over the
+    tile's outputs t of g[t] * x[t - (W-1-i)]."""
     tile = tl.program_id(0)
     rows = tile * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     in_rows, in_cols = rows < N, cols < D
     pos = tl.load(pos_ptr + rows, mask=in_rows, other=0)
+    part = tl.program_id(1) * BD // DP
     dx = tl.zeros([BT, BD], dtype=tl.float32)
     for s in tl.static_range(W):
         out = rows + s
@@ -73,8 +86,14 @@ def _short_conv_backward_kernel(x_ptr, w_ptr, pos_ptr, dy_ptr, dx_ptr, dw_ptr, N
             x = tl.load(x_ptr + (out - back).to(tl.int64)[:, None] * D + cols[None, :],
                         mask=(same & (out_pos >= back))[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
             pre += x * w[None, :]
-        dy = tl.load(dy_ptr + out.to(tl.int64)[:, None] * D + cols[None, :], mask=same[:, None] & in_cols[None, :],
-                     other=0.0).to(tl.float32)
+        dy_offsets = out.to(tl.int64)[:, None] * DP + (cols - part * DP)[None, :]
+        dy_mask = same[:, None] & in_cols[None, :]
+        if PARTS == 1 or part == 0:
+            dy = tl.load(dy0_ptr + dy_offsets, mask=dy_mask, other=0.0).to(tl.float32)
+        elif part == 1:
+            dy = tl.load(dy1_ptr + dy_offsets, mask=dy_mask, other=0.0).to(tl.float32)
+        else:
+            dy = tl.load(dy2_ptr + dy_offsets, mask=dy_mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(pre)
         g = dy * sig * (1.0 + pre * (1.0 - sig))
         w_s = tl.load(w_ptr + cols * W + (W - 1 - s), mask=in_cols, other=0.0).to(tl.float32)
@@ -100,42 +119,59 @@ def _kernels():
     return triton.jit(_short_conv_forward_kernel), triton.jit(_short_conv_backward_kernel)
 
 
-def conv_silu_forward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, block_t: int = BLOCK_T,
-                             block_d: int = BLOCK_D, num_warps: int = NUM_WARPS) -> torch.Tensor:
-    """x [N, D] (rows of every sequence back to back), weight [D, W], pos int32 [N] -> y [N, D] in x's dtype."""
-    y = torch.empty_like(x)
-    grid = (-(-x.shape[0] // block_t), -(-x.shape[1] // block_d))
+def _block_d(channels_per_part: int, block_d: int) -> int:
+    """The channel block: ``block_d``, or less, so that it divides a part's channels (a program writes one part)."""
+    while channels_per_part % block_d:
+        block_d //= 2
+    return block_d
+
+
+def conv_silu_forward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, parts: int = 1,
+                             block_t: int = BLOCK_T, block_d: int = BLOCK_D,
+                             num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, ...]:
+    """x [N, D] (rows of every sequence back to back), weight [D, W], pos int32 [N] -> ``parts`` (1 or 3) tensors
+    [N, D / parts] of y's channels, in x's dtype."""
+    N, D = x.shape
+    ys = tuple(x.new_empty(N, D // parts) for _ in range(parts))
+    block_d = block_d if parts == 1 else _block_d(D // parts, block_d)
+    grid = (-(-N // block_t), -(-D // block_d))
     if x.numel():
-        _kernels()[0][grid](x, weight, pos, y, x.shape[0], x.shape[1], W=weight.shape[1], BT=block_t, BD=block_d,
-                            num_warps=num_warps)
-    return y
+        _kernels()[0][grid](x, weight, pos, *(ys * 3)[:3], N, D, D // parts, W=weight.shape[1], BT=block_t,
+                            BD=block_d, PARTS=parts, num_warps=num_warps)
+    return ys
 
 
-def conv_silu_backward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, grad_y: torch.Tensor,
-                              weight_grad: bool = True, block_t: int = BLOCK_T, block_d: int = BLOCK_D,
+def conv_silu_backward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor,
+                              grad_ys: tuple[torch.Tensor, ...], weight_grad: bool = True, block_t: int = BLOCK_T,
+                              block_d: int = BLOCK_D,
                               num_warps: int = NUM_WARPS) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """-> (grad x [N, D] in x's dtype, grad weight [D, W] in weight's dtype, or None without ``weight_grad``)."""
+    """grad_ys: 1 or 3 contiguous tensors [N, D / parts], as the forward returned y -> (grad x [N, D] in x's dtype,
+    grad weight [D, W] in weight's dtype, or None without ``weight_grad``)."""
+    N, D = x.shape
+    parts = len(grad_ys)
     grad_x = torch.empty_like(x)
-    grid = (-(-x.shape[0] // block_t), -(-x.shape[1] // block_d))
+    block_d = block_d if parts == 1 else _block_d(D // parts, block_d)
+    grid = (-(-N // block_t), -(-D // block_d))
     # Every tile writes its whole [D, W] slice, so no zero fill; without WEIGHT_GRAD nothing is written.
     partial = torch.empty(grid[0] if weight_grad else 1, *weight.shape, dtype=torch.float32, device=x.device)
     if x.numel():
-        _kernels()[1][grid](x, weight, pos, grad_y, grad_x, partial, x.shape[0], x.shape[1], W=weight.shape[1],
-                            BT=block_t, BD=block_d, WEIGHT_GRAD=weight_grad, num_warps=num_warps)
+        _kernels()[1][grid](x, weight, pos, *(grad_ys * 3)[:3], grad_x, partial, N, D, D // parts, W=weight.shape[1],
+                            BT=block_t, BD=block_d, PARTS=parts, WEIGHT_GRAD=weight_grad, num_warps=num_warps)
     return grad_x, partial.sum(0).to(weight.dtype) if weight_grad else None
 
 
 class _ConvSilu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
         ctx.save_for_backward(x, weight, pos)
-        return conv_silu_forward_triton(x, weight, pos)
+        return conv_silu_forward_triton(x, weight, pos, parts)
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
+    def backward(ctx, *grad_ys: torch.Tensor):
         x, weight, pos = ctx.saved_tensors
-        grad_x, grad_w = conv_silu_backward_triton(x, weight, pos, grad_y.contiguous(), ctx.needs_input_grad[1])
-        return grad_x, grad_w, None
+        grad_x, grad_w = conv_silu_backward_triton(x, weight, pos, tuple(g.contiguous() for g in grad_ys),
+                                                   ctx.needs_input_grad[1])
+        return grad_x, grad_w, None, None
 
 
 # (cu_seqlens or None, its version, B, T, device, positions): every KDA layer of a pass (and its recomputation) gets
@@ -154,9 +190,16 @@ def token_positions(B: int, T: int, cu_seqlens: torch.Tensor | None, device: tor
     return pos
 
 
-def conv_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """x [B, T, D], weight [D, W], cu_seqlens int32 [n + 1] on x's device (B == 1) or None -> y [B, T, D]."""
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+              parts: int = 1) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """x [B, T, D], weight [D, W], cu_seqlens int32 [n + 1] on x's device (B == 1) or None -> y [B, T, D]; with
+    ``parts`` > 1, y's channels as that many contiguous tensors [B, T, D / parts] (KDA's q, k and v, which fla's
+    kernels would otherwise copy out of one strided buffer)."""
     B, T, D = x.shape
+    if parts not in (1, 3) or D % parts:
+        raise ValueError(f"conv_silu: {D} channels do not split into {parts} parts (1 or 3)")
     pos = token_positions(B, T, cu_seqlens, x.device)
-    flat = x.reshape(B * T, D).contiguous()
-    return _ConvSilu.apply(flat, weight.contiguous(), pos).view(B, T, D)
+    ys = _ConvSilu.apply(x.reshape(B * T, D).contiguous(), weight.contiguous(), pos, parts)
+    if parts == 1:
+        return ys[0].view(B, T, D)
+    return tuple(y.view(B, T, D // parts) for y in ys)

@@ -69,6 +69,38 @@ def test_interpreted_frozen_weight_gets_no_gradient():
     assert weight.grad is None and x.grad is not None
 
 
+def split_three(fn):
+    """fn's output as the three parts, joined again (for ``with_grads``), after checking what conv_silu returns."""
+    def run(x, weight, cu_seqlens):
+        parts = fn(x, weight, cu_seqlens)
+        assert len(parts) == 3 and all(p.is_contiguous() and p.shape == (*x.shape[:2], x.shape[2] // 3) for p in parts)
+        return torch.cat(parts, dim=-1)
+    return run
+
+
+def assert_split_matches_reference(x, weight, grad_y, cu_seqlens):
+    got = with_grads(split_three(lambda *a: conv_silu(*a, parts=3)), x, weight, grad_y, cu_seqlens)
+    expected = with_grads(reference, x.double(), weight.double(), grad_y.double(),
+                          None if cu_seqlens is None else cu_seqlens.cpu())
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[x.dtype]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double().cpu(), b.cpu(), rtol=tol, atol=tol * 4)
+
+
+@interpreted
+@pytest.mark.parametrize("packed", [False, True])
+def test_interpreted_output_in_three_contiguous_parts(packed):
+    # 192 channels: parts of 64, so a block of 128 channels spans two parts.
+    cu_seqlens = torch.tensor(PACKED, dtype=torch.int32) if packed else None
+    assert_split_matches_reference(*case(D=192), cu_seqlens)
+
+
+def test_channels_that_do_not_split_are_refused():
+    x, weight, _ = case(D=200)
+    with pytest.raises(ValueError, match="200 channels do not split into 3 parts"):
+        conv_silu(x, weight, parts=3)
+
+
 def test_positions_are_computed_once_per_batch_and_follow_in_place_changes():
     cu_seqlens = torch.tensor([0, 3, 10], dtype=torch.int32)
     first = token_positions(1, 10, cu_seqlens, cu_seqlens.device)
@@ -90,3 +122,9 @@ def test_kernels_in_the_interpreter():
 def test_kernels_match_reference_on_cuda(packed):
     cu_seqlens = torch.tensor([0, 3, 1000, 4096], dtype=torch.int32, device="cuda") if packed else None
     assert_matches_reference(*case(T=4096, D=12288, dtype=torch.bfloat16, device="cuda"), cu_seqlens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_three_parts_match_reference_on_cuda():
+    assert_split_matches_reference(*case(T=4096, D=12288, dtype=torch.bfloat16, device="cuda"), None)
