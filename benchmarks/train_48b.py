@@ -55,6 +55,7 @@ import torch
 from kimitune.adapters import LoraSettings, apply_lora
 from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
 from kimitune.quant import QuantSpec, init_quantized, weight_bytes
+from kimitune.train.trainer import frozen_startup_objects
 from train_gpu import PEAK_FLOPS, active_linear_params, flops_per_token, print_profile  # benchmarks/train_gpu.py
 
 LORA_R, LORA_ALPHA = 16, 32
@@ -148,16 +149,17 @@ def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str, profile:
         torch.cuda.reset_peak_memory_stats()
     losses = []
     try:
-        for i in range(warmup + steps):
-            if i == warmup:
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-            loss = model(ids, labels=ids, return_logits=False).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+        with frozen_startup_objects():  # as kimitune's trainer runs its steps
+            for i in range(warmup + steps):
+                if i == warmup:
+                    if cuda:
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                loss = model(ids, labels=ids, return_logits=False).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
         if cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / steps

@@ -34,6 +34,7 @@ import torch
 
 import lora_peers  # benchmarks/lora_peers.py: the two LoRA set-ups, shared with train_cpu.py
 from kimitune.model import KimiLinearConfig
+from kimitune.train.trainer import frozen_startup_objects
 from lora_peers import random_state
 
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
@@ -132,15 +133,18 @@ def measure(cfg, state, row: Row, warmup: int, steps: int) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (1, row.seq), device=DEVICE, generator=gen)
     losses = []
     try:
-        for i in range(warmup + steps):
-            if i == warmup:
-                _sync()
-                start = time.perf_counter()
-            loss = loss_fn(ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+        # Both tools' steps run with the objects built so far frozen out of the garbage collector's passes, as
+        # kimitune's trainer runs them (transformers' Trainer does not; here the peer gets it too).
+        with frozen_startup_objects():
+            for i in range(warmup + steps):
+                if i == warmup:
+                    _sync()
+                    start = time.perf_counter()
+                loss = loss_fn(ids)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss.detach())
         _sync()
         seconds = (time.perf_counter() - start) / steps
         if PROFILE:

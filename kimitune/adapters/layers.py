@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimitune.adapters import shared_input
 from kimitune.adapters.casts import AdapterCasts
 from kimitune.ops.grouped_mm import grouped_linear
 from kimitune.quant.matmul import frozen_grouped_linear, frozen_linear
@@ -112,7 +113,25 @@ class LoraLinear(nn.Module):
         lora_a, lora_b = self.adapter_weights(lora_compute_dtype(x))
         return F.linear(self._down(x, lora_a) * self.scaling, lora_b)
 
+    def joins_shared_input(self, x: torch.Tensor) -> bool:
+        """Whether this product can run through ``shared_input``'s joint node (alone or with siblings): a plain
+        ``LoraLinear`` (not a variant), no bias, no dropout, a frozen plain weight in x's dtype, which is the compute
+        dtype."""
+        return (
+            shared_input.JOIN
+            and type(self) is LoraLinear
+            and self.bias is None
+            and isinstance(self.lora_dropout, nn.Identity)
+            and type(self.weight) in (torch.Tensor, nn.Parameter)
+            and not self.weight.requires_grad
+            and self.weight.dtype == x.dtype
+            and self.weight.device == x.device
+            and lora_compute_dtype(x) == x.dtype
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.joins_shared_input(x):
+            return shared_input.project_shared_input(x, self)[0]
         base = self.base_output(x)
         dtype = lora_compute_dtype(x)
         if base.dtype != dtype:

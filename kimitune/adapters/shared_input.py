@@ -20,7 +20,8 @@ the sums (``tests/adapters/test_shared_input.py``).
 The linears join when they can: every one a ``LoraLinear`` itself (not a variant, such as CE-LoRA's), no bias, no
 dropout (each linear draws its own mask on x), one rank and scale, frozen plain weights (not quantised) in x's
 dtype, which is the adapters' compute dtype (no autocast). Otherwise each linear runs by itself: same results, the
-kernels above.
+kernels above. A ``LoraLinear`` that can join runs alone through the same node too: its input gradient is then one
+accumulated GEMM pair, not two GEMMs and an add.
 
 Shapes: x [..., in]; each output [..., sum of its linears' out_features].
 """
@@ -32,39 +33,25 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kimitune.adapters.layers import LoraLinear, lora_compute_dtype
-
 Output = nn.Module | tuple[nn.Module, ...]
 
 # False: every linear runs by itself, as when they cannot join (tests compare the two ways bit for bit).
 JOIN = True
 
 
-def _joins(module: nn.Module, x: torch.Tensor, first: LoraLinear) -> bool:
-    return (
-        type(module) is LoraLinear
-        and module.bias is None
-        and isinstance(module.lora_dropout, nn.Identity)
-        and module.r == first.r
-        and module.scaling == first.scaling
-        and type(module.weight) in (torch.Tensor, nn.Parameter)
-        and not module.weight.requires_grad
-        and module.weight.dtype == x.dtype
-        and module.weight.device == x.device
-    )
-
-
 def project_shared_input(x: torch.Tensor, *outputs: Output) -> tuple[torch.Tensor, ...]:
     """x [..., in] through every linear of ``outputs`` (a module, or a tuple of modules whose outputs are concatenated
-    on the last dim) -> one tensor per output, as ``tuple(m(x) or torch.cat([m(x) for m in group], -1))``."""
+    on the last dim) -> one tensor per output, as ``tuple(m(x) or torch.cat([m(x) for m in group], -1))``.
+
+    The linears join when each says it can (``LoraLinear.joins_shared_input``) and they share one rank and scale."""
     groups = [output if isinstance(output, tuple) else (output,) for output in outputs]
     modules = [m for group in groups for m in group]
     first = modules[0]
-    if JOIN and len(modules) > 1 and lora_compute_dtype(x) == x.dtype and all(_joins(m, x, first) for m in modules):
+    if all(getattr(m, "joins_shared_input", None) is not None and m.joins_shared_input(x)
+           and (m.r, m.scaling) == (first.r, first.scaling) for m in modules):
         adapters = [m.adapter_weights(x.dtype) for m in modules]
-        flat = x.reshape(-1, x.shape[-1])
         widths = [sum(m.out_features for m in group) for group in groups]
-        ys = SharedInputLora.apply(flat, first.scaling, [len(group) for group in groups],
+        ys = SharedInputLora.apply(x.reshape(-1, x.shape[-1]), first.scaling, [len(group) for group in groups],
                                    *(m.weight for m in modules), *(a for a, _ in adapters), *(b for _, b in adapters))
         return tuple(y.view(*x.shape[:-1], width) for y, width in zip(ys, widths))
     return tuple(group[0](x) if len(group) == 1 else torch.cat([m(x) for m in group], dim=-1) for group in groups)
@@ -85,10 +72,17 @@ class SharedInputLora(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, scaling: float, group_sizes: list[int], *tensors: torch.Tensor):
         weights, lora_as, lora_bs = _split(tensors, len(tensors) // 3)
         r = lora_as[0].shape[0]
-        lora_a = torch.cat(lora_as)
+        # The host issues every kernel of a step; a lone linear (most calls) skips the concatenation and slicing.
+        lora_a = lora_as[0] if len(lora_as) == 1 else torch.cat(lora_as)
         z = x @ lora_a.T  # [N, n*r]
         outputs, i = [], 0
         for size in group_sizes:
+            if size == 1:
+                out = (x @ weights[i].T).addmm_(z if len(lora_as) == 1 else z[:, i * r:(i + 1) * r], lora_bs[i].T,
+                                                 alpha=scaling)
+                outputs.append(out)
+                i += 1
+                continue
             out = x.new_empty(x.shape[0], sum(w.shape[0] for w in weights[i:i + size]))
             start = 0
             for weight, lora_b in zip(weights[i:i + size], lora_bs[i:i + size]):

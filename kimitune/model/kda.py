@@ -61,8 +61,12 @@ class KDAForgetGate(nn.Module):
         other projections of x.)"""
         return self.f_b_proj(f_a).view(*f_a.shape[:2], self.num_heads, self.head_dim)
 
+    def decay(self, f_a: torch.Tensor) -> torch.Tensor:
+        """f_a_proj(x) [B, T, K] -> the log decay g [B, T, H, K], float32."""
+        return kda_decay(self.gate_input(f_a), self.A_log.view(-1), self.dt_bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kda_decay(self.gate_input(self.f_a_proj(x)), self.A_log.view(-1), self.dt_bias)
+        return self.decay(self.f_a_proj(x))
 
 
 class KimiDeltaAttention(nn.Module):
@@ -118,8 +122,7 @@ class KimiDeltaAttention(nn.Module):
         recurrence = dict(initial_state=None if state is None else state.recurrent, output_final_state=return_state,
                           use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens)
         if decode:
-            decay = kda_decay(gate.gate_input(f_a), gate.A_log.view(-1), gate.dt_bias)
-            o, recurrent_state = fused_recurrent_kda(q, k, v, decay, beta, **recurrence)
+            o, recurrent_state = fused_recurrent_kda(q, k, v, gate.decay(f_a), beta, **recurrence)
         else:  # the decay is computed inside the kernel from the gate's raw input (ops/kda/gate.py says why)
             o, recurrent_state = chunk_kda(q, k, v, gate.gate_input(f_a), beta, A_log=gate.A_log, dt_bias=gate.dt_bias,
                                            **recurrence)

@@ -9,7 +9,8 @@ weights are not applied here: the experts scale their activations by them before
 (``kimitune.ops.expert_swiglu``), so the combine is a plain sum. Sums are float32 (float64 for float64 rows),
 rounded once to the rows' dtype.
 
-On CUDA one Triton kernel, one program per token: it reads the token's k rows where they lie and writes y. Done with
+On CUDA one Triton kernel, one program per token and block of columns: it reads the token's k rows where they lie
+and writes y. Done with
 PyTorch ops (:func:`sum_token_copies_reference`, used elsewhere and as the reference in the tests) the rows are
 first gathered into token order, a copy of all N * k rows, then summed.
 """
@@ -22,8 +23,8 @@ import torch
 
 tl = None  # triton.language, imported by _kernel() on first use
 
-BLOCK_C = 512  # hidden columns per step of a token's loop; C = 2304 in the released model
-NUM_WARPS = 4
+BLOCK_C = 256  # hidden columns per program; C = 2304 in the released model: 9 blocks
+NUM_WARPS = 1
 
 
 def sum_token_copies_reference(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
@@ -32,19 +33,17 @@ def sum_token_copies_reference(rows: torch.Tensor, inverse: torch.Tensor, k: int
     return per_token.sum(1, dtype=torch.promote_types(rows.dtype, torch.float32)).to(rows.dtype)
 
 
-def _sum_copies_kernel(rows_ptr, inv_ptr, y_ptr, C: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """One program per token n: y[n] = sum_j rows[inv[n * K + j]]. ``C`` is a compile-time constant (one
-    compilation per hidden size), as Triton 3.6's interpreter cannot loop to a runtime bound under NumPy 2.4."""
+def _sum_copies_kernel(rows_ptr, inv_ptr, y_ptr, C, K: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (token n, BLOCK columns): y[n, cols] = sum_j rows[inv[n * K + j], cols], the copies added one
+    row vector at a time (a [K, BLOCK] tile summed over its rows needs a reduction across warps)."""
     n = tl.program_id(0).to(tl.int64)
-    js = tl.arange(0, K_PAD)
-    in_k = js < K
-    src = tl.load(inv_ptr + n * K + js, mask=in_k, other=0).to(tl.int64)
-    for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        in_c = cols < C
-        x = tl.load(rows_ptr + src[:, None] * C + cols[None, :], mask=in_k[:, None] & in_c[None, :], other=0.0)
-        tl.store(y_ptr + n * C + cols, tl.sum(x.to(tl.float32), axis=0).to(y_ptr.dtype.element_ty), mask=in_c)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    in_c = cols < C
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(K):
+        src = tl.load(inv_ptr + n * K + j).to(tl.int64)
+        acc += tl.load(rows_ptr + src * C + cols, mask=in_c, other=0.0).to(tl.float32)
+    tl.store(y_ptr + n * C + cols, acc.to(y_ptr.dtype.element_ty), mask=in_c)
 
 
 @functools.cache
@@ -58,16 +57,17 @@ def _kernel():
     return triton.jit(_sum_copies_kernel)
 
 
-def sum_token_copies_triton(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+def sum_token_copies_triton(rows: torch.Tensor, inverse: torch.Tensor, k: int, block: int = BLOCK_C,
+                            num_warps: int = NUM_WARPS) -> torch.Tensor:
     """The kernel (CUDA, or CPU under TRITON_INTERPRET=1); arguments and result as :func:`sum_token_copies`."""
     if rows.shape[0] % k:
         raise ValueError(f"sum_token_copies: {rows.shape[0]} rows are not k = {k} copies of each token")
     num_tokens, width = rows.shape[0] // k, rows.shape[1]
     y = rows.new_empty(num_tokens, width)
     if num_tokens:
-        sizes = {"C": width, "K": k, "K_PAD": 1 << max(0, (k - 1).bit_length()),
-                 "BLOCK": min(BLOCK_C, 1 << max(4, (width - 1).bit_length()))}
-        _kernel()[(num_tokens,)](rows.contiguous(), inverse, y, **sizes, num_warps=NUM_WARPS)
+        block = min(block, 1 << max(4, (width - 1).bit_length()))
+        _kernel()[(num_tokens, -(-width // block))](rows.contiguous(), inverse, y, width, K=k, BLOCK=block,
+                                                     num_warps=num_warps)
     return y
 
 

@@ -74,6 +74,12 @@ def _short_conv_backward_kernel(x_ptr, w_ptr, pos_ptr, dy0_ptr, dy1_ptr, dy2_ptr
     in_rows, in_cols = rows < N, cols < D
     pos = tl.load(pos_ptr + rows, mask=in_rows, other=0)
     part = tl.program_id(1) * BD // DP
+    if PARTS == 1 or part == 0:
+        dy_ptr = dy0_ptr
+    elif part == 1:
+        dy_ptr = dy1_ptr
+    else:
+        dy_ptr = dy2_ptr
     dx = tl.zeros([BT, BD], dtype=tl.float32)
     for s in tl.static_range(W):
         out = rows + s
@@ -86,14 +92,8 @@ def _short_conv_backward_kernel(x_ptr, w_ptr, pos_ptr, dy0_ptr, dy1_ptr, dy2_ptr
             x = tl.load(x_ptr + (out - back).to(tl.int64)[:, None] * D + cols[None, :],
                         mask=(same & (out_pos >= back))[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
             pre += x * w[None, :]
-        dy_offsets = out.to(tl.int64)[:, None] * DP + (cols - part * DP)[None, :]
-        dy_mask = same[:, None] & in_cols[None, :]
-        if PARTS == 1 or part == 0:
-            dy = tl.load(dy0_ptr + dy_offsets, mask=dy_mask, other=0.0).to(tl.float32)
-        elif part == 1:
-            dy = tl.load(dy1_ptr + dy_offsets, mask=dy_mask, other=0.0).to(tl.float32)
-        else:
-            dy = tl.load(dy2_ptr + dy_offsets, mask=dy_mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + out.to(tl.int64)[:, None] * DP + (cols - part * DP)[None, :],
+                     mask=same[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
         sig = tl.sigmoid(pre)
         g = dy * sig * (1.0 + pre * (1.0 - sig))
         w_s = tl.load(w_ptr + cols * W + (W - 1 - s), mask=in_cols, other=0.0).to(tl.float32)

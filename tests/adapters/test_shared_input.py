@@ -98,7 +98,11 @@ def test_the_linears_join_in_one_autograd_node(monkeypatch):
 
 @pytest.mark.parametrize("case", ["dropout", "ce-lora", "bias", "plain linear", "trainable weight", "autocast"])
 def test_linears_that_cannot_join_run_one_by_one(case, monkeypatch):
-    monkeypatch.setattr(SharedInputLora, "apply", lambda *args: pytest.fail("joined"))
+    # A LoraLinear that can join runs alone through the same node: no call may hold more than one linear.
+    linears_per_call = []
+    original = SharedInputLora.apply
+    monkeypatch.setattr(SharedInputLora, "apply",
+                        lambda *args: linears_per_call.append(sum(args[2])) or original(*args))
     modules = linears(dropout=0.1 if case == "dropout" else 0.0, cls=CeLoraLinear if case == "ce-lora" else LoraLinear,
                       bias=case == "bias")
     if case == "plain linear":
@@ -113,6 +117,7 @@ def test_linears_that_cannot_join_run_one_by_one(case, monkeypatch):
         expected = (torch.cat([m(x) for m in modules[:3]], -1), modules[3](x), modules[4](x))
     for y, e in zip(ys, expected):
         torch.testing.assert_close(y, e)
+    assert set(linears_per_call) <= {1}
 
 
 def test_model_loss_and_adapter_gradients_match_the_linears_one_by_one(monkeypatch):
@@ -142,3 +147,18 @@ def test_cuda_bf16_joined_linears_match_one_by_one():
     modules = [m.cuda() for m in linears(torch.bfloat16)]
     x = torch.randn(4096, IN, device="cuda", dtype=torch.bfloat16)
     assert_same(run(modules, x, True), run(modules, x, False), 1e-2, 1e-2)
+
+
+def test_a_linear_alone_runs_through_the_node_with_the_numbers_of_its_own_path(monkeypatch):
+    module = linears()[0]
+    x = torch.randn(6, IN)
+    results = []
+    for join in (True, False):
+        monkeypatch.setattr(shared_input, "JOIN", join)
+        module.zero_grad(set_to_none=True)
+        x_grad = x.clone().requires_grad_(True)
+        y = module(x_grad)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), x_grad.grad, module.lora_A.grad, module.lora_B.grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -17,7 +18,8 @@ from rich.console import Console
 
 from kimitune.config import parse_config
 from kimitune.train.checkpointing import list_checkpoints
-from kimitune.train.trainer import Trainer, TrainingDiverged
+from kimitune.train import trainer as trainer_module
+from kimitune.train.trainer import Trainer, TrainingDiverged, frozen_startup_objects
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -174,3 +176,25 @@ def test_skipped_step_does_not_change_the_weights(small_data, tmp_path, monkeypa
     with pytest.raises(TrainingDiverged):
         run(raw_config(small_data, tmp_path, max_steps=5, max_bad_steps=2, eval_steps=None, save_steps=None))
     assert all(torch.equal(snapshots[0], s) for s in snapshots)
+
+
+def test_the_steps_run_with_the_built_objects_frozen_out_of_the_collector(small_data, tmp_path, monkeypatch):
+    frozen_during_steps = []
+    original_take = trainer_module.BatchStream.take
+    monkeypatch.setattr(trainer_module.BatchStream, "take",
+                        lambda self, n: frozen_during_steps.append(gc.get_freeze_count()) or original_take(self, n))
+    assert gc.get_freeze_count() == 0
+    run(raw_config(small_data, tmp_path, max_steps=2, save_steps=None, eval_steps=None))
+    assert len(frozen_during_steps) == 2 and min(frozen_during_steps) > 1000  # the model's objects among them
+    assert gc.get_freeze_count() == 0  # released when the run ends
+
+
+def test_frozen_startup_objects_leaves_an_outer_freeze_alone():
+    gc.freeze()
+    try:
+        outer = gc.get_freeze_count()
+        with frozen_startup_objects():
+            assert gc.get_freeze_count() >= outer
+        assert gc.get_freeze_count() >= outer
+    finally:
+        gc.unfreeze()
