@@ -111,16 +111,16 @@ def frozen_startup_objects() -> Iterator[None]:
     sits in the garbage collector's permanent generation (``gc.freeze``), so the collector's passes during the steps
     traverse only what the steps create. A training step issues thousands of kernels from Python and the GPU waits
     whenever the host falls behind: on the whole 48B (one H200, 8192 tokens) the full passes over the model's
-    objects cost about 4% of the tokens/s (``benchmarks/RESULTS.md``). Unfrozen again on exit, unless objects were
-    frozen before entry (whoever froze them unfreezes)."""
-    owner = gc.get_freeze_count() == 0
+    objects cost about 4% of the tokens/s (``benchmarks/RESULTS.md``). On exit every frozen object is unfrozen, also
+    those frozen before entry (freezing only spares the collector work; something imported on the GPU machines froze
+    375 objects, and leaving the run's own objects frozen kept a finished run's model alive, a cycle the collector
+    no longer looked at)."""
     gc.collect()
     gc.freeze()
     try:
         yield
     finally:
-        if owner:
-            gc.unfreeze()
+        gc.unfreeze()
 
 
 def _every(steps_per_epoch: int, explicit: int | None, per_epoch: int | None) -> int | None:
