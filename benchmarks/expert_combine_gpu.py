@@ -16,20 +16,7 @@ import torch
 
 from kimitune.ops import expert_combine
 from kimitune.ops.permute import inverse_permutation
-
-
-def timed(fn, reps: int = 50) -> float:
-    """Mean milliseconds of ``fn()`` over ``reps`` calls after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
+from short_conv_gpu import timed  # benchmarks/short_conv_gpu.py
 
 
 def main() -> None:
@@ -46,11 +33,11 @@ def main() -> None:
         inverse = inverse_permutation(torch.argsort(chosen, stable=True))
         rows = torch.randn(tokens * k, args.hidden, device="cuda", dtype=torch.bfloat16)
         moved = (tokens * k + tokens) * args.hidden * 2
-        ms = timed(lambda: expert_combine.sum_token_copies(rows, inverse, k))
+        ms = timed(lambda: expert_combine.sum_token_copies(rows, inverse, k), reps=50)
         print(f"| {tokens} | default | {ms:.3f} | {moved / ms / 1e6:.0f} |", flush=True)
         for cfg in filter(None, args.configs.split(",")):
             block, warps = map(int, cfg.split("x"))
-            ms = timed(lambda: expert_combine.sum_token_copies_triton(rows, inverse, k, block, warps))
+            ms = timed(lambda: expert_combine.sum_token_copies_triton(rows, inverse, k, block, warps), reps=50)
             print(f"| {tokens} | {cfg} | {ms:.3f} | {moved / ms / 1e6:.0f} |", flush=True)
 
 
