@@ -89,6 +89,8 @@ def causal_conv1d(
     with ``parts`` > 1, y as a tuple of ``parts`` tensors [B, T, D / parts] (its channels in order; contiguous each
     on CUDA's training path). On CUDA the training case (SiLU, no bias, no states) runs kimitune's kernels
     (short_conv.py), the rest fla's."""
+    if x.shape[-1] % parts:
+        raise ValueError(f"causal_conv1d: {x.shape[-1]} channels do not split into {parts} parts")
     if x.is_cuda and activation == "silu" and bias is None and initial_state is None and not output_final_state:
         check_conv_inputs(x, weight, bias, activation, initial_state, cu_seqlens, "causal_conv1d")
         cu_seqlens = None if cu_seqlens is None else cu_seqlens_on(cu_seqlens, x.device)

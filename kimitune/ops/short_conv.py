@@ -119,11 +119,12 @@ def _kernels():
     return triton.jit(_short_conv_forward_kernel), triton.jit(_short_conv_backward_kernel)
 
 
-def _block_d(channels_per_part: int, block_d: int) -> int:
-    """The channel block: ``block_d``, or less, so that it divides a part's channels (a program writes one part)."""
-    while channels_per_part % block_d:
+def _tiling(N: int, D: int, parts: int, block_t: int, block_d: int) -> tuple[int, tuple[int, int]]:
+    """(channel block, grid) for both directions: with parts, the block shrinks until it divides a part's channels
+    (a program writes, and reads back, one part)."""
+    while parts > 1 and (D // parts) % block_d:
         block_d //= 2
-    return block_d
+    return block_d, (-(-N // block_t), -(-D // block_d))
 
 
 def conv_silu_forward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, parts: int = 1,
@@ -133,8 +134,7 @@ def conv_silu_forward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.T
     [N, D / parts] of y's channels, in x's dtype."""
     N, D = x.shape
     ys = tuple(x.new_empty(N, D // parts) for _ in range(parts))
-    block_d = block_d if parts == 1 else _block_d(D // parts, block_d)
-    grid = (-(-N // block_t), -(-D // block_d))
+    block_d, grid = _tiling(N, D, parts, block_t, block_d)
     if x.numel():
         _kernels()[0][grid](x, weight, pos, *(ys * 3)[:3], N, D, D // parts, W=weight.shape[1], BT=block_t,
                             BD=block_d, PARTS=parts, num_warps=num_warps)
@@ -150,8 +150,7 @@ def conv_silu_backward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.
     N, D = x.shape
     parts = len(grad_ys)
     grad_x = torch.empty_like(x)
-    block_d = block_d if parts == 1 else _block_d(D // parts, block_d)
-    grid = (-(-N // block_t), -(-D // block_d))
+    block_d, grid = _tiling(N, D, parts, block_t, block_d)
     # Every tile writes its whole [D, W] slice, so no zero fill; without WEIGHT_GRAD nothing is written.
     partial = torch.empty(grid[0] if weight_grad else 1, *weight.shape, dtype=torch.float32, device=x.device)
     if x.numel():

@@ -122,3 +122,12 @@ def test_bad_inputs_raise_clear_errors(kwargs, message):
         causal_conv1d(**{**args, **kwargs})
     with pytest.raises(ValueError, match="causal_conv1d_update: conv state must be"):
         causal_conv1d_update(torch.zeros(2, 4), torch.zeros(3, 4, 4), torch.zeros(4, 4))
+
+
+def test_output_in_parts_matches_the_whole_and_refuses_an_uneven_split():
+    x, weight = torch.randn(1, 9, 12), torch.randn(12, 4)
+    whole, _ = causal_conv1d(x, weight, activation="silu")
+    parts, _ = causal_conv1d(x, weight, activation="silu", parts=3)
+    assert len(parts) == 3 and torch.equal(torch.cat(parts, dim=-1), whole)
+    with pytest.raises(ValueError, match="causal_conv1d: 12 channels do not split into 5 parts"):
+        causal_conv1d(x, weight, activation="silu", parts=5)
