@@ -12,6 +12,7 @@ reserved) and the build time.
     python benchmarks/train_48b.py --bits 8 --seq 8192                  # target: peak <= 70 GiB
     python benchmarks/train_48b.py --bits 4 --seq 8192,32768            # target: 32768 tokens fit in 80 GB
     python benchmarks/train_48b.py --bits 8 --seq 8192 --experts        # LoRA on the experts too
+    python benchmarks/train_48b.py --bits 16 --seq 8192 --ckpt-layers 0 --kda-keep  # H200: the 3x row, fastest
     python benchmarks/train_48b.py --estimate                           # the paper estimate below, no GPU
     python benchmarks/train_48b.py --smoke                              # tiny depth/width on the CPU: checks the script
 
@@ -196,6 +197,8 @@ def main() -> None:
     parser.add_argument("--ckpt-layers", default=None,
                         help="comma-separated: how many decoder layers recompute in the backward, one row each "
                              "(default: all; 0: none)")
+    parser.add_argument("--kda-keep", action="store_true",
+                        help="fla's KDA keeps its intermediates for the backward (kda_keep_intermediates: true)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the rows here")
@@ -225,6 +228,7 @@ def main() -> None:
     print(f"{gpu}: built {sum(1 for _ in model.model.layers)} layers in {build_s:.1f} s; weights + LoRA "
           f"{weights_gib:.2f} GiB; peak while building {built_peak:.2f} GiB; "
           f"{active_linear_params(cfg) / 1e9:.2f}B active linear weights per token", flush=True)
+    model.set_kda_keep_intermediates(args.kda_keep)
     rows = []
     counts = [int(c) for c in args.ckpt_layers.split(",")] if args.ckpt_layers else [cfg.num_hidden_layers]
     for seq, count in [(seq, count) for seq in seqs for count in counts]:
@@ -233,15 +237,16 @@ def main() -> None:
         quant_type = {16: "bf16", 8: "int8", 4: spec and spec.quant_type}[args.bits]
         planned = estimate(cfg, spec, seq, args.experts)["peak allocated (estimate)"] if spec else float("nan")
         result.update(bits=args.bits, quant_type=quant_type, seq=seq, experts=args.experts, build_s=build_s,
-                      ckpt_layers=count, weights_gib=weights_gib, estimate_gib=planned)
+                      ckpt_layers=count, kda_keep=args.kda_keep, weights_gib=weights_gib, estimate_gib=planned)
         rows.append(result)
         print(json.dumps(result), flush=True)
-    print("\n| bits | seq | recomputed layers | experts LoRA | tokens/s | MFU | peak allocated GiB | "
-          "peak reserved GiB | estimate GiB | build s |\n|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| bits | seq | recomputed layers | KDA intermediates | experts LoRA | tokens/s | MFU | "
+          "peak allocated GiB | peak reserved GiB | estimate GiB | build s |\n" + "|---" * 11 + "|")
     for r in rows:
         speed = "OOM" if r.get("oom") else f"{r['tokens_per_s']:.0f}"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"| {r['quant_type']} | {r['seq']} | {r['ckpt_layers']} | {'yes' if r['experts'] else 'no'} | {speed} | "
+        print(f"| {r['quant_type']} | {r['seq']} | {r['ckpt_layers']} | {'kept' if r['kda_keep'] else 'recomputed'} | "
+              f"{'yes' if r['experts'] else 'no'} | {speed} | "
               f"{mfu} | "
               f"{r.get('peak_allocated_gib', float('nan')):.1f} | {r.get('peak_reserved_gib', float('nan')):.1f} | "
               f"{r['estimate_gib']:.1f} | {r['build_s']:.0f} |")

@@ -183,16 +183,21 @@ def _layer_common(C: int, b: int, fused: bool) -> int:
     return 2 * b * C + 8 if fused else 2 * 4 * C + b * C
 
 
-def _kda_bytes(config: KimiLinearConfig, b: int, fused: bool) -> int:
+def _kda_bytes(config: KimiLinearConfig, b: int, fused: bool, keep_intermediates: bool = False) -> int:
     """KDA besides its adapted linears, per channel of the H * K width: the short conv's input (q, k, v: 3b), the
     kernel's q, k, v (3b) and the forget gate's raw input (b: fla computes the decay inside its kernels and
     recomputes it in the backward, kimitune/ops/kda/gate.py); the gated output norm: fla's fused kernel keeps its
     input and gate (2b) and an inverse RMS per head, PyTorch's its float32 input, normed product and sigmoid
     (3 * 4). Before the gate moved into the kernel the float32 decay, its cumulative sum and softplus's input took
-    12 bytes where the raw input takes b: measured 35.9 bytes per channel then, with PyTorch's norm."""
+    12 bytes where the raw input takes b: measured 35.9 bytes per channel then, with PyTorch's norm.
+
+    ``keep_intermediates`` (fla's ``disable_recompute``): fla also keeps w, q * exp(g), k * exp(g) [T, H, K] and
+    u, v_new [T, H, V] in b bytes, the chunk states [T / 64, H, K, V] in b, and the decay's cumulative sum in
+    float32: 18 bytes per channel at K = V = 128, as measured on the 48B (+11.25 GiB at 8192 tokens)."""
     H, K = config.kda_num_heads, config.kda_head_dim
     norm = 2 * b * H * K + 4 * H if fused else 12 * H * K
-    return 7 * b * H * K + norm
+    kept = b * (3 * H * K + 2 * H * K + H * K * K // 64) + 4 * H * K if keep_intermediates else 0
+    return 7 * b * H * K + norm + kept
 
 
 def _mla_bytes(config: KimiLinearConfig, b: int, fused: bool, packed: bool) -> int:
@@ -236,11 +241,12 @@ def _forward_working_bytes(config: KimiLinearConfig, i: int, b: int) -> int:
 
 
 def _layer_bytes(config: KimiLinearConfig, i: int, b: int, lora: list[_Linear], r: int, dropout: float,
-                 fused: bool, packed: bool) -> int:
+                 fused: bool, packed: bool, keep_kda: bool = False) -> int:
     """Bytes per token that decoder layer i keeps for the backward (its output included)."""
     C = config.hidden_size
     total = _layer_common(C, b, fused)
-    total += _kda_bytes(config, b, fused) if config.is_kda_layer(i) else _mla_bytes(config, b, fused, packed)
+    total += (_kda_bytes(config, b, fused, keep_kda) if config.is_kda_layer(i)
+              else _mla_bytes(config, b, fused, packed))
     if config.is_moe_layer(i):
         total += _moe_bytes(config, b, fused)
     else:
@@ -356,12 +362,13 @@ def predict_peak_memory(
 
     # activations
     if full_ft:  # every linear keeps its (autocast bf16) input for its weight gradient; not measured
-        per_layer = [_layer_bytes(cfg, i, b, [], 0, 0.0, fused, packed)
+        per_layer = [_layer_bytes(cfg, i, b, [], 0, 0.0, fused, packed, train.kda_keep_intermediates)
                      + sum(b * inp * (1 if count == 1 else cfg.num_experts_per_token)
                            for inp, _, count in _layer_matrices(cfg, i))
                      for i in range(cfg.num_hidden_layers)]
     else:
-        per_layer = [_layer_bytes(cfg, i, b, lora, train.lora_r, train.lora_dropout, fused, packed)
+        per_layer = [_layer_bytes(cfg, i, b, lora, train.lora_r, train.lora_dropout, fused, packed,
+                                  train.kda_keep_intermediates)
                      for i in range(cfg.num_hidden_layers)]
     recomputed = _recomputed_layers(train, cfg.num_hidden_layers, gpus)
     if recomputed:
@@ -412,6 +419,7 @@ def predict_peak_memory(
         "tokens": T, "gpus": gpus, "gradient_checkpointing": train.gradient_checkpointing,
         "recomputed_layers": len(recomputed), "adapter": train.adapter,
         "quantisation": quant, "loss": loss, "autocast": autocast, "packed": packed, "fused_kernels": fused,
+        "kda_keep_intermediates": train.kda_keep_intermediates,
     }
     return MemoryPlan(items, T, peak, peak + overhead, settings)
 
@@ -486,6 +494,8 @@ def suggest_settings(train: TrainConfig, model_config: KimiLinearConfig, gpu_byt
     through torchrun), tried after the config's own settings."""
     candidates: list[dict[str, Any]] = []
     layers = model_config.num_hidden_layers
+    if train.kda_keep_intermediates:  # the cheapest memory to give back: ~2.5% of speed
+        candidates.append({"kda_keep_intermediates": False})
     recomputing = len(_recomputed_layers(train, layers, gpus))
     for count in range(recomputing + 1, layers):  # recompute as few layers as fit: the smallest slow-down
         change = {"gradient_checkpointing": True, "gradient_checkpointing_layers": count}

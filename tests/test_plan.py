@@ -142,6 +142,23 @@ def test_plan_with_some_layers_recomputed_is_within_5_percent(layers, seq, recom
     assert abs(plan.peak_allocated_gib / measured - 1) < 0.05, (plan.peak_allocated_gib, measured)
 
 
+def test_kept_kda_intermediates_add_18_bytes_per_channel_in_each_kda_layer():
+    """Measured on the whole 48B in bf16 at 8192 tokens, no layer recomputed, one H200 (benchmarks/RESULTS.md,
+    2026-11-26): 121.4 GiB, and 132.6 with kda_keep_intermediates (train_48b.py --kda-keep)."""
+    cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    plans = [predict_peak_memory(train_config(sequence_len=8192, kda_keep_intermediates=keep), cfg, autocast=False,
+                                 packed=False, fused=True) for keep in (False, True)]
+    kda_layers = sum(cfg.is_kda_layer(i) for i in range(cfg.num_hidden_layers))
+    channels = cfg.kda_num_heads * cfg.kda_head_dim
+    assert plans[1].peak_allocated - plans[0].peak_allocated == 18 * channels * 8192 * kda_layers
+    for plan, measured in zip(plans, (121.4, 132.6)):
+        assert abs(plan.peak_allocated_gib / measured - 1) < 0.02, (plan.peak_allocated_gib, measured)
+    # Too big with them kept: giving them back is the first suggestion.
+    suggestions = suggest_settings(train_config(sequence_len=8192, kda_keep_intermediates=True), cfg,
+                                   (plans[0].device_total + plans[1].device_total) / 2, autocast=False, packed=False)
+    assert suggestions[0].change == {"kda_keep_intermediates": False}
+
+
 def test_recomputing_some_layers_lies_between_none_and_all():
     cfg = widths_48b()
     peaks = [predict_peak_memory(train_config(sequence_len=16384, gradient_checkpointing=count != 0,

@@ -88,6 +88,9 @@ class KimiDeltaAttention(nn.Module):
         self.g_b_proj = nn.Linear(head_dim, width, bias=False)
         self.o_norm = GatedRMSNorm(head_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(width, hidden, bias=False)
+        # fla keeps its intermediates for the backward (``chunk_kda``'s keep_intermediates); set by
+        # KimiLinearForCausalLM.set_kda_keep_intermediates.
+        self.keep_intermediates = False
 
     def forward(
         self,
@@ -125,6 +128,7 @@ class KimiDeltaAttention(nn.Module):
             o, recurrent_state = fused_recurrent_kda(q, k, v, gate.decay(f_a), beta, **recurrence)
         else:  # the decay is computed inside the kernel from the gate's raw input (ops/kda/gate.py says why)
             o, recurrent_state = chunk_kda(q, k, v, gate.gate_input(f_a), beta, A_log=gate.A_log, dt_bias=gate.dt_bias,
+                                           keep_intermediates=self.keep_intermediates,
                                            **recurrence)
         y = self.o_proj(self.o_norm(o, self.g_b_proj(g_a).view(heads_shape)).reshape(B, T, -1))
         return y, (KDAState(conv_state, recurrent_state) if return_state else None)

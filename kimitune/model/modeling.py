@@ -215,6 +215,13 @@ class KimiLinearForCausalLM(nn.Module):
         count = (total if num_layers is None else num_layers) if enabled else 0
         self.model.checkpointed_layers = frozenset(checkpointed_layer_indices(total, count))
 
+    def set_kda_keep_intermediates(self, keep: bool = True) -> None:
+        """On CUDA, fla's KDA kernels keep their chunk states and WY factors for the backward instead of
+        recomputing them there (``kimitune.ops.chunk_kda``'s ``keep_intermediates``): faster, more memory."""
+        for layer in self.model.layers:
+            if isinstance(layer.self_attn, KimiDeltaAttention):
+                layer.self_attn.keep_intermediates = keep
+
     # ----- forward -----
     def forward(
         self,

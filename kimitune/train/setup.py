@@ -179,6 +179,7 @@ def build_training_setup(
     model.config.router_aux_loss_coef = config.router_aux_loss_coef  # the model scales its aux loss by this
     if config.recomputes_layers(sharded=False):  # FSDP's activation_checkpointing applies when the model is sharded
         model.set_gradient_checkpointing(True, config.gradient_checkpointing_layers)
+    model.set_kda_keep_intermediates(config.kda_keep_intermediates)
 
     settings = None
     if not full_finetune:

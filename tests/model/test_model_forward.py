@@ -145,6 +145,28 @@ def test_checkpointed_layers_are_spread_and_counted():
         model.set_gradient_checkpointing(True, 9)
 
 
+def test_kda_keep_intermediates_reaches_every_kda_layers_kernel_call(micro_model, monkeypatch):
+    """set_kda_keep_intermediates flags the KDA layers (not MLA) and each passes it to chunk_kda; the PyTorch path
+    computes the same loss with it (fla's outputs with it on are checked in tests/ops/test_kda_gpu.py)."""
+    from kimitune.model import kda
+
+    _, packed, cu_seqlens = packed_batch()
+    calls = []
+    real = kda.chunk_kda
+    monkeypatch.setattr(kda, "chunk_kda", lambda *a, **kw: (calls.append(kw["keep_intermediates"]), real(*a, **kw))[1])
+    plain = micro_model(packed, labels=packed, cu_seqlens=cu_seqlens).loss
+    micro_model.set_kda_keep_intermediates(True)
+    try:
+        kept = micro_model(packed, labels=packed, cu_seqlens=cu_seqlens).loss
+        flags = [getattr(layer.self_attn, "keep_intermediates", None) for layer in micro_model.model.layers]
+    finally:
+        micro_model.set_kda_keep_intermediates(False)
+    kda_layers = [layer.is_kda for layer in micro_model.model.layers]
+    assert flags == [True if is_kda else None for is_kda in kda_layers]
+    assert calls == [False] * sum(kda_layers) + [True] * sum(kda_layers)
+    assert kept.item() == plain.item()
+
+
 def test_router_stats_count_every_routed_copy(micro_model):
     _, packed, cu_seqlens = packed_batch()
     with torch.no_grad():

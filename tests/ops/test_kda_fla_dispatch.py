@@ -76,6 +76,13 @@ def test_chunk_kda_hands_the_gate_parameters_to_fla(fake_fla):
     assert "use_gate_in_kernel" not in fake_fla["chunk_kda"][1]
 
 
+def test_keeping_intermediates_is_flas_disable_recompute(fake_fla):
+    fla_backend.chunk_kda(*kda_inputs())
+    assert fake_fla["chunk_kda"][1]["disable_recompute"] is False
+    fla_backend.chunk_kda(*kda_inputs(), keep_intermediates=True)
+    assert fake_fla["chunk_kda"][1]["disable_recompute"] is True
+
+
 def test_device_copy_of_cu_seqlens_is_made_once_per_tensor(fake_fla):
     cu = torch.tensor([0, 5, 12])
     first = fla_backend._cu_seqlens_args(cu, torch.device("meta"))

@@ -112,6 +112,16 @@ def test_chunk_kda_gate_in_fla_kernel_matches_precomputed_decay():
         assert relative_error(a, b) < 2e-2, f"{name}: relative error {relative_error(a, b):.3g}"
 
 
+def test_chunk_kda_keeping_intermediates_gives_the_same_outputs_and_gradients():
+    """fla's disable_recompute (keep_intermediates) saves what the backward would recompute: same results."""
+    inputs = kda_inputs(T=200, N=3)
+    cu_seqlens = torch.tensor([0, 50, 130, 200])
+    plain = run(chunk_kda, inputs, cu_seqlens)
+    kept = run(lambda *a, **kw: chunk_kda(*a, **kw, keep_intermediates=True), inputs, cu_seqlens)
+    for name, got, ref in zip(NAMES, kept, plain):
+        assert relative_error(got, ref) < 1e-2, name
+
+
 def test_fused_recurrent_fla_matches_pytorch_path_packed_decode():
     N = 3
     inputs = kda_inputs(N, N=N, seed=1)  # one token per sequence: a decode step

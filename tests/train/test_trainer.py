@@ -99,6 +99,17 @@ def test_recomputing_some_layers_trains_as_without(small_data, tmp_path):
         run(raw_config(small_data, tmp_path / "bad", gradient_checkpointing=True, gradient_checkpointing_layers=99))
 
 
+def test_kda_keep_intermediates_reaches_the_model(small_data, tmp_path, monkeypatch):
+    from kimitune.model import KimiLinearForCausalLM
+
+    flags = []
+    real = KimiLinearForCausalLM.set_kda_keep_intermediates
+    monkeypatch.setattr(KimiLinearForCausalLM, "set_kda_keep_intermediates",
+                        lambda model, keep=True: (flags.append(keep), real(model, keep))[1])
+    run(raw_config(small_data, tmp_path, max_steps=1, save_steps=None, eval_steps=None, kda_keep_intermediates=True))
+    assert flags == [True]
+
+
 def test_resume_continues_exactly(small_data, tmp_path):
     whole, split = tmp_path / "whole", tmp_path / "split"
     run(raw_config(small_data, whole))

@@ -65,9 +65,9 @@ def _cu_seqlens_args(cu_seqlens: torch.Tensor | None, device: torch.device) -> d
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-              use_qk_l2norm_in_kernel=False, cu_seqlens=None, A_log=None, dt_bias=None):
+              use_qk_l2norm_in_kernel=False, cu_seqlens=None, A_log=None, dt_bias=None, keep_intermediates=False):
     """fla's chunkwise KDA; arguments and results as ``kimitune.ops.chunk_kda`` (``A_log``: fla's
-    ``use_gate_in_kernel``)."""
+    ``use_gate_in_kernel``; ``keep_intermediates``: its ``disable_recompute``)."""
     check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, "chunk_kda")
     gate = {} if A_log is None else {"use_gate_in_kernel": True, "A_log": A_log.view(-1), "dt_bias": dt_bias}
     return _fla().chunk_kda(
@@ -76,6 +76,7 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         initial_state=initial_state,
         output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+        disable_recompute=keep_intermediates,
         **gate,
         **_cu_seqlens_args(cu_seqlens, q.device),
     )
