@@ -191,12 +191,13 @@ def _kda_bytes(config: KimiLinearConfig, b: int, fused: bool, keep_intermediates
     (3 * 4). Before the gate moved into the kernel the float32 decay, its cumulative sum and softplus's input took
     12 bytes where the raw input takes b: measured 35.9 bytes per channel then, with PyTorch's norm.
 
-    ``keep_intermediates`` (fla's ``disable_recompute``): fla also keeps w, q * exp(g), k * exp(g) [T, H, K] and
-    u, v_new [T, H, V] in b bytes, the chunk states [T / 64, H, K, V] in b, and the decay's cumulative sum in
-    float32: 18 bytes per channel at K = V = 128, as measured on the 48B (+11.25 GiB at 8192 tokens)."""
+    ``keep_intermediates`` (fla's ``disable_recompute``): fla also keeps w, q * exp(g), k * exp(g), u and the new
+    values v_new (five [T, H, K] in b bytes; KDA's V = K), the chunk states [T / 64, H, K, K] in b, and the decay's
+    cumulative sum in float32: 18 bytes per channel at K = 128, as measured on the 48B (+11.25 GiB at 8192
+    tokens)."""
     H, K = config.kda_num_heads, config.kda_head_dim
     norm = 2 * b * H * K + 4 * H if fused else 12 * H * K
-    kept = b * (3 * H * K + 2 * H * K + H * K * K // 64) + 4 * H * K if keep_intermediates else 0
+    kept = b * (5 * H * K + H * K * K // 64) + 4 * H * K if keep_intermediates else 0
     return 7 * b * H * K + norm + kept
 
 
