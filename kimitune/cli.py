@@ -1,4 +1,4 @@
-"""The `kimitune` command line: train, preprocess, inspect, plan (and the commands later issues add)."""
+"""The `kimitune` command line: train, preprocess, inspect, plan, config, and the inference commands."""
 
 from __future__ import annotations
 
@@ -51,19 +51,27 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 
 def _load(config: Path, extra: list[str]):
+    from kimitune.config_keys import yaml_scalar
+
     try:
-        cfg, warnings = load_config(config, parse_overrides(extra))
+        overrides = parse_overrides(extra)
+        cfg, warnings = load_config(config, overrides)
     except ConfigError as err:
-        diagnostics.print(f"[red]error:[/] {err}")
+        diagnostics.print(f"[red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
+    if overrides:  # the run's log then says what differs from the YAML file
+        given = ", ".join(f"{key.replace('-', '_')}: {yaml_scalar(value)}" for key, value in overrides.items())
+        diagnostics.print(f"overrides from the command line: {given}", highlight=False, soft_wrap=True)
     for warning in warnings:
-        diagnostics.print(f"[yellow]warning:[/] {warning}")
+        diagnostics.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     return cfg
 
 
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    help=f"Train (LoRA or full fine-tuning) as CONFIG describes. {OVERRIDE_HELP}",
+    help="Train (LoRA or full fine-tuning) as CONFIG describes. An output_dir that holds a run is refused unless "
+    "--resume-from-checkpoint continues it (from its latest checkpoint) or --overwrite-output-dir starts over "
+    f"(deleting its files); one run per output_dir at a time. {OVERRIDE_HELP}",
 )
 def train(
     ctx: typer.Context,
@@ -75,10 +83,10 @@ def train(
     try:
         summary = Trainer(cfg, console).train()
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {err}", soft_wrap=True)  # unwrapped: paths stay whole
         raise typer.Exit(2) from None
     except TrainingDiverged as err:
-        console.print(f"[red]stopped:[/] {err}")
+        console.print(f"[red]stopped:[/] {err}", soft_wrap=True)
         raise typer.Exit(3) from None
     _print_summary(summary)
 
@@ -94,7 +102,8 @@ def _print_summary(summary) -> None:
         f"eval loss: first {fmt(summary.first_eval_loss)}, final {fmt(summary.final_eval_loss)}, "
         f"best {fmt(summary.best_eval_loss)}\n"
         f"saved to {summary.saved}; metrics in {summary.output_dir / 'metrics.jsonl'}"
-        + (f"; loss curve {summary.loss_curve}" if summary.loss_curve else "")
+        + (f"; loss curve {summary.loss_curve}" if summary.loss_curve else ""),
+        soft_wrap=True,  # paths stay whole
     )
 
 
@@ -113,7 +122,7 @@ def preprocess(
         tokenizer = load_tokenizer(cfg.tokenizer_path, trust_remote_code=cfg.trust_remote_code)
         prepared = prepare_datasets(cfg, tokenizer)
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {err}", soft_wrap=True)  # unwrapped: paths stay whole
         raise typer.Exit(2) from None
     console.print(prepared.report)
 
@@ -122,13 +131,51 @@ def preprocess(
 def inspect(
     model: str = typer.Argument(..., help="A model folder, a config.json, or a preset name (tiny, kimi-linear-48b-a3b)."),
 ) -> None:
-    from kimitune.model.summary import print_summary
+    from kimitune.model.configuration import PRESETS
+    from kimitune.model.summary import summarize
 
     try:
-        print_summary(model, console)
-    except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/] {err}")
-        raise typer.Exit(2) from None
+        console.print(summarize(model))
+    except FileNotFoundError as err:
+        _fail(FileNotFoundError(f"{err}: give a model folder, a config.json or a preset name "
+                                f"({', '.join(sorted(PRESETS))})"))
+    except ValueError as err:
+        _fail(err)
+
+
+config_app = typer.Typer(no_args_is_help=True, help="The config keys, and what a config file resolves to.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("keys", help="List every config key with its type, default and meaning (read from the schema "
+                    "that validates configs), then the Axolotl keys accepted without effect.")
+def config_keys_command(
+    pattern: str | None = typer.Argument(None, help="Only the keys whose name contains this (dashes or "
+                                         "underscores)."),
+) -> None:
+    from kimitune.config_keys import config_keys, render_keys
+
+    keys = config_keys()
+    if pattern is not None:
+        keys = [key for key in keys if pattern.replace("-", "_") in key.name]
+        if not keys:
+            _fail(ValueError(f"no config key contains {pattern!r}: `kimitune config keys` lists them all"))
+    typer.echo(render_keys(keys, inert=pattern is None))
+
+
+@config_app.command(
+    "show",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help=f"Print CONFIG as training reads it (YAML): every key, defaults filled in, overrides applied. {OVERRIDE_HELP}",
+)
+def config_show_command(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="The YAML config file."),
+) -> None:
+    from kimitune.config_keys import resolved_config
+
+    cfg = _load(config, ctx.args)
+    typer.echo(yaml.safe_dump(resolved_config(cfg), sort_keys=False, allow_unicode=True, width=100), nl=False)
 
 
 @app.command(
@@ -208,7 +255,7 @@ DEVICE_HELP = "auto (a GPU when there is one), cpu or cuda; bfloat16 on a GPU, f
 
 
 def _fail(err: Exception) -> None:
-    diagnostics.print(f"[red]error:[/] {err}")
+    diagnostics.print(f"[red]error:[/] {err}", soft_wrap=True)  # unwrapped: paths stay whole
     raise typer.Exit(2) from None
 
 
@@ -264,7 +311,8 @@ def generate(
     console.print(f"wrote {count} replies to {output}", highlight=False)
 
 
-@app.command(help="Chat with a model in the terminal: streamed replies, /reset starts over, /exit quits.")
+@app.command(help="Chat with a model in the terminal: streamed replies, /help lists the commands and how to type "
+             "a message of several lines, /reset starts over, /exit quits.")
 def chat(
     model: Path | None = typer.Option(None, help="Model folder (release layout)."),
     adapter: Path | None = typer.Option(None, help="LoRA adapter folder (PEFT format)."),
@@ -282,18 +330,17 @@ def chat(
 ) -> None:
     from kimitune.infer import ChatSession, run_chat
 
-    def lines():
-        while True:
-            try:
-                yield input("\nyou: ")
-            except EOFError:
-                return
+    def read_line(prompt: str) -> str | None:
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
 
     try:
         settings = _sampling(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)
         cfg = _load(config, []) if config is not None else None
         loaded, tok = _model_and_tokenizer(model, adapter, tokenizer, cfg, device, trust_remote_code)
-        run_chat(ChatSession(loaded, tok, settings, system), lines(), lambda text: typer.echo(text, nl=False))
+        run_chat(ChatSession(loaded, tok, settings, system), read_line, lambda text: typer.echo(text, nl=False))
     except (FileNotFoundError, ValueError) as err:
         _fail(err)
 

@@ -29,14 +29,19 @@ class DatasetConfig(_Strict):
     """One entry of ``datasets:`` / ``test_datasets:``: where the rows are and how to read their messages."""
 
     path: str = Field(description="Local .jsonl/.json/.parquet file or folder, or a hub dataset id.")
-    type: Literal["chat_template"] = "chat_template"
-    split: str = "train"
+    type: Literal["chat_template"] = Field(
+        default="chat_template", description="How rows become samples: chat_template (the only kind) renders each "
+        "row's messages with the chat template."
+    )
+    split: str = Field(default="train", description="Split of a hub dataset or data folder to read.")
     name: str | None = Field(default=None, description="Hub dataset configuration name.")
-    data_files: str | list[str] | None = None
+    data_files: str | list[str] | None = Field(
+        default=None, description="Files (or glob patterns) to read within a folder or hub dataset."
+    )
     ds_type: Literal["json", "parquet"] | None = Field(
         default=None, description="File format when it cannot be told from the path's suffix."
     )
-    field_messages: str = "messages"
+    field_messages: str = Field(default="messages", description="The row key that holds the list of messages.")
     message_property_mappings: dict[str, str] = Field(
         default_factory=lambda: {"role": "role", "content": "content"},
         description="Maps our message keys (role, content) to the keys the rows use.",
@@ -45,15 +50,17 @@ class DatasetConfig(_Strict):
         default=None, description="Role aliases: {'user': ['human'], 'assistant': ['gpt']}."
     )
     roles_to_train: list[str] | None = Field(default=None, description="Overrides the top-level roles_to_train.")
-    train_on_eos: TrainOnEos | None = None
+    train_on_eos: TrainOnEos | None = Field(default=None, description="Overrides the top-level train_on_eos.")
     message_field_training: str = Field(
         default="train", description="Per-message key whose true/false overrides the role rule for that message."
     )
-    field_tools: str = "tools"
-    shards: int | None = None
+    field_tools: str = Field(default="tools", description="The row key that holds the tool definitions, if any.")
     # Axolotl keys for datasets that have no effect here.
-    chat_template: str | None = None
-    field: str | None = None
+    shards: int | None = Field(default=None, description="Axolotl's key; no effect: every row is read.")
+    chat_template: str | None = Field(
+        default=None, description="Axolotl's key; no effect: the top-level chat_template applies to every entry."
+    )
+    field: str | None = Field(default=None, description="Axolotl's key; no effect: use field_messages.")
 
 
 class FsdpConfig(_Strict):
@@ -100,26 +107,38 @@ class TrainConfig(_Strict):
     # Quantised frozen weights (kimitune.quant): every linear and the experts; embeddings, norms, router, head kept.
     load_in_8bit: bool = Field(default=False, description="Frozen weights in int8, one scale per row (LLM.int8).")
     load_in_4bit: bool = Field(default=False, description="Frozen weights in 4-bit, blocks of 64 (QLoRA).")
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="The 4-bit number format.")
     bnb_4bit_use_double_quant: bool = Field(default=False, description="Also quantise the 4-bit block scales.")
-    bf16: bool | Literal["auto"] = "auto"
-    fp16: bool | None = None
-    tf32: bool | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 42
+    bf16: bool | Literal["auto"] = Field(
+        default="auto", description="Compute in bf16 on a GPU that supports it (auto or true); false computes in "
+        "float32. The CPU always computes in float32."
+    )
+    fp16: bool | None = Field(default=None, description="Axolotl's key; not used: kimitune computes in bf16 or "
+                              "float32 (see bf16).")
+    tf32: bool | None = Field(default=None, description="Axolotl's key; not used: PyTorch's own TF32 setting "
+                              "applies.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where to train: auto takes a GPU "
+                                                   "when there is one.")
+    seed: int = Field(default=42, description="Seed of the initial weights, the data order, the eval split and "
+                      "dropout.")
 
     # --- adapter ---------------------------------------------------------------------------------------
-    adapter: Literal["lora", "qlora", "ce_lora"] | None = None
+    adapter: Literal["lora", "qlora", "ce_lora"] | None = Field(
+        default=None, description="lora, qlora (LoRA on a 4-bit base), ce_lora (docs/ce_lora.md), or null for full "
+        "fine-tuning of every weight."
+    )
     lora_model_dir: str | None = Field(default=None, description="Start from this saved adapter.")
-    lora_r: int = 8
-    lora_alpha: float = 16
-    lora_dropout: float = 0.0
+    lora_r: int = Field(default=8, description="LoRA rank.")
+    lora_alpha: float = Field(default=16, description="LoRA scale numerator: updates are scaled by lora_alpha / "
+                              "lora_r (lora_alpha / sqrt(lora_r) with peft_use_rslora).")
+    lora_dropout: float = Field(default=0.0, description="Dropout on the LoRA branch's input while training.")
     lora_target_modules: list[str] | str | None = Field(
         default=None, description="Module names (PEFT's suffix rule), 'all-linear', or one regex string (PEFT's rule)."
     )
     lora_target_linear: bool = Field(default=False, description="Target every linear layer (PEFT's all-linear).")
     lora_target_experts: bool = Field(default=False, description="Also adapt the stacked MoE experts.")
-    peft_use_rslora: bool = False
+    peft_use_rslora: bool = Field(default=False, description="Rank-stabilised LoRA: scale by lora_alpha / "
+                                  "sqrt(lora_r).")
     # CE-LoRA (adapter: ce_lora; Chen et al., arXiv 2502.01378; docs/ce_lora.md has the paper's settings).
     ce_lora_sparsity: float | dict[str, float] = Field(
         default=0.5,
@@ -138,39 +157,77 @@ class TrainConfig(_Strict):
     )
 
     # --- data ------------------------------------------------------------------------------------------
-    datasets: list[DatasetConfig] = Field(default_factory=list)
-    test_datasets: list[DatasetConfig] = Field(default_factory=list)
+    datasets: list[DatasetConfig] = Field(
+        default_factory=list, description="The training data: a list of entries, each with the datasets[] keys."
+    )
+    test_datasets: list[DatasetConfig] = Field(
+        default_factory=list, description="The eval data, entries with the datasets[] keys; unset, val_set_size "
+        "holds out part of the training data."
+    )
     val_set_size: float = Field(default=0.0, ge=0.0, description="Fraction (<1) or count (>=1) held out.")
     chat_template: str | None = Field(
         default=None, description="'tokenizer_default' (or unset) uses the tokenizer's template; else a jinja string."
     )
-    sequence_len: int = Field(default=2048, gt=0)
-    sample_packing: bool = False
-    pad_to_sequence_len: bool = False
-    train_on_inputs: bool = False
-    roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"])
-    train_on_eos: TrainOnEos = "turn"
-    excess_length_strategy: Literal["drop", "truncate"] = "drop"
+    sequence_len: int = Field(default=2048, gt=0, description="The most tokens of one sample (longer ones follow "
+                              "excess_length_strategy).")
+    sample_packing: bool = Field(
+        default=False, description="Pack samples end to end into rows of micro_batch_size * sequence_len tokens, "
+        "each sample attending only to itself, instead of padding each to the longest of its batch."
+    )
+    pad_to_sequence_len: bool = Field(
+        default=False, description="Axolotl's key for fixed batch shapes; training does not pad to it yet (batches "
+        "are as long as their samples)."
+    )
+    train_on_inputs: bool = Field(default=False, description="Train on the tokens of every message, not only "
+                                  "those of roles_to_train.")
+    roles_to_train: list[str] = Field(
+        default_factory=lambda: ["assistant"], description="Roles whose messages are trained; a message's own "
+        "`train: true/false` overrides its role."
+    )
+    train_on_eos: TrainOnEos = Field(
+        default="turn", description="Which end-of-turn tokens are trained: turn (every trained message's), last "
+        "(only the last trained message's), none."
+    )
+    excess_length_strategy: Literal["drop", "truncate"] = Field(
+        default="drop", description="Samples longer than sequence_len are dropped or truncated (both are counted "
+        "in the data report)."
+    )
     dataset_prepared_path: str | None = Field(default=None, description="Tokenised-data cache folder.")
-    shuffle_merged_datasets: bool = True
+    shuffle_merged_datasets: bool = Field(default=True, description="Shuffle the training samples (with seed) "
+                                          "after the datasets are joined.")
 
     # --- optimisation ----------------------------------------------------------------------------------
-    micro_batch_size: int = Field(default=1, gt=0)
-    gradient_accumulation_steps: int = Field(default=1, gt=0)
-    num_epochs: float = Field(default=1, gt=0)
-    max_steps: int | None = Field(default=None, gt=0)
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw", "adamw_8bit"] = "adamw_torch"
-    learning_rate: float = Field(default=2e-4, gt=0)
-    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    cosine_min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
-    warmup_steps: int | None = Field(default=None, ge=0)
-    warmup_ratio: float | None = Field(default=None, ge=0.0, le=1.0)
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    gradient_checkpointing: bool = False
+    micro_batch_size: int = Field(default=1, gt=0, description="Samples per forward pass (packed: rows of "
+                                  "sequence_len tokens per forward pass).")
+    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro-batches per optimizer step "
+                                             "(per GPU under torchrun).")
+    num_epochs: float = Field(default=1, gt=0, description="Passes over the training data (fractions allowed); "
+                              "max_steps, when set, decides instead.")
+    max_steps: int | None = Field(default=None, gt=0, description="Optimizer steps of the run; overrides "
+                                  "num_epochs. The learning-rate schedule spans them.")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw", "adamw_8bit"] = Field(
+        default="adamw_torch", description="AdamW (fused on a GPU; the first three names are the same), or "
+        "adamw_8bit (bitsandbytes' 8-bit states, GPU only)."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, description="The peak learning rate, reached after warmup.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="The learning rate's course after warmup, over the run's steps."
+    )
+    cosine_min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="Where cosine and linear decay "
+                                       "end, as a fraction of learning_rate.")
+    warmup_steps: int | None = Field(default=None, ge=0, description="Steps of linear warmup from near 0 to "
+                                     "learning_rate.")
+    warmup_ratio: float | None = Field(default=None, ge=0.0, le=1.0, description="Warmup as a fraction of the "
+                                       "run's steps (instead of warmup_steps).")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW's decoupled weight decay, on matrices "
+                                "only (not on norms, biases, gates).")
+    adam_beta1: float = Field(default=0.9, description="AdamW's first-moment decay.")
+    adam_beta2: float = Field(default=0.999, description="AdamW's second-moment decay.")
+    adam_epsilon: float = Field(default=1e-8, description="AdamW's epsilon.")
+    max_grad_norm: float | None = Field(default=1.0, description="Clip the gradient's global norm to this; null "
+                                        "or 0: no clipping (the norm is still logged).")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute decoder layers' activations in "
+                                         "the backward: less memory, slower.")
     gradient_checkpointing_layers: int | None = Field(
         default=None, ge=1, description="How many decoder layers recompute, spread evenly over the stack (unset: "
         "all). Fewer is faster and holds more activations; `kimitune plan` suggests the fewest that fit."
@@ -185,31 +242,55 @@ class TrainConfig(_Strict):
 
     # --- several GPUs (torchrun; kimitune.train.distributed) --------------------------------------------
     fsdp_version: int | None = Field(default=None, description="2 (FSDP2, the only kind); optional.")
-    fsdp_config: FsdpConfig | None = None
+    fsdp_config: FsdpConfig | None = Field(
+        default=None, description="FSDP2 options under torchrun (the fsdp_config. keys); no effect without torchrun."
+    )
 
     # --- evaluation, checkpoints, logging --------------------------------------------------------------
-    eval_steps: int | None = Field(default=None, gt=0)
-    evals_per_epoch: int | None = Field(default=None, gt=0)
-    save_steps: int | None = Field(default=None, gt=0)
-    saves_per_epoch: int | None = Field(default=None, gt=0)
-    save_total_limit: int | None = Field(default=None, gt=0)
-    logging_steps: int = Field(default=1, gt=0)
-    output_dir: str = "./outputs"
-    resume_from_checkpoint: str | bool | None = None
+    eval_steps: int | None = Field(default=None, gt=0, description="Evaluate every this many steps (and at the "
+                                   "end); unset with no evals_per_epoch: once, at the end.")
+    evals_per_epoch: int | None = Field(default=None, gt=0, description="Evaluations per epoch (instead of "
+                                        "eval_steps).")
+    save_steps: int | None = Field(default=None, gt=0, description="Write a resumable checkpoint-N every this "
+                                   "many steps; unset with no saves_per_epoch: none.")
+    saves_per_epoch: int | None = Field(default=None, gt=0, description="Checkpoints per epoch (instead of "
+                                        "save_steps).")
+    save_total_limit: int | None = Field(default=None, gt=0, description="Keep only the newest this many "
+                                         "checkpoints.")
+    logging_steps: int = Field(default=1, gt=0, description="Log loss, lr, grad norm and tokens/s every this many "
+                               "steps.")
+    output_dir: str = Field(
+        default="./outputs", description="Folder of the run: metrics.jsonl, checkpoints, the final model or adapter. "
+        "One run at a time; one that holds a run is refused unless resumed or overwrite_output_dir."
+    )
+    overwrite_output_dir: bool = Field(
+        default=False, description="Start over in an output_dir that holds a run: its metrics, checkpoints and "
+        "saved model are deleted first (other files stay)."
+    )
+    resume_from_checkpoint: str | bool | None = Field(
+        default=None, description="true: continue from the latest checkpoint in output_dir (start afresh when it "
+        "has none and holds no run); a path: from that checkpoint."
+    )
     # Experiment trackers, with Axolotl's keys (kimitune.train.metrics): W&B is on when wandb_project is set (unless
     # use_wandb: false), MLflow when use_mlflow or mlflow_experiment_name is set, TensorBoard with use_tensorboard.
     use_tensorboard: bool = Field(default=False, description="Write <output_dir>/tensorboard event files.")
-    use_wandb: bool | None = None
-    wandb_project: str | None = None
-    wandb_entity: str | None = None
-    wandb_name: str | None = None
+    use_wandb: bool | None = Field(default=None, description="false turns W&B off even with wandb_project set.")
+    wandb_project: str | None = Field(default=None, description="Log to this W&B project (needs wandb).")
+    wandb_entity: str | None = Field(default=None, description="W&B team or user.")
+    wandb_name: str | None = Field(default=None, description="W&B run name.")
     wandb_run_id: str | None = Field(default=None, description="W&B run id (resumes that run when it exists).")
-    wandb_mode: Literal["online", "offline", "disabled"] | None = None
-    use_mlflow: bool = False
-    mlflow_tracking_uri: str | None = None
-    mlflow_experiment_name: str | None = None
-    mlflow_run_name: str | None = None
-    plugins: list[str] = Field(default_factory=list)
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(default=None, description="W&B's mode "
+                                                                        "(W&B's default when unset).")
+    use_mlflow: bool = Field(default=False, description="Log to MLflow (needs mlflow).")
+    mlflow_tracking_uri: str | None = Field(default=None, description="MLflow server or folder (MLflow's default "
+                                            "when unset).")
+    mlflow_experiment_name: str | None = Field(default=None, description="MLflow experiment; setting it turns "
+                                               "MLflow on.")
+    mlflow_run_name: str | None = Field(default=None, description="MLflow run name.")
+    plugins: list[str] = Field(
+        default_factory=list, description="Axolotl plugins; the cut-cross-entropy one is built in, Liger's has no "
+        "effect, others are refused."
+    )
 
     @model_validator(mode="after")
     def _check_consistency(self) -> TrainConfig:

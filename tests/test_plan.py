@@ -245,7 +245,7 @@ def test_cli_plan_json_with_overrides(tmp_path):
     result = CliRunner().invoke(app, ["plan", str(write_config(tmp_path)), "--json", "--gpu-memory", "141GB",
                                       "--gradient-checkpointing", "--load-in-4bit", "--adapter", "qlora"])
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
+    out = json.loads(result.stdout)  # stdout is the JSON alone (the overrides are echoed on stderr)
     assert out["fits"] and out["suggestions"] == []
     assert out["settings"]["gradient_checkpointing"] and out["settings"]["quantisation"] == "int4"
     assert out["peak_allocated_gib"] == pytest.approx(sum(i["gib"] for i in out["items"]))
@@ -329,3 +329,13 @@ def test_a_model_too_big_for_one_gpu_is_told_to_use_more():
     assert more_gpus and more_gpus[0].plan.fits(80 * GIB)
     assert more_gpus[0].text == "2 GPUs (torchrun --nproc_per_node 2)"
     assert not any(s.change.get("gpus") == 4 for s in suggestions)  # the smallest count that fits, once
+
+
+def test_parameter_counts_read_in_a_fitting_unit():
+    from kimitune.plan import param_count
+
+    assert [param_count(n) for n in (512, 640_000, 1_348_268, 48_254_000_000)] == ["512", "640.00K", "1.35M", "48.25B"]
+    result = CliRunner().invoke(app, ["plan", str(ROOT / "examples/quickstart.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "1.35M params" in result.output and "0.00B" not in result.output  # the tiny model's 1,348,268
+    assert max(len(line) for line in result.output.splitlines()) <= 80  # a log file's width (rich's default)

@@ -10,12 +10,16 @@ the cache always holds exactly what the template renders.
 Streaming: ``TextStream`` turns token ids into text as they come and never prints half of a multi-byte character
 (byte-level BPE splits them across tokens).
 
-Commands: ``/reset`` forgets the conversation (the system prompt stays), ``/exit`` (or end of input) quits.
+Input (``run_chat``): one line is one message; a line ending in ``\\`` continues on the next line, and a line that is
+just ``\"\"\"`` starts a block of lines that the next such line ends, sent as one message. Commands: ``/help`` shows
+this, ``/reset`` forgets the conversation (the system prompt stays), ``/exit`` (or end of input) quits; any other
+line starting with ``/`` is refused with the list of commands (start a message with ``//`` to send it with one
+``/``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from kimitune.infer.cache import GenerationCache
@@ -23,7 +27,19 @@ from kimitune.infer.generate import decode, prompt_ids, stop_token_ids
 from kimitune.infer.sampling import SamplingSettings
 from kimitune.model import KimiLinearForCausalLM
 
-RESET, EXIT = "/reset", "/exit"
+RESET, EXIT, HELP = "/reset", "/exit", "/help"
+COMMANDS = (HELP, RESET, EXIT)
+BLOCK = '"""'
+PROMPT, CONTINUATION = "\nyou: ", "...  "
+HELP_TEXT = f"""Commands:
+  {HELP}    this help
+  {RESET}   start the conversation over (the system prompt stays)
+  {EXIT}    quit (end of input quits too)
+Several lines in one message:
+  end a line with \\ to go on on the next line, or
+  type {BLOCK} on a line of its own, then the lines, then {BLOCK} again.
+A message that starts with / : type // (the first / is dropped).
+"""
 _INCOMPLETE = "\ufffd"  # what decoding shows for the first bytes of a character whose last bytes are missing
 
 
@@ -99,17 +115,44 @@ class ChatSession:
         return reply
 
 
-def run_chat(session: ChatSession, lines: Iterator[str], write: Callable[[str], None]) -> None:
-    """The terminal loop: reads user lines from ``lines`` until ``/exit`` or their end, writes the streamed
-    replies with ``write``."""
-    write(f"Chat ({RESET} starts over, {EXIT} quits)\n")
-    for line in lines:
-        text = line.strip()
+def read_message(read_line: Callable[[str], str | None]) -> str | None:
+    """One message from the user: a line, lines joined by a trailing ``\\``, or a ``\"\"\"`` block (module docstring).
+    ``read_line(prompt)`` returns a line without its newline, or None at the end of input; so does this."""
+    line = read_line(PROMPT)
+    if line is None:
+        return None
+    if line.strip() == BLOCK:
+        lines = []
+        while (line := read_line(CONTINUATION)) is not None and line.strip() != BLOCK:
+            lines.append(line)
+        return "\n".join(lines) if line is not None else None  # an unclosed block at the end of input is dropped
+    lines = []
+    while line is not None and line.endswith("\\"):
+        lines.append(line[:-1])
+        line = read_line(CONTINUATION)
+    return "\n".join(lines + ([line] if line is not None else []))
+
+
+def run_chat(session: ChatSession, read_line: Callable[[str], str | None], write: Callable[[str], None]) -> None:
+    """The terminal loop: reads messages with ``read_message(read_line)`` until ``/exit`` or the end of input, runs
+    the commands, and writes the streamed replies with ``write``."""
+    write(f"Chat ({HELP} for commands and multi-line input, {EXIT} quits)\n")
+    while (message := read_message(read_line)) is not None:
+        text = message.strip()
         if text == EXIT:
             return
         if text == RESET:
             session.reset()
             write("(conversation reset)\n")
+            continue
+        if text == HELP:
+            write(HELP_TEXT)
+            continue
+        if text.startswith("//"):
+            text = text[1:]
+        elif text.startswith("/"):
+            write(f"unknown command {text.split()[0]}: the commands are {', '.join(COMMANDS)} "
+                  "(start a message with // to send it with one /)\n")
             continue
         if not text:
             continue

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from kimitune.cli import app
 from kimitune.infer import ChatSession, SamplingSettings, TextStream, generate, prompt_ids, run_chat, stop_token_ids
+from kimitune.infer.chat import CONTINUATION, HELP_TEXT, read_message
 
 SETTINGS = SamplingSettings(max_new_tokens=3)
 
@@ -50,11 +51,36 @@ def test_turns_reuse_the_cache_only_when_the_rendering_extends_it(tiny_model, to
     assert session.reused_tokens == 0
 
 
+def reader(lines: list[str]):
+    """``read_line`` over ``lines``: what typing them would give (None once they are used up), and the prompts."""
+    remaining, prompts = iter(lines), []
+
+    def read_line(prompt: str) -> str | None:
+        prompts.append(prompt)
+        return next(remaining, None)
+
+    return read_line, remaining, prompts
+
+
+class RecordingSession:
+    """What run_chat asks of a session, recording the messages it is sent."""
+
+    def __init__(self) -> None:
+        self.sent, self.resets = [], 0
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def reply(self, text, write):
+        self.sent.append(text)
+        write("ok")
+
+
 def test_chat_loop_resets_and_exits(tiny_model, tokenizer):
     session = ChatSession(tiny_model, tokenizer, SETTINGS)
     written = []
-    lines = iter(["hi", "", "/reset", "hi", "/exit", "never read"])
-    run_chat(session, lines, written.append)
+    read_line, lines, _ = reader(["hi", "", "/reset", "hi", "/exit", "never read"])
+    run_chat(session, read_line, written.append)
     assert next(lines) == "never read"
     output = "".join(written)
     assert output.count("assistant: ") == 2 and "(conversation reset)" in output
@@ -86,3 +112,30 @@ def test_chat_command_refuses_bad_options(tiny_folder, tmp_path):
     assert result.exit_code == 2 and "top_p must be in (0, 1]" in " ".join(result.output.split())
     result = runner.invoke(app, ["chat", "--model", str(tmp_path / "missing")], input="/exit\n")
     assert result.exit_code == 2 and "no model folder at" in " ".join(result.output.split())
+
+
+def test_chat_takes_messages_of_several_lines():
+    session, written = RecordingSession(), []
+    read_line, _, prompts = reader([
+        "first line \\", "second line\\", "third",   # trailing backslashes continue the message
+        '"""', "a block", "", "  indented", '"""',        # a block keeps its lines as typed
+        "one line",
+    ])
+    run_chat(session, read_line, written.append)
+    assert session.sent == ["first line \nsecond line\nthird", "a block\n\n  indented", "one line"]
+    assert prompts.count("\nyou: ") == 4 and prompts.count(CONTINUATION) == 6  # the last: end of input
+
+
+def test_unknown_commands_are_refused_with_the_known_ones_and_help_explains():
+    session, written = RecordingSession(), []
+    read_line, _, _ = reader(["/rest", "/help", "//etc/hosts is a file", "/reset", "/exit"])
+    run_chat(session, read_line, written.append)
+    output = "".join(written)
+    assert "unknown command /rest: the commands are /help, /reset, /exit" in output
+    assert HELP_TEXT in output and '"""' in HELP_TEXT and "\\" in HELP_TEXT
+    assert session.sent == ["/etc/hosts is a file"] and session.resets == 1
+
+
+def test_an_unclosed_block_at_the_end_of_input_is_not_sent():
+    read_line, _, _ = reader(['"""', "half a message"])
+    assert read_message(read_line) is None
