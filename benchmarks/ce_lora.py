@@ -263,7 +263,8 @@ def quality(args) -> None:
     }
 
     def train(name: str, **keys) -> dict:
-        config, _ = parse_config(common | {"output_dir": str(work / name)} | keys)
+        # A benchmark run starts afresh each time: an earlier run of the same name is replaced.
+        config, _ = parse_config(common | {"output_dir": str(work / name), "overwrite_output_dir": True} | keys)
         summary = Trainer(config, Console(quiet=True)).train()
         return {"config": config, "seconds": summary.seconds, "steps": summary.steps}
 

@@ -53,6 +53,7 @@ class TrainerState:
     skipped_steps: int = 0
     best_eval_loss: float | None = None
     scheduler: dict[str, Any] = field(default_factory=dict)
+    total_steps: int | None = None  # the run's step count, which its schedule spans (None: written before it was kept)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

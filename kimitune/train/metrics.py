@@ -49,8 +49,9 @@ class MetricsLogger:
         rows = [(r["step"], r[key]) for r in self.records if key in r]
         return [s for s, _ in rows], [v for _, v in rows]
 
-    def plot(self, path: Path) -> Path | None:
-        """Saves the training (and eval) loss curve as a PNG; returns its path, or None with no data."""
+    def loss_figure(self):
+        """The loss plot (a matplotlib Figure), or None before any step is logged. Eval losses are few points far
+        apart, so they are drawn as markers only: a line between them would show a course nobody measured."""
         steps, losses = self.series("loss")
         if not steps:
             return None
@@ -63,12 +64,23 @@ class MetricsLogger:
         ax.plot(steps, losses, label="train loss", linewidth=1)
         eval_steps, eval_losses = self.series("eval_loss")
         if eval_steps:
-            ax.plot(eval_steps, eval_losses, "o-", label="eval loss")
+            ax.plot(eval_steps, eval_losses, linestyle="none", marker="o", label="eval loss")
+        ax.set_title(f"{self.path.parent.resolve().name}: {'training and eval' if eval_steps else 'training'} loss, "
+                     f"{steps[-1]} steps")
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
+        return fig
+
+    def plot(self, path: Path) -> Path | None:
+        """Saves ``loss_figure`` as a PNG; returns its path, or None with no data."""
+        fig = self.loss_figure()
+        if fig is None:
+            return None
+        import matplotlib.pyplot as plt
+
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path

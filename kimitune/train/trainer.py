@@ -25,19 +25,22 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from kimitune.config import FsdpConfig, TrainConfig
 from kimitune.train import distributed
 from kimitune.train.checkpointing import (
     TrainerState,
     load_training_state,
-    remove_stale_temporaries,
     resolve_resume,
     save_checkpoint,
 )
 from kimitune.train.metrics import MetricsLogger
+from kimitune.train.model_check import check_model_source
 from kimitune.train.optim import build_optimizer
+from kimitune.train.output_dir import claim_output_dir
+from kimitune.train.progress import status_text, training_progress
+from kimitune.train.resume_checks import check_resume_target, schedule_change_warning
+from kimitune.train.run_record import record_finished
 from kimitune.train.schedule import build_scheduler, warmup_steps_for
 from kimitune.train.setup import (
     TrainingSetup,
@@ -149,13 +152,12 @@ class Trainer:
     def _train(self, world: distributed.World, cleanup: contextlib.ExitStack) -> TrainSummary:
         config = self.config
         console = self.console if world.is_main else Console(quiet=True)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if world.is_main:
-            removed = remove_stale_temporaries(self.output_dir)
-            if removed:
-                console.print(f"[yellow]removed {removed} half-written checkpoint folder(s) from a killed run[/]")
-        world.barrier()
+        # The lock is held until the run ends (or the process dies); see kimitune.train.output_dir.
+        cleanup.enter_context(claim_output_dir(self.output_dir, config, world, console))
         resume_from = resolve_resume(self.output_dir, config.resume_from_checkpoint)
+        if resume_from is not None and config.max_steps is not None:  # refused before the data and the model
+            check_resume_target(resume_from, config.max_steps, self.output_dir)
+        check_model_source(config, resume_from)
         if distributed.launched_by_torchrun() and world.size > 1 and builds_on_meta(config):
             # Only rank 0 reads or draws the weights (on its CPU); the others build the modules on the meta
             # device from rank 0's config and receive their shards after sharding.
@@ -186,6 +188,8 @@ class Trainer:
         warmup = warmup_steps_for(total_steps, config.warmup_steps, config.warmup_ratio)
         eval_every = _every(steps_per_epoch, config.eval_steps, config.evals_per_epoch)
         save_every = _every(steps_per_epoch, config.save_steps, config.saves_per_epoch)
+        if resume_from is not None:
+            check_resume_target(resume_from, total_steps, self.output_dir, from_epochs=config.max_steps is None)
 
         optimizer = build_optimizer(model, config, device)
         scheduler = build_scheduler(optimizer, total_steps, warmup, config.lr_scheduler, config.cosine_min_lr_ratio)
@@ -194,6 +198,10 @@ class Trainer:
             state = load_training_state(resume_from, model, optimizer, world.rank)
             scheduler.load_state_dict(state.scheduler)
             console.print(f"resuming from [bold]{resume_from}[/] at step {state.step}")
+            changed = schedule_change_warning(state, total_steps, resume_from)
+            if changed:
+                console.print(f"[yellow]warning:[/] {changed}")
+        state.total_steps = total_steps  # recorded in every checkpoint, for the check above when it resumes
         metrics = MetricsLogger(config, self.output_dir, resume_step=state.step) if world.is_main else _NoMetrics()
         cleanup.callback(metrics.close)
         stream = BatchStream(setup, state.epoch, state.batch_index)
@@ -215,7 +223,7 @@ class Trainer:
         cleanup.enter_context(frozen_startup_objects())
         start_time, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
         model.train()
-        with _progress(console) as progress:
+        with training_progress(console) as progress:
             task = progress.add_task("train", total=total_steps, completed=state.step, status="")
             while state.step < total_steps:
                 step_batches = stream.take(micro_batches_per_step)
@@ -290,7 +298,7 @@ class Trainer:
                     }
                 if record is not None:
                     metrics.log(record)
-                    progress.update(task, status=_status(record))
+                    progress.update(task, status=status_text(record), record=record)
                 if save_every and state.step % save_every == 0 and state.step < total_steps:
                     save(state)
                 progress.update(task, completed=state.step)
@@ -300,6 +308,8 @@ class Trainer:
             state.best_eval_loss = min(last_eval, state.best_eval_loss or last_eval)
             metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
         saved = setup.save_final(self.output_dir)
+        if world.is_main:
+            record_finished(self.output_dir, state.step)
         curve = metrics.plot(self.output_dir / "loss_curve.png")
         # Every rank leaves together, so none tears the process group down while rank 0 is still writing (a CE-LoRA
         # run on 2 gloo ranks once aborted in teardown: "terminate called without an active exception").
@@ -345,25 +355,3 @@ class Trainer:
         if from_rank0:
             distributed.fill_from_rank0(model, full_state, torch.device("cpu") if fsdp.offload_params else world.device)
         return model
-
-
-def _status(record: dict) -> str:
-    parts = []
-    if "loss" in record:
-        parts.append(f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s")
-    if "eval_loss" in record:
-        parts.append(f"eval {record['eval_loss']:.4f}")
-    return "  ".join(parts)
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=console,
-    )
