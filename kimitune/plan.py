@@ -135,6 +135,14 @@ def _layer_of(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+def param_count(count: float) -> str:
+    """A parameter count in the unit that reads best: 1.35M, 48.25B, 640.00K, 512."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return f"{count:,.0f}"
+
+
 def _quantized_matrices(config: KimiLinearConfig) -> tuple[int, int, int]:
     """(quantised parameters, their rows, the largest quantised tensor's numel): the projection matrices and
     expert stacks that load_in_8bit / load_in_4bit quantise."""
@@ -335,13 +343,13 @@ def predict_peak_memory(
 
     # weights
     if full_ft:
-        items.append(MemoryItem("weights (fp32 master)", 4.0 * total_params, f"{total_params / 1e9:.2f}B params"))
+        items.append(MemoryItem("weights (fp32 master)", 4.0 * total_params, f"{param_count(total_params)} params"))
         items.append(MemoryItem("bf16 weight copies (autocast)", 2.0 * (total_params - 2 * V * C),
                                 "kept for the backward; not measured"))
         trainable = total_params
     else:
         kept = total_params - (q_params if quant else 0)
-        items.append(MemoryItem("frozen weights, bf16", 2.0 * kept, f"{kept / 1e9:.2f}B params"))
+        items.append(MemoryItem("frozen weights, bf16", 2.0 * kept, f"{param_count(kept)} params"))
         if quant == "int8":
             items.append(MemoryItem("frozen weights, int8", q_params + 4.0 * q_rows, "+ fp32 scale per row"))
         elif quant == "int4":
@@ -351,7 +359,7 @@ def predict_peak_memory(
                                             else "fp32 absmax per 64")))
         lora = _lora_targets(train, cfg)
         trainable = sum((t.in_features + t.out_features) * train.lora_r * _expert_count(cfg, t) for t in lora)
-        items.append(MemoryItem("LoRA weights (fp32)", 4.0 * trainable, f"{trainable / 1e6:.1f}M params, "
+        items.append(MemoryItem("LoRA weights (fp32)", 4.0 * trainable, f"{param_count(trainable)} params, "
                                 f"{len(lora)} modules"))
     grads = 4.0 * trainable
     states = (2.0 + 2 * 4 / 2048) * trainable if train.optimizer == "adamw_8bit" else 8.0 * trainable

@@ -1,7 +1,8 @@
 """What preprocessing kept, skipped and truncated, per source, with example rows: ``DataReport``.
 
 Nothing is dropped silently: every skipped row is counted under its reason with up to ``MAX_EXAMPLES`` example
-locations (``file row N``, rows 0-based; in JSON-lines files row N is line N+1), and every truncated sample too.
+locations, counted from 1 (``file.jsonl line N`` for JSON lines, the line an editor shows; ``row N`` for JSON
+arrays, Parquet files and hub datasets), and every truncated sample too.
 ``rich.console.Console().print(report)`` prints it as a table.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -47,7 +49,7 @@ class SourceReport:
         self.skipped.setdefault(reason, Tally()).add(where)
 
     def problems(self) -> str:
-        """The skip reasons as one line: ``12 x missing role (a.jsonl row 3, ...); ...``."""
+        """The skip reasons as one line: ``12 x missing role (a.jsonl line 3, ...); ...``."""
         parts = []
         for reason, tally in sorted(self.skipped.items(), key=lambda item: -item[1].count):
             more = ", ..." if tally.count > len(tally.examples) else ""
@@ -82,29 +84,30 @@ class DataReport:
         return cls(**{**data, "sources": sources})
 
     def __rich__(self) -> Group:
-        table = Table(title="Data", title_justify="left")
-        table.add_column("source", overflow="fold")
+        # The table names each source by its key (datasets[0]) and the paths follow below it, whole: a path inside
+        # a cell was folded mid-word to fit 80 columns, and could not be copied.
+        table = Table(title="Data", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+        table.add_column("source", no_wrap=True)
         table.add_column("split")
         for column in ("rows", "kept", "skipped", "truncated", "tokens", "trained"):
-            table.add_column(column, justify="right")
+            table.add_column(column, justify="right", overflow="fold")  # a number cut with an ellipsis reads wrong
         for s in self.sources:
             skipped = sum(t.count for t in s.skipped.values())
+            key, _, _ = s.name.partition(" ")
             table.add_row(
-                s.name, s.split, str(s.rows), str(s.kept), str(skipped), str(s.truncated.count),
-                str(s.tokens), str(s.trained_tokens),
+                key, s.split, f"{s.rows:,}", f"{s.kept:,}", f"{skipped:,}", f"{s.truncated.count:,}",
+                f"{s.tokens:,}", f"{s.trained_tokens:,}",
             )
-        lines = []
+        lines = [f"{key}: {path}" for key, _, path in (s.name.partition(" ") for s in self.sources) if path]
         for s in self.sources:
             if s.skipped:
                 lines.append(Text(f"skipped in {s.name}: {s.problems()}", style="yellow"))
             if s.truncated.count:
                 where = ", ".join(s.truncated.examples)
-                lines.append(Text(f"truncated to sequence_len in {s.name}: {s.truncated.count} ({where}, ...)"))
-        lines.append(Text(f"train samples: {self.train_samples}; eval samples: {self.eval_samples} ({self.eval_from})"))
+                lines.append(f"truncated to sequence_len in {s.name}: {s.truncated.count} ({where}, ...)")
+        lines.append(f"train samples: {self.train_samples}; eval samples: {self.eval_samples} ({self.eval_from})")
         if self.packing_efficiency is not None:
-            lines.append(
-                Text(f"packing: {self.packed_batches} batches per epoch, efficiency {self.packing_efficiency:.1%}")
-            )
+            lines.append(f"packing: {self.packed_batches} batches per epoch, efficiency {self.packing_efficiency:.1%}")
         if self.cache_dir is not None:
-            lines.append(Text(f"{'loaded from' if self.from_cache else 'cached in'} {self.cache_dir}"))
-        return Group(table, *lines)
+            lines.append(f"{'loaded from' if self.from_cache else 'cached in'} {self.cache_dir}")
+        return Group(table, *(line if isinstance(line, Text) else Text(line) for line in lines))

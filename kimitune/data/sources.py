@@ -68,8 +68,8 @@ class Source:
     def rows(self) -> Iterator[tuple[str, Any]]:
         """``(where, row)`` for every row; ``row`` is a ``ConversationError`` for a line that is not valid JSON."""
         if self.hub is not None:
-            for index, row in enumerate(self.hub):
-                yield f"{self.config.path}[{self.config.split}] row {index}", _drop_nones(row)
+            for number, row in enumerate(self.hub, start=1):
+                yield f"{self.config.path}[{self.config.split}] row {number}", _drop_nones(row)
             return
         for path in self.files:
             if self._file_type(path) == "parquet":
@@ -103,18 +103,18 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
             rows = json.loads(path.read_bytes())
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not a valid JSON array of rows: {err}") from None
-        for index, row in enumerate(rows):
-            yield f"{path} row {index}", row
+        for number, row in enumerate(rows, start=1):
+            yield f"{path} row {number}", row
         return
     with path.open("rb") as f:
-        for index, line in enumerate(f):
+        for number, line in enumerate(f, start=1):  # numbered as editors number lines
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 row = ConversationError("not valid JSON", str(err))
-            yield f"{path} row {index}", row
+            yield f"{path} line {number}", row
 
 
 def _drop_nones(value: Any) -> Any:
@@ -131,8 +131,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
     import datasets
 
     table = datasets.load_dataset("parquet", data_files=str(path), split="train")
-    for index, row in enumerate(table):
-        yield f"{path} row {index}", _drop_nones(row)
+    for number, row in enumerate(table, start=1):
+        yield f"{path} row {number}", _drop_nones(row)
 
 
 def open_source(config: DatasetConfig, name: str) -> Source:

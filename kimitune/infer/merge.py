@@ -11,8 +11,10 @@ dtype, as ``kimitune.adapters.merge_lora`` does in memory.
 
 Host memory: the adapter plus one base shard, read into one buffer that is freed once the shard is written
 (benchmarks/merge_memory.py measures it). The output has the base's shard files (same file names and tensors,
-under release names), the index, and every other file of the base folder copied (config.json, tokenizer files,
-chat template, remote code): the layout that transformers' ``KimiLinearForCausalLM`` and vLLM load.
+under release names), the index, and the base folder's other model files copied (config.json, generation config,
+tokenizer files, chat template, remote code, license): the layout that transformers' ``KimiLinearForCausalLM`` and
+vLLM load. Nothing else is copied: a base that is a training run's output_dir also holds its metrics.jsonl, loss
+curve and run records, which describe that run, not the merged model (``MODEL_FILES``).
 
 The adapter is checked against the base model's config before anything is written, by the same checks as
 loading it into a model (``kimitune.adapters.load_adapter`` on a model built on the meta device), so a tensor
@@ -21,6 +23,7 @@ that does not fit is named with the reason (shape, rank, target).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 from dataclasses import dataclass
@@ -34,7 +37,18 @@ from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
 from kimitune.model.checkpoint import INDEX_FILE, checkpoint_layout, open_checkpoint_files, resolve_file_names
 from kimitune.model.safetensors_io import SafetensorsReader, write_safetensors
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# The files of a model folder besides its weights, as the hub's model repos and transformers' save_pretrained name
+# them (tokenizers: fast, sentencepiece, BPE, tiktoken; remote code is *.py).
+MODEL_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "tiktoken.model", "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt",
+    "chat_template.jinja", "chat_template.json", "*.py", "LICENSE*",
+)
+
+
+def is_model_file(name: str) -> bool:
+    """Whether a base folder's file (not a weight file) belongs in the merged model's folder."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in MODEL_FILES)
 
 
 class MergeError(ValueError):
@@ -169,6 +183,6 @@ def merge_lora_checkpoint(base_dir: str | Path, adapter_dir: str | Path, out_dir
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     for file in base.iterdir():
-        if file.is_file() and file.name != INDEX_FILE and not file.name.endswith(WEIGHT_SUFFIXES):
+        if file.is_file() and is_model_file(file.name):
             shutil.copy2(file, out / file.name)
     return MergeReport(out, shards, merged, total)

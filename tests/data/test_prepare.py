@@ -44,41 +44,42 @@ LONG = chat("word " * 80, "red")
 
 def test_bad_rows_are_counted_by_reason_with_examples(tmp_path, tokenizer):
     rows = [
-        GOOD,                                                        # row 0
-        "{not json",                                                 # row 1
-        {"other": 1},                                                # row 2
-        {"messages": []},                                            # row 3
-        {"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]},  # row 4
-        {"messages": [{"role": "robot", "content": "x"}]},           # row 5
-        {"messages": [{"role": "user", "content": 5}]},              # row 6
-        chat("only a question"),                                     # row 7
-        LONG,                                                        # row 8
-        GOOD,                                                        # row 9
-        "",                                                          # row 10: blank line, not a row
-        {"messages": [{"content": "x"}]},                            # row 11
-        {"messages": "hello"},                                       # row 12
+        GOOD,                                                        # line 1
+        "{not json",                                                 # line 2
+        {"other": 1},                                                # line 3
+        {"messages": []},                                            # line 4
+        {"messages": [{"content": "x"}, {"role": "assistant", "content": "y"}]},  # line 5
+        {"messages": [{"role": "robot", "content": "x"}]},           # line 6
+        {"messages": [{"role": "user", "content": 5}]},              # line 7
+        chat("only a question"),                                     # line 8
+        LONG,                                                        # line 9
+        GOOD,                                                        # line 10
+        "",                                                          # line 11: blank, not a row
+        {"messages": [{"content": "x"}]},                            # line 12
+        {"messages": "hello"},                                       # line 13
     ]
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     prepared = prepare_datasets(make_config(tmp_path, [{"path": str(path)}]), tokenizer, progress=False)
     (source,) = prepared.report.sources
     assert (source.rows, source.kept, len(prepared.train)) == (12, 2, 2)
     counts = {reason: (tally.count, tally.examples) for reason, tally in source.skipped.items()}
-    where = lambda *indices: [f"{path} row {i}" for i in indices]  # noqa: E731
+    # Line numbers as an editor shows them (the first line is 1; the blank line 11 counts as a line, not a row).
+    where = lambda *lines: [f"{path} line {n}" for n in lines]  # noqa: E731
     assert counts == {
-        "not valid JSON": (1, where(1)),
-        "missing messages field": (1, where(2)),
-        "empty conversation": (1, where(3)),
-        "missing role": (2, where(4, 11)),
-        "unknown role": (1, where(5)),
-        "content of the wrong type": (1, where(6)),
-        "no trainable token": (1, where(7)),
-        "longer than sequence_len (64)": (1, where(8)),
-        "messages is not a list": (1, where(12)),
+        "not valid JSON": (1, where(2)),
+        "missing messages field": (1, where(3)),
+        "empty conversation": (1, where(4)),
+        "missing role": (2, where(5, 12)),
+        "unknown role": (1, where(6)),
+        "content of the wrong type": (1, where(7)),
+        "no trainable token": (1, where(8)),
+        "longer than sequence_len (64)": (1, where(9)),
+        "messages is not a list": (1, where(13)),
     }
     console = Console(record=True, width=300)
     console.print(prepared.report)
     printed = console.export_text()
-    assert "2 x missing role" in printed and f"{path} row 4" in printed and "train samples: 2" in printed
+    assert "2 x missing role" in printed and f"{path} line 5" in printed and "train samples: 2" in printed
 
 
 def test_truncation_is_counted(tmp_path, tokenizer):
@@ -89,8 +90,8 @@ def test_truncation_is_counted(tmp_path, tokenizer):
     config = make_config(tmp_path, [{"path": str(path)}], excess_length_strategy="truncate")
     prepared = prepare_datasets(config, tokenizer, progress=False)
     (source,) = prepared.report.sources
-    assert source.truncated.count == 1 and source.truncated.examples == [f"{path} row 1"]
-    assert source.skipped["nothing trained within sequence_len (64)"].examples == [f"{path} row 2"]
+    assert source.truncated.count == 1 and source.truncated.examples == [f"{path} line 2"]
+    assert source.skipped["nothing trained within sequence_len (64)"].examples == [f"{path} line 3"]
     assert max(len(s) for s in prepared.train) == 64
 
 
@@ -100,7 +101,7 @@ def test_empty_dataset_is_an_error_naming_file_and_reasons(tmp_path, tokenizer):
         prepare_datasets(make_config(tmp_path, [{"path": str(path)}]), tokenizer, progress=False)
     message = str(err.value)
     assert str(path) in message and "no usable rows out of 2" in message
-    assert f"1 x no trainable token ({path} row 0)" in message and "empty conversation" in message
+    assert f"1 x no trainable token ({path} line 1)" in message and "empty conversation" in message
 
 
 def test_several_datasets_each_with_its_own_settings(tmp_path, tokenizer):
@@ -175,7 +176,7 @@ def test_hub_dataset_ids_go_through_datasets(tmp_path, tokenizer, monkeypatch):
     prepared = prepare_datasets(config, tokenizer, progress=False)
     assert calls == [("someone/recall", None, "validation")] and len(prepared.train) == 1
     assert prepared.report.sources[0].skipped["empty conversation"].examples == [
-        "someone/recall[validation] row 1"
+        "someone/recall[validation] row 2"  # rows counted from 1, as lines are
     ]
     with pytest.raises(DataError, match="offline/missing: not a local path, and loading it as a hub dataset failed"):
         prepare_datasets(make_config(tmp_path, [{"path": "offline/missing"}]), tokenizer, progress=False)
@@ -281,3 +282,18 @@ def test_run_preprocess_prints_the_report(tmp_path):
     assert "1 x empty conversation" in printed and "cached in" in printed
     run_preprocess(config_path, console=console)
     assert "loaded from" in console.export_text()
+
+
+def test_the_report_fits_80_columns_with_whole_paths_and_numbers(tmp_path, tokenizer):
+    folder = tmp_path / "a-rather-long-folder-name-for-the-data" / "of-this-run"
+    folder.mkdir(parents=True)
+    path = write_jsonl(folder / "conversations.jsonl", [GOOD, GOOD, {"messages": []}])
+    prepared = prepare_datasets(make_config(tmp_path, [{"path": str(path)}]), tokenizer, progress=False)
+    prepared.report.sources[0].tokens = 1_234_567_890  # a large dataset's count: folded, never cut
+    console = Console(record=True, width=80)
+    console.print(prepared.report)
+    printed = console.export_text().splitlines()
+    assert max(len(line) for line in printed) <= 80
+    table = printed[: next(i for i, line in enumerate(printed) if line.startswith("datasets[0]: "))]
+    assert "1,234,567,890" in "".join(table) and "…" not in "".join(table)  # numbers whole, paths below the table
+    assert str(path) in "".join(line.strip() for line in printed)  # wrapped, nothing cut

@@ -126,3 +126,19 @@ def test_a_base_checkpoint_that_does_not_match_its_config_is_refused(tiny_folder
     (base / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\): model\.layers\.3\.self_attn\.kv_b_proj\.weight"):
         merge_lora_checkpoint(base, adapted[1], tmp_path / "out")
+
+
+def test_only_model_files_are_copied_from_a_base_that_is_a_training_output(tiny_folder, adapted, tmp_path):
+    _, adapter = adapted
+    base = tmp_path / "trained"
+    shutil.copytree(tiny_folder, base)
+    run_files = ["metrics.jsonl", "loss_curve.png", "final_state.json", ".kimitune.lock", "notes.txt"]
+    for name in run_files:
+        (base / name).write_text("of the training run")
+    (base / "checkpoint-4").mkdir()
+    (base / "modeling_kimi.py").write_text("# remote code travels with the model\n")
+    out = tmp_path / "merged"
+    merge_lora_checkpoint(base, adapter, out)
+    copied = {p.name for p in out.iterdir()}
+    assert copied == {p.name for p in tiny_folder.iterdir()} | {"modeling_kimi.py"}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= copied and not copied & set(run_files)

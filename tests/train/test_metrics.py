@@ -274,3 +274,18 @@ def test_trackers_are_closed_when_the_run_fails(tmp_path, fake_wandb, monkeypatc
     with pytest.raises(RuntimeError, match="injected failure"):
         trainer_module.Trainer(cfg, Console(quiet=True)).train()
     assert fake_wandb.finished == 1
+
+
+def test_the_loss_plot_has_a_title_and_draws_the_evals_as_points(tmp_path):
+    run_dir = tmp_path / "my-run"
+    run_dir.mkdir()
+    logger = MetricsLogger(config(run_dir), run_dir)
+    for record in RECORDS + [{"step": 3, "eval_loss": 1.75}]:
+        logger.log(record)
+    figure = logger.loss_figure()
+    (axes,) = figure.axes
+    assert axes.get_title() == "my-run: training and eval loss, 2 steps"
+    train, evals = axes.get_lines()
+    assert list(train.get_xdata()) == [1, 2] and train.get_linestyle() == "-"
+    assert list(evals.get_xdata()) == [2, 3] and evals.get_marker() == "o" and evals.get_linestyle() == "None"
+    assert logger.plot(tmp_path / "curve.png") == tmp_path / "curve.png" and (tmp_path / "curve.png").is_file()
