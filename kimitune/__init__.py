@@ -11,6 +11,11 @@ import os
 # process). Sleeping waits cost nothing on an idle machine. Takes effect only when kimitune is imported before torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Triton keeps fla's autotuning results on disk, so a second process skips the tuning; must precede fla's import.
+from kimitune.triton_env import apply_triton_defaults  # noqa: E402
+
+apply_triton_defaults()
+
 __version__ = "0.1.0"
 
 __all__ = ["KimiLinearConfig", "KimiLinearForCausalLM", "__version__"]
