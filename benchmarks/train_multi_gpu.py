@@ -128,7 +128,7 @@ def worker(args) -> None:
 @torch.no_grad()
 def init_shards(model: torch.nn.Module, std: float) -> None:
     """Random values in every rank's local shard of every parameter and buffer, after the model's own
-    initialisation (``modeling._init_weights``, the adapters'): normal(std) matrices, unit norms, zero LoRA B and
+    initialisation (``modeling.init_weights``, the adapters'): normal(std) matrices, unit norms, zero LoRA B and
     router bias, fla's decay init, the short conv's and LoRA A's uniform bounds."""
     from torch.distributed.tensor import DTensor
 

@@ -113,12 +113,12 @@ def _lora_targets(train: TrainConfig, model_config: KimiLinearConfig) -> list[_L
     """The modules LoRA adapts, found on a meta-device model (no memory, no weights) with the trainer's rules."""
     import torch
 
-    from kimitune.adapters.lora import LoraSettings
+    from kimitune.train.settings import lora_settings
     from kimitune.model import KimiLinearForCausalLM
 
     with torch.device("meta"):
         model = KimiLinearForCausalLM(model_config)
-    targets = LoraSettings.from_config(train).targets(model)
+    targets = lora_settings(train).targets(model)
     found = []
     for name in targets.linears:
         module = model.get_submodule(name)

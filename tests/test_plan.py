@@ -94,7 +94,8 @@ def test_a_quantised_plan_holds_one_dequantised_expert_stack():
 
 
 def test_lora_parameter_count_is_the_adapters(tmp_path):
-    from kimitune.adapters import LoraSettings, apply_lora
+    from kimitune.adapters import apply_lora
+    from kimitune.train.settings import lora_settings
     from kimitune.model import KimiLinearForCausalLM
 
     cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/tiny.json")
@@ -105,7 +106,7 @@ def test_lora_parameter_count_is_the_adapters(tmp_path):
         model = KimiLinearForCausalLM(cfg)
         for p in model.parameters():
             p.requires_grad_(False)
-        apply_lora(model, LoraSettings.from_config(train))
+        apply_lora(model, lora_settings(train))
         real = sum(p.numel() for p in model.parameters() if p.requires_grad)
         (item,) = [i for i in plan.items if i.name.startswith("LoRA weights")]
         assert item.bytes == 4 * real

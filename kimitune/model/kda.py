@@ -1,7 +1,7 @@
 """Kimi Delta Attention (KDA) layer: the linear-attention layers of Kimi Linear.
 
     q, k, v = SiLU(causal_conv(x W_q, x W_k, x W_v))           one depthwise short conv over the 3 * H * K channels
-                                                               (x's six projections: adapters/shared_input.py)
+                                                               (x's six projections: model/projections.py)
     g       = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)    per-channel log decay [B, T, H, K], float32
                                                                (inside fla's kernels on CUDA: ops/kda/gate.py)
     beta    = sigmoid(b_proj(x))                               [B, T, H]
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kimitune.adapters.shared_input import project_shared_input
 from kimitune.model.configuration import KimiLinearConfig
+from kimitune.model.projections import project_shared_input
 from kimitune.model.norm import GatedRMSNorm
 from kimitune.ops import causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda, kda_decay
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kimitune.adapters.shared_input import project_shared_input
 from kimitune.model.configuration import KimiLinearConfig
+from kimitune.model.projections import project_shared_input
 from kimitune.model.norm import RMSNorm
 from kimitune.ops.attention import causal_attention, packed_causal_attention
 

@@ -151,7 +151,7 @@ def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch
 
 
 @torch.no_grad()
-def _init_weights(module: nn.Module, std: float) -> None:
+def init_weights(module: nn.Module, std: float) -> None:
     """transformers' initialisation: normal(std) matrices, unit norms, zero router bias, fla's decay init; the
     short conv keeps nn.Conv1d's default (as fla's ShortConvolution)."""
     if isinstance(module, nn.Linear):
@@ -181,7 +181,7 @@ class KimiLinearForCausalLM(nn.Module):
         self.model = KimiLinearModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.loss_impl = "fused"  # linear_cross_entropy's impl for return_logits=False ("cce" to measure against)
-        self.apply(lambda module: _init_weights(module, config.initializer_range))
+        self.apply(lambda module: init_weights(module, config.initializer_range))
 
     # ----- loading and saving (kimitune.model.checkpoint) -----
     @classmethod
@@ -190,14 +190,12 @@ class KimiLinearForCausalLM(nn.Module):
         path: str | Path,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        quantization=None,
     ) -> KimiLinearForCausalLM:
-        """Loads a release-layout folder (config.json + safetensors); see ``checkpoint.load_pretrained``.
-        ``quantization``: None, '8bit', '4bit' or a ``kimitune.quant.QuantSpec`` (frozen weights quantised layer
-        by layer while loading)."""
+        """Loads a release-layout folder (config.json + safetensors); see ``checkpoint.load_pretrained``
+        (quantised while loading: ``kimitune.quant.load_quantized``)."""
         from kimitune.model.checkpoint import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device, quantization=quantization)
+        return load_pretrained(path, dtype=dtype, device=device)
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> Path:
         """Writes the release layout (config.json + sharded safetensors); see ``checkpoint.save_pretrained``."""

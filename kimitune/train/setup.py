@@ -119,12 +119,14 @@ def _build_model(config: TrainConfig, device: torch.device, dtype: torch.dtype, 
     """The model in ``dtype`` on ``device``; with load_in_8bit / load_in_4bit its frozen linears and experts are
     quantised layer by layer while it is built (``kimitune.quant``), computing in ``dtype``."""
     from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
-    from kimitune.quant import QuantSpec, init_quantized
+    from kimitune.quant import init_quantized, load_quantized
+    from kimitune.train.settings import quant_spec
 
-    quantization = QuantSpec.from_config(config)  # TrainConfig refuses quantisation with full fine-tuning
+    quantization = quant_spec(config)  # TrainConfig refuses quantisation with full fine-tuning
+    if weights_from is not None and quantization is not None:
+        return load_quantized(weights_from, quantization, dtype=dtype, device=device)
     if weights_from is not None:
-        return KimiLinearForCausalLM.from_pretrained(weights_from, dtype=dtype, device=device,
-                                                     quantization=quantization)
+        return KimiLinearForCausalLM.from_pretrained(weights_from, dtype=dtype, device=device)
     model_config = KimiLinearConfig.from_pretrained(config.init_from_config)
     if quantization is not None:
         return init_quantized(model_config, quantization, device=device, dtype=dtype)  # from the global seed
@@ -208,15 +210,16 @@ def build_training_setup(
 
 
 def _attach_adapter(model: nn.Module, config: TrainConfig, resume_from: Path | None, console: Console):
-    from kimitune.adapters.lora import LoraSettings, apply_lora, load_adapter
+    from kimitune.adapters.lora import apply_lora, load_adapter
+    from kimitune.train.settings import ce_lora_settings, lora_settings
 
     for param in model.parameters():
         param.requires_grad_(False)
-    settings = LoraSettings.from_config(config)
+    settings = lora_settings(config)
     if config.adapter == "ce_lora":
-        from kimitune.adapters.ce_lora import CeLoraSettings, apply_ce_lora
+        from kimitune.adapters.ce_lora import apply_ce_lora
 
-        adapted = apply_ce_lora(model, settings, CeLoraSettings.from_config(config))
+        adapted = apply_ce_lora(model, settings, ce_lora_settings(config))
     else:
         adapted = apply_lora(model, settings)
     from kimitune.quant.convert import quantized_weights
