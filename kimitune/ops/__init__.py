@@ -4,18 +4,19 @@ conv.py). Both follow fla's argument conventions.
 
 KDA: q, k, g [B, T, H, K] (g the per-channel log decay); v [B, T, H, V]; beta [B, T, H]; states [N, H, K, V] in
 float32. With ``cu_seqlens`` [N+1] (int32 or int64, B = 1) each packed sequence starts from its own initial state
-(or zeros) and returns its own final state. On CUDA, pass ``cu_seqlens`` as a CPU tensor to avoid host syncs
-(see kda/fla.py).
+(or zeros) and returns its own final state. ``cu_seqlens`` is a ``BatchLayout`` (batch_layout.py: the bounds on the
+device and the host, built once per batch) or a tensor, made into a layout for the call: on CUDA give it on the host,
+so that no kernel reads the bounds back.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kimitune.ops.batch_layout import BatchLayout
 from kimitune.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch, check_conv_inputs
 from kimitune.ops.kda import fla
 from kimitune.ops.kda.chunk import chunk_kda_torch
-from kimitune.ops.kda.fla import cu_seqlens_on
 from kimitune.ops.kda.gate import kda_decay
 from kimitune.ops.kda.naive import naive_recurrent_kda
 from kimitune.ops.kda.recurrent import fused_recurrent_kda_torch
@@ -32,7 +33,7 @@ def chunk_kda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | BatchLayout | None = None,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     keep_intermediates: bool = False,
@@ -49,13 +50,14 @@ def chunk_kda(
     Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in float32, or None unless
     ``output_final_state``).
     """
+    layout = BatchLayout.of(cu_seqlens, q.device, q.shape[1])
     if q.is_cuda:
         return fla.chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                             cu_seqlens, A_log, dt_bias, keep_intermediates)
+                             layout, A_log, dt_bias, keep_intermediates)
     if A_log is not None:
         g = kda_decay(g, A_log, dt_bias)
     return chunk_kda_torch(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                           cu_seqlens)
+                           _bounds(layout))
 
 
 def fused_recurrent_kda(
@@ -68,12 +70,16 @@ def fused_recurrent_kda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | BatchLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA token by token (decoding: a few tokens per sequence from a state); same arguments and results as
     :func:`chunk_kda`. fla's kernel is forward-only; the PyTorch path is differentiable through autograd."""
-    kda = fla.fused_recurrent_kda if q.is_cuda else fused_recurrent_kda_torch
-    return kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
+    layout = BatchLayout.of(cu_seqlens, q.device, q.shape[1])
+    if q.is_cuda:
+        return fla.fused_recurrent_kda(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                       use_qk_l2norm_in_kernel, layout)
+    return fused_recurrent_kda_torch(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                     use_qk_l2norm_in_kernel, _bounds(layout))
 
 
 def causal_conv1d(
@@ -83,7 +89,7 @@ def causal_conv1d(
     activation: str | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | BatchLayout | None = None,
     parts: int = 1,
 ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | None]:
     """Causal depthwise conv y[t] = act(bias + sum_i weight[:, i] x[t-W+1+i]) of x [B, T, D] with weight [D, W];
@@ -95,15 +101,21 @@ def causal_conv1d(
     (short_conv.py), the rest fla's."""
     if x.shape[-1] % parts:
         raise ValueError(f"causal_conv1d: {x.shape[-1]} channels do not split into {parts} parts")
+    layout = BatchLayout.of(cu_seqlens, x.device, x.shape[1])
     if x.is_cuda and activation == "silu" and bias is None and initial_state is None and not output_final_state:
-        check_conv_inputs(x, weight, bias, activation, initial_state, cu_seqlens, "causal_conv1d")
-        cu_seqlens = None if cu_seqlens is None else cu_seqlens_on(cu_seqlens, x.device)
-        return conv_silu(x, weight, cu_seqlens, parts), None
+        check_conv_inputs(x, weight, bias, activation, initial_state, fla._checked_bounds(layout), "causal_conv1d")
+        return conv_silu(x, weight, layout, parts), None
     if x.is_cuda:
-        y, state = fla.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+        y, state = fla.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, layout)
     else:
-        y, state = causal_conv1d_torch(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+        y, state = causal_conv1d_torch(x, weight, bias, activation, initial_state, output_final_state,
+                                       _bounds(layout))
     return (y if parts == 1 else y.chunk(parts, dim=-1)), state
+
+
+def _bounds(layout: BatchLayout | None) -> torch.Tensor | None:
+    """The bounds tensor the PyTorch paths take (on the inputs' device)."""
+    return None if layout is None else layout.cu_seqlens
 
 
 def causal_conv1d_update(
@@ -120,5 +132,5 @@ def causal_conv1d_update(
     return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
 
 
-__all__ = ["chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update", "naive_recurrent_kda",
-           "cu_seqlens_on", "kda_decay"]
+__all__ = ["BatchLayout", "chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update",
+           "naive_recurrent_kda", "kda_decay"]

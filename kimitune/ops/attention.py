@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from kimitune.ops.kda.fla import cu_seqlens_on
+from kimitune.ops.batch_layout import BatchLayout
 
 
 def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -56,14 +56,15 @@ def packed_causal_attention_torch(q, k, v, cu_seqlens: torch.Tensor, scale: floa
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def packed_causal_attention(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q, k [1, H, T, Dqk], v [1, H, T, Dv] -> [1, H, T, Dv]; see the module docstring."""
+def packed_causal_attention(q, k, v, cu_seqlens: BatchLayout | torch.Tensor, scale: float) -> torch.Tensor:
+    """q, k [1, H, T, Dqk], v [1, H, T, Dv] -> [1, H, T, Dv] with the batch's layout (or its bounds); see the module
+    docstring."""
+    layout = BatchLayout.of(cu_seqlens, q.device, q.shape[2])
     varlen = _varlen_attn()
     if varlen is None or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
-        return packed_causal_attention_torch(q, k, v, cu_seqlens, scale)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    longest = int(lengths.max())
-    cu = cu_seqlens_on(cu_seqlens, q.device).to(torch.int32)
+        return packed_causal_attention_torch(q, k, v, layout.cu_seqlens, scale)
+    longest = layout.max_seqlen
+    cu = layout.cu_seqlens.to(torch.int32)
     v_dim, qk_dim = v.shape[-1], q.shape[-1]
     q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, H, D]
     if v_dim < qk_dim:

@@ -19,10 +19,10 @@ Arithmetic is float32, rounded once per output. ``kimitune.ops.conv.causal_conv1
 from __future__ import annotations
 
 import functools
-from collections import deque
 
 import torch
 
+from kimitune.ops.batch_layout import BatchLayout
 from kimitune.ops.conv import sequence_positions
 
 tl = None  # triton.language, imported by _kernels() on first use
@@ -173,31 +173,17 @@ class _ConvSilu(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-# (cu_seqlens or None, its version, B, T, device, positions): every KDA layer of a pass (and its recomputation) gets
-# the same cu_seqlens object, so the positions are computed once per batch instead of once per layer.
-_positions: deque[tuple] = deque(maxlen=8)
-
-
-def token_positions(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """``sequence_positions`` as int32 [B*T], cached per ``cu_seqlens`` object (and its in-place version)."""
-    version = None if cu_seqlens is None else cu_seqlens._version
-    for seqlens, seen_version, b, t, where, pos in _positions:
-        if seqlens is cu_seqlens and seen_version == version and (b, t, where) == (B, T, device):
-            return pos
-    pos = sequence_positions(B, T, cu_seqlens, device).to(torch.int32)
-    _positions.append((cu_seqlens, version, B, T, device, pos))
-    return pos
-
-
-def conv_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: BatchLayout | torch.Tensor | None = None,
               parts: int = 1) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """x [B, T, D], weight [D, W], cu_seqlens int32 [n + 1] on x's device (B == 1) or None -> y [B, T, D]; with
+    """x [B, T, D], weight [D, W], the packed batch's layout (B == 1; or its int32 bounds) or None -> y [B, T, D]; with
     ``parts`` > 1, y's channels as that many contiguous tensors [B, T, D / parts] (KDA's q, k and v, which fla's
     kernels would otherwise copy out of one strided buffer)."""
     B, T, D = x.shape
     if parts not in (1, 3) or D % parts:
         raise ValueError(f"conv_silu: {D} channels do not split into {parts} parts (1 or 3)")
-    pos = token_positions(B, T, cu_seqlens, x.device)
+    layout = BatchLayout.of(cu_seqlens, x.device, T)
+    # The layout's positions are made once per batch, for every KDA layer; a padded batch's are two small kernels.
+    pos = layout.positions if layout is not None else sequence_positions(B, T, None, x.device).to(torch.int32)
     ys = _ConvSilu.apply(x.reshape(B * T, D).contiguous(), weight.contiguous(), pos, parts)
     if parts == 1:
         return ys[0].view(B, T, D)

@@ -3,7 +3,7 @@
 ``load_quantized`` does the same from a checkpoint (``kimitune.model.checkpoint.load_pretrained``'s per-layer hook):
 both build the model on the meta device and, per decoder layer, materialise it on the target device, fill it
 (from the files / from the initialiser), quantise it and go on, so the device never holds more than the
-quantised layers so far plus one layer in the float dtype (for Kimi-Linear-48B in bf16: 3.4 GiB of experts).
+quantised layers so far plus one layer in the float dtype (for Kimi-Linear-48B, one layer's experts in bf16).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 from kimitune.adapters.ce_lora import CeLoraSettings
 from kimitune.adapters.lora import LoraSettings
 from kimitune.config import TrainConfig
+from kimitune.model import KimiLinearForCausalLM, RunOptions
 from kimitune.quant import QuantSpec
 
 
@@ -40,3 +41,12 @@ def quant_spec(config: TrainConfig) -> QuantSpec | None:
     if config.load_in_4bit:
         return QuantSpec(4, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant)
     return None
+
+
+def run_options(config: TrainConfig, model: KimiLinearForCausalLM, sharded: bool) -> RunOptions:
+    """How the training passes run: the recomputed layers (gradient_checkpointing and gradient_checkpointing_layers,
+    or FSDP's activation_checkpointing when ``sharded``), kda_keep_intermediates, router_aux_loss_coef."""
+    recompute = model.recomputed_layers(config.gradient_checkpointing_layers) \
+        if config.recomputes_layers(sharded=sharded) else frozenset()
+    return RunOptions(recompute_layers=recompute, kda_keep_intermediates=config.kda_keep_intermediates,
+                      router_aux_loss_coef=config.router_aux_loss_coef)

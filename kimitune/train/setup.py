@@ -34,6 +34,13 @@ def pick_device(config: TrainConfig) -> torch.device:
         raise ConfigError(f"device: {error}") from None
 
 
+def apply_tf32(config: TrainConfig) -> None:
+    """``tf32``: float32 matmuls on TF32 tensor cores (true) or exact (false); unset leaves PyTorch's setting."""
+    if config.tf32 is not None:
+        torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = config.tf32
+
+
 def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
     """bf16 on a GPU that supports it (bf16: auto or true); float32 on CPU."""
     if device.type != "cuda" or config.bf16 is False:
@@ -159,6 +166,7 @@ def build_training_setup(
 
     seed_everything(config.seed)
     device = pick_device(config)
+    apply_tf32(config)
     autocast_bf16 = uses_bf16(config, device)
     tokenizer = load_tokenizer(config.tokenizer_path, trust_remote_code=config.trust_remote_code)
     prepared = prepare_datasets(config, tokenizer)
@@ -178,10 +186,8 @@ def build_training_setup(
             model = KimiLinearForCausalLM(model_config).to(dtype)
     else:
         model = _build_model(config, model_device or device, dtype, weights_from)
-    model.config.router_aux_loss_coef = config.router_aux_loss_coef  # the model scales its aux loss by this
-    if config.recomputes_layers(sharded=False):  # FSDP's activation_checkpointing applies when the model is sharded
-        model.set_gradient_checkpointing(True, config.gradient_checkpointing_layers)
-    model.set_kda_keep_intermediates(config.kda_keep_intermediates)
+    if config.gradient_checkpointing_layers is not None:
+        model.recomputed_layers(config.gradient_checkpointing_layers)  # a count the model cannot take fails here
 
     settings = None
     if not full_finetune:
