@@ -32,7 +32,10 @@ def _fla() -> SimpleNamespace:
         from fla.ops.kda import chunk_kda, fused_recurrent_kda
     except ImportError as error:
         raise ImportError(_INSTALL_HINT) from error
+    from fla.ops.utils.index import prepare_chunk_indices
+
     return SimpleNamespace(
+        prepare_chunk_indices=prepare_chunk_indices,
         chunk_kda=chunk_kda,
         fused_recurrent_kda=fused_recurrent_kda,
         causal_conv1d=causal_conv1d,
@@ -45,6 +48,32 @@ def _cu_seqlens_args(layout: BatchLayout | None) -> dict[str, torch.Tensor | Non
     if layout is None:
         return {"cu_seqlens": None, "cu_seqlens_cpu": None}
     return {"cu_seqlens": layout.cu_seqlens, "cu_seqlens_cpu": layout.cu_seqlens_cpu}
+
+
+FLA_CHUNK_SIZE = 64  # fla's chunk_kda default, the size its chunk tables are built for
+
+
+def _chunk_tables_ready(layout: BatchLayout) -> None:
+    """Builds fla's chunk table for ``layout`` on a side stream, once per layout, before chunk_kda asks for it.
+
+    fla makes the table on the host and copies it to the GPU from pageable memory, a copy that waits for every kernel
+    queued on its stream: on the compute stream, each new batch would stop the host from queuing ahead. Made here on
+    an empty side stream, the wait is for that stream alone; fla then finds the table in its cache (keyed by the very
+    tensors it is called with, passed the same way as chunk_kda passes them)."""
+    if layout.cu_seqlens_cpu is None or not layout.cu_seqlens.is_cuda or "fla_chunk_tables" in layout.__dict__:
+        return
+    # fla reads only the host bounds (and the device tensor's dtype and device): nothing to wait for on the side stream.
+    side = torch.cuda.Stream(device=layout.cu_seqlens.device)
+    debug_mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)  # the side stream's wait stalls nothing that the compute stream queued
+    try:
+        with torch.cuda.stream(side):
+            table = _fla().prepare_chunk_indices(cu_seqlens=layout.cu_seqlens, chunk_size=FLA_CHUNK_SIZE,
+                                                 cu_seqlens_cpu=layout.cu_seqlens_cpu)
+    finally:
+        torch.cuda.set_sync_debug_mode(debug_mode)
+    table.record_stream(torch.cuda.current_stream(table.device))  # copied (synchronously) there, read here
+    layout.__dict__["fla_chunk_tables"] = table  # keeps it alive with the layout; the layout is frozen otherwise
 
 
 def _checked_bounds(layout: BatchLayout | None) -> torch.Tensor | None:
@@ -61,6 +90,8 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     ``use_gate_in_kernel``; ``keep_intermediates``: its ``disable_recompute``)."""
     check_kda_inputs(q, k, v, g, beta, initial_state, _checked_bounds(cu_seqlens), "chunk_kda")
     gate = {} if A_log is None else {"use_gate_in_kernel": True, "A_log": A_log.view(-1), "dt_bias": dt_bias}
+    if cu_seqlens is not None:
+        _chunk_tables_ready(cu_seqlens)
     return _fla().chunk_kda(
         q, k, v, g, beta,
         scale=scale,
