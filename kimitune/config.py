@@ -47,7 +47,9 @@ class DatasetConfig(_Strict):
     roles_to_train: list[str] | None = Field(default=None, description="Overrides the top-level roles_to_train.")
     train_on_eos: TrainOnEos | None = None
     message_field_training: str = Field(
-        default="train", description="Per-message key whose true/false overrides the role rule for that message."
+        default="train",
+        description="Per-message key whose true/false (or 0/1) overrides the role rule for that message; "
+        "a message's `weight` (0/1) is read too, and so are `train`/`weight` on content parts.",
     )
     field_tools: str = "tools"
     shards: int | None = None

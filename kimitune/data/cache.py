@@ -30,7 +30,7 @@ from kimitune.data.packing import Sample
 from kimitune.data.report import DataReport
 from kimitune.data.sources import Source
 
-CACHE_FORMAT = 1  # bump whenever the samples for the same inputs would change
+CACHE_FORMAT = 2  # bump whenever the samples for the same inputs would change
 
 
 def cache_root(config: TrainConfig) -> Path:

@@ -3,6 +3,9 @@
 Nothing is dropped silently: every skipped row is counted under its reason with up to ``MAX_EXAMPLES`` example
 locations (``file row N``, rows 0-based; in JSON-lines files row N is line N+1), and every truncated sample too.
 ``rich.console.Console().print(report)`` prints it as a table.
+
+For the kept rows it also counts the message and content-part keys that kimitune does not read, and the tokens that
+the ``train`` / ``weight`` flags masked (those the role rule alone would have trained).
 """
 
 from __future__ import annotations
@@ -42,17 +45,24 @@ class SourceReport:
     trained_tokens: int = 0
     truncated: Tally = field(default_factory=Tally)
     skipped: dict[str, Tally] = field(default_factory=dict)
+    flag_masked: Tally = field(default_factory=Tally)  # kept rows in which train/weight flags masked tokens
+    flag_masked_tokens: int = 0
+    ignored_keys: dict[str, Tally] = field(default_factory=dict)  # "message key 'x'" -> kept rows holding it
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped.setdefault(reason, Tally()).add(where)
 
     def problems(self) -> str:
         """The skip reasons as one line: ``12 x missing role (a.jsonl row 3, ...); ...``."""
-        parts = []
-        for reason, tally in sorted(self.skipped.items(), key=lambda item: -item[1].count):
-            more = ", ..." if tally.count > len(tally.examples) else ""
-            parts.append(f"{tally.count} x {reason} ({', '.join(tally.examples)}{more})")
-        return "; ".join(parts)
+        return _tallies(self.skipped)
+
+
+def _tallies(tallies: dict[str, Tally]) -> str:
+    parts = []
+    for reason, tally in sorted(tallies.items(), key=lambda item: -item[1].count):
+        more = ", ..." if tally.count > len(tally.examples) else ""
+        parts.append(f"{tally.count} x {reason} ({', '.join(tally.examples)}{more})")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -77,7 +87,9 @@ class DataReport:
         for source in data["sources"]:
             source = dict(source)
             source["truncated"] = Tally(**source["truncated"])
-            source["skipped"] = {reason: Tally(**tally) for reason, tally in source["skipped"].items()}
+            source["flag_masked"] = Tally(**source["flag_masked"])
+            for key in ("skipped", "ignored_keys"):
+                source[key] = {reason: Tally(**tally) for reason, tally in source[key].items()}
             sources.append(SourceReport(**source))
         return cls(**{**data, "sources": sources})
 
@@ -100,6 +112,14 @@ class DataReport:
             if s.truncated.count:
                 where = ", ".join(s.truncated.examples)
                 lines.append(Text(f"truncated to sequence_len in {s.name}: {s.truncated.count} ({where}, ...)"))
+            if s.flag_masked.count:
+                where = ", ".join(s.flag_masked.examples)
+                lines.append(Text(
+                    f"masked by train/weight flags in {s.name}: {s.flag_masked_tokens} tokens in "
+                    f"{s.flag_masked.count} rows ({where}, ...)"
+                ))
+            if s.ignored_keys:
+                lines.append(Text(f"keys not read in {s.name}: {_tallies(s.ignored_keys)}", style="yellow"))
         lines.append(Text(f"train samples: {self.train_samples}; eval samples: {self.eval_samples} ({self.eval_from})"))
         if self.packing_efficiency is not None:
             lines.append(
