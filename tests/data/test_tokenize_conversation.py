@@ -187,15 +187,20 @@ def test_tool_calls_follow_the_message_not_its_parts(tokenizer):
     )
 
 
-def test_text_a_template_puts_between_parts_follows_the_message():
+def tokenizer_rendering_parts_as(parts: str):
+    """The tiny tokenizer with a template that renders list content as the Jinja expression ``parts``."""
     from data_helpers import TOKENIZER_DIR
 
-    joined = (
+    template = (
         "{% for m in messages %}{{ '<|im_assistant|>' + m.role + '<|im_middle|>' }}"
-        "{% if m.content is string %}{{ m.content }}{% else %}{{ m.content | map(attribute='text') | join('\n') }}"
+        "{% if m.content is string %}{{ m.content }}{% else %}{{ " + parts + " }}"
         "{% endif %}{{ '<|im_end|>' }}{% endfor %}"
     )
-    tokenizer = load_tokenizer(str(TOKENIZER_DIR), chat_template=joined)
+    return load_tokenizer(str(TOKENIZER_DIR), chat_template=template)
+
+
+def test_text_a_template_puts_between_parts_follows_the_message():
+    tokenizer = tokenizer_rendering_parts_as("m.content | map(attribute='text') | join('\n')")
     out = tokenize_conversation(tokenizer, [A([P("a"), P("b", weight=0), P("c")])])
     tokens = tokenizer.convert_ids_to_tokens(out["input_ids"])
     assert tokens == ["<|im_assistant|>", "assistant", "<|im_middle|>", "a", "Ċ", "b", "Ċ", "c", "<|im_end|>"]
@@ -204,14 +209,7 @@ def test_text_a_template_puts_between_parts_follows_the_message():
 
 
 def test_parts_a_template_does_not_render_are_refused():
-    from data_helpers import TOKENIZER_DIR
-
-    first_only = (
-        "{% for m in messages %}{{ '<|im_assistant|>' + m.role + '<|im_middle|>' }}"
-        "{% if m.content is string %}{{ m.content }}{% else %}{{ m.content[0].text }}{% endif %}"
-        "{{ '<|im_end|>' }}{% endfor %}"
-    )
-    tokenizer = load_tokenizer(str(TOKENIZER_DIR), chat_template=first_only)
+    tokenizer = tokenizer_rendering_parts_as("m.content[0].text")
     with pytest.raises(ConversationError, match="content parts cannot be located") as err:
         tokenize_conversation(tokenizer, [A([P("a"), P("b", weight=0)])])
     assert err.value.reason == "chat template cannot be split"
