@@ -7,6 +7,19 @@ float32. With ``cu_seqlens`` [N+1] (int32 or int64, B = 1) each packed sequence 
 (or zeros) and returns its own final state. ``cu_seqlens`` is a ``BatchLayout`` (batch_layout.py: the bounds on the
 device and the host, built once per batch) or a tensor, made into a layout for the call: on CUDA give it on the host,
 so that no kernel reads the bounds back.
+
+Names, in every module of kimitune.ops: an op ``foo`` that picks between a kernel and PyTorch code (a dispatcher)
+has ``foo_reference``, the same computation in PyTorch ops with the same arguments and results: the path where no
+kernel applies (CPU tensors, other dtypes), the one :func:`force_reference` (or KIMITUNE_REFERENCE_OPS=1) makes
+every dispatcher take, and what the tests hold the kernels to. ``foo_triton`` (or ``foo_forward_triton`` /
+``foo_backward_triton``) launches kimitune's Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1;
+triton_utils.py holds what they share). An in-place op's trailing underscore stays last: ``softmax_grad_``,
+``softmax_grad_reference_``, ``softmax_grad_triton_``. KDA's definition, the per-token recurrence in a plain loop
+that every KDA path is tested against, is :func:`recurrent_kda_reference` (fla's ``naive_recurrent_kda``).
+
+Forcing the references, also on a GPU: KIMITUNE_REFERENCE_OPS=1 in the environment (read once, at import), or
+``force_reference(True)`` from code (``with force_reference():`` for a block); ``reference_forced()`` tells which.
+Every dispatcher of kimitune.ops reads it at each call (reference_switch.py).
 """
 
 from __future__ import annotations
@@ -14,12 +27,13 @@ from __future__ import annotations
 import torch
 
 from kimitune.ops.batch_layout import BatchLayout
-from kimitune.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch, check_conv_inputs
+from kimitune.ops.conv import causal_conv1d_reference, causal_conv1d_update_reference, check_conv_inputs
 from kimitune.ops.kda import fla
-from kimitune.ops.kda.chunk import chunk_kda_torch
+from kimitune.ops.kda.chunk import chunk_kda_reference
 from kimitune.ops.kda.gate import kda_decay
-from kimitune.ops.kda.naive import naive_recurrent_kda
-from kimitune.ops.kda.recurrent import fused_recurrent_kda_torch
+from kimitune.ops.kda.naive import recurrent_kda_reference
+from kimitune.ops.kda.recurrent import fused_recurrent_kda_reference
+from kimitune.ops.reference_switch import force_reference, reference_forced, use_kernels
 from kimitune.ops.short_conv import conv_silu
 
 
@@ -46,18 +60,19 @@ def chunk_kda(
     ``kda_decay(g, A_log, dt_bias)``, computed inside fla's kernels on CUDA (kda/gate.py says why).
     ``keep_intermediates`` (CUDA): fla keeps its chunk states and WY factors for the backward instead of
     recomputing them there (fla's ``disable_recompute``); the same results, faster, for 18 more bytes per token and
-    H * K channel at K = V = 128 (``kimitune.plan``). The PyTorch path keeps what autograd needs either way.
+    H * K channel at K = V = 128 (``kimitune.plan``). The PyTorch path (:func:`chunk_kda_reference`) keeps what
+    autograd needs either way.
     Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in float32, or None unless
     ``output_final_state``).
     """
     layout = BatchLayout.of(cu_seqlens, q.device, q.shape[1])
-    if q.is_cuda:
+    if use_kernels(q):
         return fla.chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
                              layout, A_log, dt_bias, keep_intermediates)
     if A_log is not None:
         g = kda_decay(g, A_log, dt_bias)
-    return chunk_kda_torch(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                           _bounds(layout))
+    return chunk_kda_reference(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                               _bounds(layout))
 
 
 def fused_recurrent_kda(
@@ -75,11 +90,11 @@ def fused_recurrent_kda(
     """KDA token by token (decoding: a few tokens per sequence from a state); same arguments and results as
     :func:`chunk_kda`. fla's kernel is forward-only; the PyTorch path is differentiable through autograd."""
     layout = BatchLayout.of(cu_seqlens, q.device, q.shape[1])
-    if q.is_cuda:
+    if use_kernels(q):
         return fla.fused_recurrent_kda(q, k, v, g, beta, scale, initial_state, output_final_state,
                                        use_qk_l2norm_in_kernel, layout)
-    return fused_recurrent_kda_torch(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                     use_qk_l2norm_in_kernel, _bounds(layout))
+    return fused_recurrent_kda_reference(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                         use_qk_l2norm_in_kernel, _bounds(layout))
 
 
 def causal_conv1d(
@@ -102,14 +117,14 @@ def causal_conv1d(
     if x.shape[-1] % parts:
         raise ValueError(f"causal_conv1d: {x.shape[-1]} channels do not split into {parts} parts")
     layout = BatchLayout.of(cu_seqlens, x.device, x.shape[1])
-    if x.is_cuda and activation == "silu" and bias is None and initial_state is None and not output_final_state:
+    if use_kernels(x) and activation == "silu" and bias is None and initial_state is None and not output_final_state:
         check_conv_inputs(x, weight, bias, activation, initial_state, fla._checked_bounds(layout), "causal_conv1d")
         return conv_silu(x, weight, layout, parts), None
-    if x.is_cuda:
+    if use_kernels(x):
         y, state = fla.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, layout)
     else:
-        y, state = causal_conv1d_torch(x, weight, bias, activation, initial_state, output_final_state,
-                                       _bounds(layout))
+        y, state = causal_conv1d_reference(x, weight, bias, activation, initial_state, output_final_state,
+                                           _bounds(layout))
     return (y if parts == 1 else y.chunk(parts, dim=-1)), state
 
 
@@ -127,10 +142,10 @@ def causal_conv1d_update(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of :func:`causal_conv1d`: x [N, D] -> (y [N, D], conv_state). ``conv_state`` [N, D, W] is
     rolled in place (the oldest input drops out, x comes in) and returned, on every device."""
-    if x.is_cuda:
+    if use_kernels(x):
         return fla.causal_conv1d_update(x, conv_state, weight, bias, activation)
-    return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
+    return causal_conv1d_update_reference(x, conv_state, weight, bias, activation)
 
 
 __all__ = ["BatchLayout", "chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update",
-           "naive_recurrent_kda", "kda_decay"]
+           "recurrent_kda_reference", "kda_decay", "force_reference", "reference_forced"]

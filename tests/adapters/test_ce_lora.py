@@ -30,8 +30,8 @@ from kimitune.adapters.ce_amm import (
 from kimitune.adapters.ce_lora import CeLoraLinear, CeLoraSettings, apply_ce_lora, approximated_modules
 from kimitune.adapters.layers import LoraLinear
 from kimitune.config import ConfigError, parse_config
+from kimitune.ops.grouped_mm import grouped_linear_reference
 from kimitune.train.settings import ce_lora_settings
-from kimitune.ops.grouped_mm import grouped_linear_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,7 +129,7 @@ def test_amm_formula_with_every_row_kept_is_exact(double_rank):
     approx = RowSampledInputGrad(stack, 1e-9, double_rank, refresh_steps=10, adaptive=False)
     x = torch.zeros(30, 40, requires_grad=True)
     ApproxGroupedLinearFunction.apply(x, stack, offsets, approx).backward(grad_output)
-    torch.testing.assert_close(x.grad, grouped_linear_loop(grad_output, stack.transpose(1, 2), offsets),
+    torch.testing.assert_close(x.grad, grouped_linear_reference(grad_output, stack.transpose(1, 2), offsets),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -176,7 +176,7 @@ def test_experts_error_per_expert_and_double_lora():
     stack = torch.stack([pretrained_like(48, 32, seed=s) for s in range(4)])
     grad_output = grad_with_columns(60, 48)
     offsets = torch.tensor([20, 20, 45, 60], dtype=torch.int32)
-    exact = grouped_linear_loop(grad_output, stack.transpose(1, 2), offsets)
+    exact = grouped_linear_reference(grad_output, stack.transpose(1, 2), offsets)
     errors = {}
     for rank in (0, 8):
         for sparsity in (0.25, 0.5):

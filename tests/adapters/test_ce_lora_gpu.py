@@ -28,7 +28,7 @@ def test_cuda_bf16_ce_lora_steps(monkeypatch):
     def no_loop(*args, **kwargs):
         raise AssertionError("a grouped product fell back to the per-expert loop (a host sync per call)")
 
-    monkeypatch.setattr(grouped_mm, "grouped_linear_loop", no_loop)  # every grouped GEMM: torch._grouped_mm
+    monkeypatch.setattr(grouped_mm, "grouped_linear_reference", no_loop)  # every grouped GEMM: torch._grouped_mm
     torch.manual_seed(0)
     state = KimiLinearForCausalLM(tiny_config()).state_dict()
     lora = cuda_model(state, None)

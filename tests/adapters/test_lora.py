@@ -9,7 +9,7 @@ from torch import nn
 
 from kimitune.adapters import LoraSettings, apply_lora, lora_modules, lora_state_dict, merge_lora
 from kimitune.adapters.layers import ExpertsLora, LoraLinear
-from kimitune.ops.grouped_mm import grouped_linear_loop
+from kimitune.ops.grouped_mm import grouped_linear_reference
 
 ALL = LoraSettings(r=4, alpha=8, target_linear=True, target_experts=True)
 
@@ -66,7 +66,8 @@ def test_expert_formula_is_one_adapter_per_expert():
     adapted = weight + adapter.delta_weight()
     expected = torch.cat([x[:2] @ adapted[0].T, x[2:] @ adapted[2].T])
     torch.testing.assert_close(adapter(weight, x, offsets), expected)
-    torch.testing.assert_close(adapter.lora_output(x, offsets), grouped_linear_loop(x, adapter.delta_weight(), offsets))
+    torch.testing.assert_close(adapter.lora_output(x, offsets),
+                               grouped_linear_reference(x, adapter.delta_weight(), offsets))
 
 
 def test_dropout_acts_only_in_training():

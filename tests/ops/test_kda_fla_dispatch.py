@@ -31,8 +31,11 @@ def fake_fla(monkeypatch):
     conv = types.ModuleType("fla.modules.causal_conv1d")
     conv.causal_conv1d = recorder("causal_conv1d", lambda x: (x, None))
     conv.causal_conv1d_update = recorder("causal_conv1d_update", lambda x, state: (x, state))
-    for name in ("fla", "fla.ops", "fla.modules"):
+    index = types.ModuleType("fla.ops.utils.index")
+    index.prepare_chunk_indices = recorder("prepare_chunk_indices", lambda *args: None)
+    for name in ("fla", "fla.ops", "fla.modules", "fla.ops.utils"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.utils.index", index)
     monkeypatch.setitem(sys.modules, "fla.ops.kda", kda)
     monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d", conv)
     fla_backend._fla.cache_clear()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from triton_interpreter import interpreted, run_interpreted
 
-from kimitune.ops.conv import causal_conv1d_torch
+from kimitune.ops.conv import causal_conv1d_reference
 from kimitune.ops.conv import sequence_positions
 from kimitune.ops.batch_layout import BatchLayout
 from kimitune.ops.short_conv import conv_silu
@@ -30,7 +30,7 @@ def with_grads(fn, x, weight, grad_y, *args):
 
 
 def reference(x, weight, cu_seqlens):
-    return causal_conv1d_torch(x, weight, activation="silu", cu_seqlens=cu_seqlens)[0]
+    return causal_conv1d_reference(x, weight, activation="silu", cu_seqlens=cu_seqlens)[0]
 
 
 def assert_matches_reference(x, weight, grad_y, cu_seqlens):
