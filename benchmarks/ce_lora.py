@@ -39,7 +39,7 @@ import torch
 
 from kimitune.adapters import LoraSettings, apply_lora, load_adapter
 from kimitune.adapters.ce_lora import CeLoraSettings, apply_ce_lora, approximated_modules
-from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
+from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM, RunOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA_R, LORA_ALPHA = 16, 32
@@ -94,16 +94,18 @@ def build(cfg: KimiLinearConfig, state: dict, device: torch.device, sparsity: fl
         ce = CeLoraSettings(sparsity=sparsity, double_rank=args.double_rank, refresh_steps=args.refresh_steps,
                             adaptive=args.adaptive)
         apply_ce_lora(model, settings, ce)
-    model.set_gradient_checkpointing(args.ckpt)
     return model.train()
 
 
-def timed_step(model, optimizer, ids, device) -> dict[str, float]:
+def timed_step(model, optimizer, ids, device, recompute: bool) -> dict[str, float]:
+    """One step timed phase by phase (forward, backward, optimizer), which kimitune's TrainStep runs as one call:
+    CE-LoRA changes the backward alone, and this shows where the time goes."""
     timer = Timer(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    options = RunOptions(recompute_layers=model.recomputed_layers() if recompute else frozenset())
     timer.mark()
     with autocast:
-        loss = model(ids, labels=ids, return_logits=False).loss
+        loss = model(ids, labels=ids, return_logits=False, options=options).loss
     timer.mark()
     loss.backward()
     timer.mark()
@@ -125,7 +127,7 @@ def measure(cfg, state, device, sparsity: float | None, experts: bool, args) -> 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda" or None)
     ids = torch.randint(0, cfg.vocab_size, (1, args.seq), generator=torch.Generator().manual_seed(2)).to(device)
-    every = [timed_step(model, optimizer, ids, device) for _ in range(args.warmup + args.steps)]
+    every = [timed_step(model, optimizer, ids, device, args.ckpt) for _ in range(args.warmup + args.steps)]
     steps = every[args.warmup:]
     result = {key: statistics.median(s[key] for s in steps) for key in ("forward_ms", "backward_ms", "optimizer_ms",
                                                                         "step_ms")}
@@ -133,7 +135,7 @@ def measure(cfg, state, device, sparsity: float | None, experts: bool, args) -> 
     if approximated:
         for approx in approximated.values():
             approx.backward_passes = 0  # the next backward refreshes every selection
-        refresh = timed_step(model, optimizer, ids, device)
+        refresh = timed_step(model, optimizer, ids, device, args.ckpt)
         result["refresh_step_ms"] = refresh["step_ms"]
         result["approximated"] = len(approximated)
         # The share of the approximated weights' rows the reduced products still read, by weight size.

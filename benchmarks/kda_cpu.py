@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kimitune.ops.kda.chunk import chunk_kda_torch
+from kimitune.ops.kda.chunk import chunk_kda_reference
 
 KdaFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -77,12 +77,12 @@ def main() -> None:
     inputs = make_inputs(args.batch, args.seq_len, args.heads, args.head_dim, args.seed)
     grad_out = torch.randn(inputs[2].shape, generator=torch.Generator().manual_seed(args.seed + 1))
 
-    ours = forward_backward(chunk_kda_torch, inputs, grad_out)
+    ours = forward_backward(chunk_kda_reference, inputs, grad_out)
     theirs = forward_backward(chunk_kimi_delta_attention, inputs, grad_out)
     names = ["o", "dq", "dk", "dv", "dg", "dbeta"]
     diffs = ", ".join(f"{n} {(a - b).abs().max().item():.1e}" for n, a, b in zip(names, ours, theirs))
 
-    wall_ours, cpu_ours = median_seconds(chunk_kda_torch, inputs, grad_out, args.repeats)
+    wall_ours, cpu_ours = median_seconds(chunk_kda_reference, inputs, grad_out, args.repeats)
     wall_theirs, cpu_theirs = median_seconds(chunk_kimi_delta_attention, inputs, grad_out, min(3, args.repeats))
 
     shape = f"B={args.batch} T={args.seq_len} H={args.heads} K=V={args.head_dim} float32, {args.threads} threads"

@@ -3,9 +3,10 @@
 ``build_kimitune``: kimitune's ``KimiLinearForCausalLM`` + ``apply_lora``; ``build_peer``: transformers'
 ``KimiLinearForCausalLM`` + PEFT's LoRA. Both get the same weights (``state``, e.g. from ``random_state``) and
 LoRA r=16, alpha=32 on every linear layer (PEFT's ``all-linear``: the LM head excluded). Each returns
-``(model, loss_fn)`` where ``loss_fn(input_ids, labels)`` is the mean token loss of the step, computed as each
+``(model, loss_fn, ...)`` where ``loss_fn(input_ids, labels)`` is the mean token loss of the step, computed as each
 tool trains: kimitune without full logits (``return_logits=False``, what its trainer does), the peer from the
-full logits (what transformers does).
+full logits (what transformers does). ``build_kimitune`` also returns the ``RunOptions`` its passes run with, for a
+``kimitune.train.step.TrainStep`` (kimitune's own training step, which the GPU benchmarks time).
 
 Used by ``train_gpu.py`` (bf16 on CUDA) and ``train_cpu.py`` (float32 on the CPU).
 """
@@ -33,19 +34,20 @@ def build_kimitune(cfg: KimiLinearConfig, state: dict, device: str, ckpt: bool =
                    ckpt_layers: int | None = None):
     """``ckpt_layers``: with ``ckpt``, how many decoder layers recompute (None: all)."""
     from kimitune.adapters import LoraSettings, apply_lora
+    from kimitune.model import RunOptions
 
     with torch.device("meta"):
         model = KimiLinearForCausalLM(cfg)
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True)
     apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", target_experts=experts))
-    model.set_gradient_checkpointing(ckpt, ckpt_layers if ckpt else None)
+    options = RunOptions(recompute_layers=model.recomputed_layers(ckpt_layers) if ckpt else frozenset())
     model.train()
 
     def loss_fn(ids, labels=None, cu_seqlens=None):
         labels = ids if labels is None else labels
-        return model(ids, labels=labels, cu_seqlens=cu_seqlens, return_logits=False).loss
+        return model(ids, labels=labels, cu_seqlens=cu_seqlens, return_logits=False, options=options).loss
 
-    return model, loss_fn
+    return model, loss_fn, options
 
 
 def build_peer(cfg: KimiLinearConfig, state: dict, device: str, dtype: torch.dtype, ckpt: bool = False):

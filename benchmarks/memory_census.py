@@ -23,7 +23,7 @@ from train_gpu import model_config
 def census(cfg, state, seq: int, ckpt: bool) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model, loss_fn = lora_peers.build_kimitune(cfg, state, "cuda", ckpt)
+    model, loss_fn, _ = lora_peers.build_kimitune(cfg, state, "cuda", ckpt)
     weights = torch.cuda.memory_allocated()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)

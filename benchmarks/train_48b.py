@@ -5,7 +5,8 @@ is built with random weights straight into quantised form, one decoder layer at 
 (``kimitune.quant.init_quantized``: materialise a layer in bf16, initialise, quantise, next), so the GPU never
 holds more than one layer in bf16. LoRA r=16, alpha=32 on every linear (``--experts`` adds the stacked experts),
 gradient checkpointing per decoder layer, bf16 compute, AdamW (fused) on the LoRA parameters, the loss without
-logits. Each row runs ``--warmup`` + ``--steps`` steps on one sequence of random tokens and prints tokens/s, model
+logits, each step kimitune's own (``kimitune.train.step.TrainStep``: clipping at 1.0, the device-side non-finite skip).
+Each row runs ``--warmup`` + ``--steps`` steps on one sequence of random tokens and prints tokens/s, model
 FLOPs utilisation (counted as in train_gpu.py, whose helpers it uses), peak GPU memory (max allocated and
 reserved) and the build time.
 
@@ -54,8 +55,10 @@ from dataclasses import replace
 import torch
 
 from kimitune.adapters import LoraSettings, apply_lora
-from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
+from kimitune.data.packing import Batch
+from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM, RunOptions
 from kimitune.quant import QuantSpec, init_quantized, weight_bytes
+from kimitune.train.step import TrainStep
 from kimitune.train.trainer import frozen_startup_objects
 from train_gpu import PEAK_FLOPS, active_linear_params, flops_per_token, print_profile  # benchmarks/train_gpu.py
 
@@ -132,18 +135,20 @@ def build(cfg: KimiLinearConfig, spec: QuantSpec | None, device: str, dtype: tor
     else:
         model = init_quantized(cfg, spec, device=device, dtype=dtype)
     apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", target_experts=experts))
-    model.set_gradient_checkpointing(True)
     model.train()
     if device == "cuda":
         torch.cuda.synchronize()
     return model, time.perf_counter() - start
 
 
-def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str, profile: bool = False) -> dict:
+def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str, options: RunOptions,
+            profile: bool = False) -> dict:
     cuda = device == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda or None)
-    ids = torch.randint(0, cfg.vocab_size, (1, seq), device=device, generator=torch.Generator(device).manual_seed(1))
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    train_step = TrainStep(model, optimizer, device, options=options, max_grad_norm=1.0)
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1))
+    batch = Batch(input_ids=ids, labels=ids, cu_seqlens=None, num_tokens=seq, num_label_tokens=seq - 1)
     if cuda:
         gc.collect()
         torch.cuda.empty_cache()
@@ -156,22 +161,14 @@ def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str, profile:
                     if cuda:
                         torch.cuda.synchronize()
                     start = time.perf_counter()
-                loss = model(ids, labels=ids, return_logits=False).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
+                losses.append(train_step([batch], batch.num_label_tokens).loss)
         if cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / steps
         result = {"tokens_per_s": seq / seconds, "step_s": seconds, "losses": [round(x.item(), 4) for x in losses]}
         if profile:
-            def step():
-                model(ids, labels=ids, return_logits=False).loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
-            print_profile(step, f"{seq} tokens, {len(model.model.checkpointed_layers)} layers recomputed")
+            print_profile(lambda: train_step([batch], batch.num_label_tokens),
+                          f"{seq} tokens, {len(options.recompute_layers)} layers recomputed")
     except torch.cuda.OutOfMemoryError:
         result = {"oom": True}
     if cuda:
@@ -182,7 +179,7 @@ def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str, profile:
         if "tokens_per_s" in result:
             lora_params = sum(p.numel() for p in params)
             result["mfu"] = flops_per_token(cfg, seq, lora_params) * result["tokens_per_s"] / peak_flops
-    del optimizer, params
+    del train_step, optimizer, params
     return result
 
 
@@ -228,12 +225,12 @@ def main() -> None:
     print(f"{gpu}: built {sum(1 for _ in model.model.layers)} layers in {build_s:.1f} s; weights + LoRA "
           f"{weights_gib:.2f} GiB; peak while building {built_peak:.2f} GiB; "
           f"{active_linear_params(cfg) / 1e9:.2f}B active linear weights per token", flush=True)
-    model.set_kda_keep_intermediates(args.kda_keep)
     rows = []
     counts = [int(c) for c in args.ckpt_layers.split(",")] if args.ckpt_layers else [cfg.num_hidden_layers]
     for seq, count in [(seq, count) for seq in seqs for count in counts]:
-        model.set_gradient_checkpointing(count > 0, count or None)  # 0: no layer recomputes
-        result = run_seq(model, cfg, seq, args.warmup, args.steps, device, args.profile and device == "cuda")
+        options = RunOptions(recompute_layers=model.recomputed_layers(count) if count else frozenset(),  # 0: none
+                             kda_keep_intermediates=args.kda_keep)
+        result = run_seq(model, cfg, seq, args.warmup, args.steps, device, options, args.profile and device == "cuda")
         quant_type = {16: "bf16", 8: "int8", 4: spec and spec.quant_type}[args.bits]
         planned = estimate(cfg, spec, seq, args.experts)["peak allocated (estimate)"] if spec else float("nan")
         result.update(bits=args.bits, quant_type=quant_type, seq=seq, experts=args.experts, build_s=build_s,

@@ -106,7 +106,7 @@ def main() -> None:
         if row == "peer":
             model, loss_fn = lora_peers.build_peer(model_cfg, state, "cpu", torch.float32)
         else:
-            model, loss_fn = lora_peers.build_kimitune(model_cfg, state, "cpu")
+            model, loss_fn, _ = lora_peers.build_kimitune(model_cfg, state, "cpu")
         runners.append(Runner(row, model, loss_fn, packed=row == "kimitune-packed"))
     ours = next((r.model for r in runners if r.name == "kimitune"), None)
     for runner in runners:

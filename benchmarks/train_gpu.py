@@ -103,15 +103,39 @@ def random_model(cfg: KimiLinearConfig, seed: int = 0) -> dict[str, torch.Tensor
     return random_state(cfg, torch.bfloat16, DEVICE, seed)
 
 
-def build_kimitune(cfg, state, row: Row):
-    model, loss_fn = lora_peers.build_kimitune(cfg, state, DEVICE, row.ckpt, experts=row.tool == "kimitune+experts",
-                                               ckpt_layers=row.ckpt_layers)
-    model.loss_impl = row.loss
-    return model, loss_fn
+def kimitune_step(cfg, state, row: Row):
+    """kimitune's model and its training step (``kimitune.train.step.TrainStep``: what ``kimitune train`` runs,
+    clipping and the device-side non-finite skip included) -> (model, step() -> the step's loss tensor)."""
+    from dataclasses import replace as replace_options
+
+    from kimitune.data.packing import Batch
+    from kimitune.train.step import TrainStep
+
+    model, _, options = lora_peers.build_kimitune(cfg, state, DEVICE, row.ckpt, experts=row.tool == "kimitune+experts",
+                                                  ckpt_layers=row.ckpt_layers)
+    options = replace_options(options, loss_impl=row.loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    train_step = TrainStep(model, torch.optim.AdamW(params, lr=1e-4, fused=True), DEVICE, options=options,
+                           max_grad_norm=1.0)
+    ids = torch.randint(0, cfg.vocab_size, (1, row.seq), generator=torch.Generator().manual_seed(1))
+    batch = Batch(input_ids=ids, labels=ids, cu_seqlens=None, num_tokens=row.seq, num_label_tokens=row.seq - 1)
+    return model, lambda: train_step([batch], batch.num_label_tokens).loss
 
 
-def build_peer(cfg, state, row: Row):
-    return lora_peers.build_peer(cfg, state, DEVICE, torch.bfloat16, row.ckpt)
+def peer_step(cfg, state, row: Row):
+    """The peer's model and a step as transformers + PEFT train: loss from full logits, backward, fused AdamW."""
+    model, loss_fn = lora_peers.build_peer(cfg, state, DEVICE, torch.bfloat16, row.ckpt)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    ids = torch.randint(0, cfg.vocab_size, (1, row.seq), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
+
+    def step():
+        loss = loss_fn(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return model, step
 
 
 def _sync() -> None:
@@ -123,14 +147,10 @@ def measure(cfg, state, row: Row, warmup: int, steps: int) -> dict:
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    build = build_peer if row.tool == "peer" else build_kimitune
-    model, loss_fn = build(cfg, state, row)
+    build = peer_step if row.tool == "peer" else kimitune_step
+    model, step = build(cfg, state, row)
     model_gib = torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
-    params = [p for p in model.parameters() if p.requires_grad]
-    lora_params = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=DEVICE == "cuda" or None)
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    ids = torch.randint(0, cfg.vocab_size, (1, row.seq), device=DEVICE, generator=gen)
+    lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     losses = []
     try:
         # Both tools' steps run with the objects built so far frozen out of the garbage collector's passes, as
@@ -140,19 +160,10 @@ def measure(cfg, state, row: Row, warmup: int, steps: int) -> dict:
                 if i == warmup:
                     _sync()
                     start = time.perf_counter()
-                loss = loss_fn(ids)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss.detach())
+                losses.append(step())
         _sync()
         seconds = (time.perf_counter() - start) / steps
         if PROFILE:
-            def step():
-                loss_fn(ids).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
             print_profile(step, str(row))
         result = {"tokens_per_s": row.seq / seconds, "step_ms": 1000 * seconds, "first_loss": losses[0].item(),
                   "peak_gib": _peak_gib(), "weights_gib": model_gib}
@@ -164,7 +175,7 @@ def measure(cfg, state, row: Row, warmup: int, steps: int) -> dict:
         result["mfu"] = flops_per_token(cfg, row.seq, lora_params) * result["tokens_per_s"] / peak
     result.update(tool=row.tool, seq=row.seq, ckpt=row.ckpt_text, loss=row.loss, trainable=lora_params,
                   planned_gib=lora_peers.planned_peak_gib(cfg, row.tool, row.seq, row.ckpt, row.ckpt_layers))
-    del model, opt, loss_fn, params
+    del model, step
     gc.collect()
     if DEVICE == "cuda":
         torch.cuda.empty_cache()

@@ -43,8 +43,10 @@ def worker(args) -> None:
     from train_gpu import PEAK_FLOPS, flops_per_token, model_config
 
     from kimitune.adapters import LoraSettings, apply_lora
-    from kimitune.model import KimiLinearForCausalLM
-    from kimitune.train.distributed import clip_grad_norm, init_from_env, shard_model
+    from kimitune.data.packing import Batch
+    from kimitune.model import KimiLinearForCausalLM, RunOptions
+    from kimitune.train.distributed import init_from_env, shard_model
+    from kimitune.train.step import TrainStep
 
     device_type = "cpu" if args.smoke else "cuda"
     world = init_from_env(device_type)
@@ -58,7 +60,7 @@ def worker(args) -> None:
     torch.set_default_dtype(default)
     apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear",
                                    target_experts=args.experts))
-    model.set_gradient_checkpointing(args.ckpt == "on")
+    options = RunOptions(recompute_layers=model.recomputed_layers() if args.ckpt == "on" else frozenset())
     model = shard_model(model, world, bf16=not args.smoke)
     model.to_empty(device=device)
     torch.manual_seed(world.rank)  # each rank draws its own shards
@@ -66,9 +68,10 @@ def worker(args) -> None:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     lora_params = sum(p.numel() for p in params)  # global numbers: parameters are DTensors
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True if device.type == "cuda" else None)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    # kimitune's own step (what `kimitune train` runs): clipping, the loss summed over the ranks, the device-side skip
+    train_step = TrainStep(model, opt, device, options=options, max_grad_norm=1.0,
+                           autocast_bf16=device.type == "cuda", world=world)
 
     def sync():
         if device.type == "cuda":
@@ -76,22 +79,17 @@ def worker(args) -> None:
         dist.barrier()
 
     def measure(seq: int) -> dict:
-        gen = torch.Generator(device=device).manual_seed(1 + world.rank)
-        ids = torch.randint(0, cfg.vocab_size, (1, seq), device=device, generator=gen)
+        ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1 + world.rank))
+        batch = Batch(input_ids=ids, labels=ids, cu_seqlens=None, num_tokens=seq, num_label_tokens=seq - 1)
         for i in range(args.warmup + args.steps):
             if i == args.warmup:
                 sync()
                 start = time.perf_counter()
-            with autocast:
-                loss = model(ids, labels=ids, return_logits=False, loss_reduction="sum").loss / (seq * world.size)
-            loss.backward()
-            clip_grad_norm(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            stats = train_step([batch], (seq - 1) * world.size, world.size)
         sync()
         seconds = (time.perf_counter() - start) / args.steps
         return {"tokens_per_s": world.size * seq / seconds, "step_ms": 1000 * seconds,
-                "last_loss": loss.item() * world.size}
+                "last_loss": stats.loss.item()}
 
     rows = []
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -128,7 +126,7 @@ def worker(args) -> None:
 @torch.no_grad()
 def init_shards(model: torch.nn.Module, std: float) -> None:
     """Random values in every rank's local shard of every parameter and buffer, after the model's own
-    initialisation (``modeling._init_weights``, the adapters'): normal(std) matrices, unit norms, zero LoRA B and
+    initialisation (``modeling.init_weights``, the adapters'): normal(std) matrices, unit norms, zero LoRA B and
     router bias, fla's decay init, the short conv's and LoRA A's uniform bounds."""
     from torch.distributed.tensor import DTensor
 

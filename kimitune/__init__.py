@@ -7,8 +7,8 @@ CLI, the YAML schema) does not load torch.
 import os
 
 # OpenMP threads that spin while they wait turn every small CPU op into a stall as soon as another process wants a
-# core (measured here: a tiny-model training step took 25 s instead of 0.8 s with 2 threads beside one busy
-# process). Sleeping waits cost nothing on an idle machine. Takes effect only when kimitune is imported before torch.
+# core (benchmarks/RESULTS.md, "OpenMP wait policy"). Sleeping waits cost nothing on an idle machine. Takes effect only
+# when kimitune is imported before torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # Triton keeps fla's autotuning results on disk, so a second process skips the tuning; must precede fla's import.

@@ -52,7 +52,9 @@ class DatasetConfig(_Strict):
     roles_to_train: list[str] | None = Field(default=None, description="Overrides the top-level roles_to_train.")
     train_on_eos: TrainOnEos | None = Field(default=None, description="Overrides the top-level train_on_eos.")
     message_field_training: str = Field(
-        default="train", description="Per-message key whose true/false overrides the role rule for that message."
+        default="train",
+        description="Per-message key whose true/false (or 0/1) overrides the role rule for that message; "
+        "a message's `weight` (0/1) is read too, and so are `train`/`weight` on content parts.",
     )
     field_tools: str = Field(default="tools", description="The row key that holds the tool definitions, if any.")
     # Axolotl keys for datasets that have no effect here.
@@ -113,10 +115,10 @@ class TrainConfig(_Strict):
         default="auto", description="Compute in bf16 on a GPU that supports it (auto or true); false computes in "
         "float32. The CPU always computes in float32."
     )
-    fp16: bool | None = Field(default=None, description="Axolotl's key; not used: kimitune computes in bf16 or "
-                              "float32 (see bf16).")
-    tf32: bool | None = Field(default=None, description="Axolotl's key; not used: PyTorch's own TF32 setting "
-                              "applies.")
+    fp16: bool | None = Field(default=None, description="Accepted for Axolotl configs; kimitune trains in bf16 (see bf16) "
+                              "or float32, so fp16: true only warns.")
+    tf32: bool | None = Field(default=None, description="float32 matmuls on TF32 tensor cores (true) or in full "
+                              "float32 (false); unset: PyTorch's default. Matters for float32 weights on a GPU.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where to train: auto takes a GPU "
                                                    "when there is one.")
     seed: int = Field(default=42, description="Seed of the initial weights, the data order, the eval split and "
@@ -234,8 +236,8 @@ class TrainConfig(_Strict):
     )
     kda_keep_intermediates: bool = Field(
         default=False, description="On a GPU, fla's KDA kernels keep their chunk states and WY factors for the "
-        "backward instead of recomputing them: about 2.5% faster on the 48B, for 18 bytes per token and KDA channel "
-        "in each KDA layer not recomputed (11.25 GiB at 8192 tokens on the 48B). `kimitune plan` counts it."
+        "backward instead of recomputing them: faster, for 18 bytes per token and KDA channel in each KDA layer not "
+        "recomputed (benchmarks/RESULTS.md has the 48B's figures). `kimitune plan` counts it."
     )
     router_aux_loss_coef: float = Field(default=0.0, ge=0.0, description="MoE load-balancing loss weight.")
     max_bad_steps: int = Field(default=5, gt=0, description="Non-finite steps in a row before the run stops.")
@@ -373,7 +375,8 @@ INERT_KEYS: dict[str, str] = {
     "model_type": "the model type is read from the checkpoint's config.json",
     "tokenizer_type": "the tokenizer class is read from the tokenizer files",
     "is_preprocess": "use `kimitune preprocess`",
-    "torch_compile": "kimitune chooses compiled regions itself",
+    "torch_compile": "kimitune compiles nothing: its hand-written kernels were measured against torch.compile "
+                     "(benchmarks/RESULTS.md)",
     "auto_resume_from_checkpoints": "set resume_from_checkpoint: true",
     "eval_table_size": "no eval table",
     "gradient_checkpointing_kwargs": "kimitune checkpoints whole decoder layers",
@@ -429,6 +432,9 @@ def parse_config(raw: dict[str, Any], source: str = "config") -> tuple[TrainConf
         for key, reason in INERT_KEYS.items()
         if raw.get(key) not in (None, False, [], {}, "")
     ]
+    if raw.get("fp16"):
+        warnings.append("`fp16: true` has no effect in kimitune: it trains in bf16 on GPUs that have it (`bf16`), "
+                        "else in float32")
     values = {k: v for k, v in raw.items() if k not in INERT_KEYS and v is not None}
     for plugin in values.get("plugins") or []:
         built_in = KNOWN_PLUGINS.get(plugin)

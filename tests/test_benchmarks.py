@@ -21,6 +21,7 @@ SMOKE_RUNS = {
     "decode": ["benchmarks/decode.py", "--contexts", "32,48", "--new-tokens", "3"],
     "ce_lora": ["benchmarks/ce_lora.py", "speed", "--tiny", "--seq", "128", "--warmup", "1", "--steps", "1"],
     "loss_gpu": ["benchmarks/loss_gpu.py", "--device", "cpu", "--rows", "256,300", "--warmup", "1", "--steps", "1"],
+    "train_product": ["benchmarks/train_product.py", "--smoke"],
 }
 
 
@@ -28,8 +29,10 @@ SMOKE_RUNS = {
 def test_benchmark_smoke_run(name, tmp_path):
     out = tmp_path / "rows.json"
     command = [sys.executable, *SMOKE_RUNS[name]]
-    if name in ("train_gpu", "train_multi_gpu", "decode", "ce_lora", "loss_gpu"):
+    if name in ("train_gpu", "train_multi_gpu", "decode", "ce_lora", "loss_gpu", "train_product"):
         command += ["--json", str(out)]
+    if name == "train_product":  # `kimitune train` on a model folder, data and config it writes here
+        command += ["--work", str(tmp_path / "work")]
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     # A launch that failed is a row, not an exit status: its workers' errors are on stderr.

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from kimitune.cli import app
 from kimitune.config import ConfigError, parse_config
 from kimitune.model import KimiLinearConfig
-from kimitune.plan import GIB, load_model_config, parse_memory, predict_peak_memory, suggest_settings
+from kimitune.plan import GIB, Part, load_model_config, parse_memory, predict_peak_memory, suggest_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,8 @@ def test_a_quantised_plan_holds_one_dequantised_expert_stack():
 
 
 def test_lora_parameter_count_is_the_adapters(tmp_path):
-    from kimitune.adapters import LoraSettings, apply_lora
+    from kimitune.adapters import apply_lora
+    from kimitune.train.settings import lora_settings
     from kimitune.model import KimiLinearForCausalLM
 
     cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/tiny.json")
@@ -105,7 +106,7 @@ def test_lora_parameter_count_is_the_adapters(tmp_path):
         model = KimiLinearForCausalLM(cfg)
         for p in model.parameters():
             p.requires_grad_(False)
-        apply_lora(model, LoraSettings.from_config(train))
+        apply_lora(model, lora_settings(train))
         real = sum(p.numel() for p in model.parameters() if p.requires_grad)
         (item,) = [i for i in plan.items if i.name.startswith("LoRA weights")]
         assert item.bytes == 4 * real
@@ -331,10 +332,60 @@ def test_a_model_too_big_for_one_gpu_is_told_to_use_more():
     assert not any(s.change.get("gpus") == 4 for s in suggestions)  # the smallest count that fits, once
 
 
-def test_parameter_counts_read_in_a_fitting_unit():
-    from kimitune.plan import param_count
+def test_linears_that_read_one_tensor_are_read_off_the_forward():
+    from kimitune.plan.dataflow import dataflow
 
-    assert [param_count(n) for n in (512, 640_000, 1_348_268, 48_254_000_000)] == ["512", "640.00K", "1.35M", "48.25B"]
+    for cfg in (widths_48b(), replace(widths_48b(), q_lora_rank=768)):
+        flow = dataflow(cfg)
+        kda, mla = "model.layers.0.self_attn.", "model.layers.3.self_attn."
+        assert flow.readers[kda + "q_proj"] == {kda + name for name in (
+            "q_proj", "k_proj", "v_proj", "b_proj", "forget_gate.f_a_proj", "g_a_proj")}
+        assert flow.readers[kda + "o_proj"] == {kda + "o_proj"}
+        query = "q_proj" if cfg.q_lora_rank is None else "q_a_proj"
+        assert flow.readers[mla + "kv_a_proj_with_mqa"] == {mla + query, mla + "kv_a_proj_with_mqa"}
+        assert flow.readers[mla + "kv_b_proj"] == {mla + "kv_b_proj"}
+        assert flow.readers["model.layers.0.mlp.up_proj"] == {"model.layers.0.mlp.gate_proj",
+                                                               "model.layers.0.mlp.up_proj"}
+        shared = "model.layers.1.mlp.shared_experts."
+        assert flow.readers[shared + "gate_proj"] == {shared + "gate_proj", shared + "up_proj"}
+        assert kda + "q_proj" in flow.block_readers and kda + "f_b_proj" not in flow.block_readers
+        assert flow.rows_per_token["model.layers.1.mlp.experts"] == cfg.num_experts_per_token
+
+
+def test_plan_shapes_are_the_meta_models():
+    from kimitune.model.summary import summarize
+    from kimitune.plan.shapes import model_shapes
+
+    cfg = widths_48b()
+    shapes, summary = model_shapes(train_config(), cfg), summarize(cfg)
+    assert shapes.total_params == summary.total_params
+    assert sum(p.numel for layer in shapes.layers for p in layer.projections) == summary.quantizable_params
+    assert [layer.gradient_from for layer in shapes.layers] == ["attention", "input", "input", "input"]
+    experts = model_shapes(train_config(lora_target_linear=False, lora_target_experts=True), cfg)
+    assert [layer.gradient_from for layer in experts.layers] == ["nothing", "feed_forward", "input", "input"]
+    assert all(a.copies == cfg.num_experts_per_token for a in experts.adapted)
+
+
+def test_items_are_keyed_by_part():
+    cfg = widths_48b()
+    one = predict_peak_memory(train_config(), cfg)
+    assert one.item(Part.FROZEN_BF16).name == "frozen weights, bf16"
+    with pytest.raises(KeyError):
+        one.item(Part.GATHERED_LAYERS)
+    two = predict_peak_memory(train_config(), cfg, gpus=2)
+    assert two.item(Part.OPTIMIZER).shards == 2 and two.item(Part.OPTIMIZER).name == "AdamW states (1/2)"
+    assert [i["key"] for i in two.to_dict()["items"]][:2] == ["frozen_bf16", "lora_weights"]
+
+
+def test_small_models_count_parameters_in_readable_units():
+    cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/tiny.json")
+    lora = predict_peak_memory(train_config(), cfg)
+    assert lora.item(Part.FROZEN_BF16).note == "1.35M params"
+    assert lora.item(Part.LORA_WEIGHTS).note == "150.0K params, 43 modules"  # r = 16
+    assert predict_peak_memory(train_config(adapter=None), cfg).item(Part.MASTER_WEIGHTS).note == "1.35M params"
+
+
+def test_the_plan_table_fits_80_columns_and_counts_a_small_model_in_millions():
     result = CliRunner().invoke(app, ["plan", str(ROOT / "examples/quickstart.yaml")])
     assert result.exit_code == 0, result.output
     assert "1.35M params" in result.output and "0.00B" not in result.output  # the tiny model's 1,348,268

@@ -2,8 +2,8 @@
 
 A LoRA adapter is stored in float32 and multiplied in the frozen layer's dtype (bf16), so each adapted linear casts
 ``lora_A`` and ``lora_B`` in the forward and their gradients back in the backward: four kernels of a few KiB
-each. The 48B has about 290 adapted linears, so per step that was ~1,150 launches, ~11 ms of an H200's 481 ms step
-and as much host time (``benchmarks/RESULTS.md``). ``AdapterCasts`` casts every adapted linear's pair at once:
+each: the 48B has about 290 adapted linears, so four launches per linear add up to a visible share of the step
+and as much host time (``benchmarks/RESULTS.md`` has the figures). ``AdapterCasts`` casts every adapted linear's pair at once:
 the float32 tensors are concatenated, cast and split into views (``CastTogether``), and the backward concatenates
 the bf16 gradients and casts them back together. Same numbers as the per-layer casts, bit for bit.
 

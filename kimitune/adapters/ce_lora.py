@@ -1,7 +1,7 @@
 """CE-LoRA (Chen et al., arXiv 2502.01378): LoRA whose backward approximates the frozen weights' input gradient.
 
-    settings = LoraSettings.from_config(config)             # rank, scale, dropout, targets: as LoRA
-    ce = CeLoraSettings.from_config(config)                 # ce_lora_sparsity, _double_rank, _refresh_steps, _adaptive
+    settings = lora_settings(config)                        # kimitune.train.settings: rank, scale, dropout, targets: as LoRA
+    ce = ce_lora_settings(config)                           # ce_lora_sparsity, _double_rank, _refresh_steps, _adaptive
     names = apply_ce_lora(model, settings, ce)              # LoRA layers whose frozen product has a cheaper backward
     ...train...
     save_adapter(model, out_dir, settings)                  # a plain PEFT-format LoRA adapter
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -35,8 +34,6 @@ from kimitune.adapters.layers import ExpertsLora, LoraLinear
 from kimitune.adapters.lora import LoraSettings, apply_lora, lora_modules
 from kimitune.adapters.targets import LoraTargetError, name_matches
 
-if TYPE_CHECKING:
-    from kimitune.config import TrainConfig
 
 
 @dataclass
@@ -72,16 +69,6 @@ class CeLoraSettings:
         if not isinstance(self.refresh_steps, int) or self.refresh_steps <= 0:
             raise ValueError(f"ce_lora_refresh_steps must be a positive integer, got {self.refresh_steps!r}")
 
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> CeLoraSettings:
-        """The keys ce_lora_sparsity, ce_lora_double_rank, ce_lora_refresh_steps, ce_lora_adaptive."""
-        return cls(
-            sparsity=config.ce_lora_sparsity,
-            double_rank=config.ce_lora_double_rank,
-            refresh_steps=config.ce_lora_refresh_steps,
-            adaptive=config.ce_lora_adaptive,
-        )
-
     def entries(self) -> list[tuple[str, float]]:
         """The mapping's ``(name, sparsity)`` entries, longest name first (empty for one number)."""
         entries = self.sparsity.items() if isinstance(self.sparsity, Mapping) else ()
@@ -108,8 +95,9 @@ def entry_matches(name: str, entry: str, experts: bool) -> bool:
 class CeLoraLinear(LoraLinear):
     """``LoraLinear`` whose frozen product's input gradient is approximated once ``approximate`` has been called."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
-        super().__init__(base, r, alpha, dropout, use_rslora)
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 join_shared_input: bool = True):
+        super().__init__(base, r, alpha, dropout, use_rslora, join_shared_input)
         self.approx: RowSampledInputGrad | None = None
 
     def approximate(self, sparsity: float, double_rank: int, refresh_steps: int, adaptive: bool) -> None:

@@ -14,8 +14,8 @@ Base parameters keep their names (``q_proj.weight`` stays ``q_proj.weight``). A 
 ``kimitune.quant``) works the same way: its ``weight`` is a ``QuantizedWeight`` module taken over like a
 Parameter, and ``base_output`` computes through ``kimitune.quant.matmul``'s frozen products, which take both.
 Adapter parameters: ``<linear>.lora_A`` [r, in], ``<linear>.lora_B`` [out, r];
-``<experts>.lora.<projection>.lora_A`` [E, r, in], ``...lora_B`` [E, out, r] with projection ``gate_up_proj`` or
-``down_proj``.
+``<experts>.adapters.<projection>.lora_A`` [E, r, in], ``...lora_B`` [E, out, r] with projection ``gate_up_proj`` or
+``down_proj`` (the experts module's adapter hook, ``kimitune.model.moe.GroupedExperts``).
 
 Extension point (CE-LoRA): an adapted layer computes both terms itself, the frozen product in ``base_output``
 and the low-rank one in ``lora_output`` (``LoraLinear`` and ``ExpertsLora`` alike); a variant that changes
@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimitune.adapters import shared_input
 from kimitune.adapters.casts import AdapterCasts
+from kimitune.model.projections import LowRankTerms
 from kimitune.ops.grouped_mm import grouped_linear
+from kimitune.ops.shared_input_lora import shared_input_lora
 from kimitune.quant.matmul import frozen_grouped_linear, frozen_linear
 
 LORA_DTYPE = torch.float32
@@ -77,8 +78,10 @@ class LoraLinear(nn.Module):
     Shapes: ``weight`` [out, in], ``lora_A`` [r, in], ``lora_B`` [out, r]; input [..., in], output [..., out].
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 join_shared_input: bool = True):
         super().__init__()
+        self.join_shared_input = join_shared_input
         self.in_features = base.in_features
         self.out_features = base.out_features
         self.weight = base.weight
@@ -113,12 +116,13 @@ class LoraLinear(nn.Module):
         lora_a, lora_b = self.adapter_weights(lora_compute_dtype(x))
         return F.linear(self._down(x, lora_a) * self.scaling, lora_b)
 
-    def joins_shared_input(self, x: torch.Tensor) -> bool:
-        """Whether this product can run through ``shared_input``'s joint node (alone or with siblings): a plain
-        ``LoraLinear`` (not a variant), no bias, no dropout, a frozen plain weight in x's dtype, which is the compute
-        dtype."""
-        return (
-            shared_input.JOIN
+    def low_rank_terms(self, x: torch.Tensor) -> LowRankTerms | None:
+        """The model's joint-projection hook (``kimitune.model.projections``): this layer's terms when it can run
+        with its siblings of one input: a plain ``LoraLinear`` (not a variant), no bias, no dropout, a frozen plain
+        weight in x's dtype, which is the compute dtype; else None. ``join_shared_input=False`` always says None
+        (every linear then runs by itself, as the tests compare)."""
+        joins = (
+            self.join_shared_input
             and type(self) is LoraLinear
             and self.bias is None
             and isinstance(self.lora_dropout, nn.Identity)
@@ -128,10 +132,17 @@ class LoraLinear(nn.Module):
             and self.weight.device == x.device
             and lora_compute_dtype(x) == x.dtype
         )
+        if not joins:
+            return None
+        lora_a, lora_b = self.adapter_weights(x.dtype)
+        return LowRankTerms(self.weight, lora_a, lora_b, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.joins_shared_input(x):
-            return shared_input.project_shared_input(x, self)[0]
+        terms = self.low_rank_terms(x)
+        if terms is not None:  # alone through the joint node: one accumulated input gradient, not two GEMMs and an add
+            y, = shared_input_lora(x.reshape(-1, self.in_features), terms.scaling, [1], [terms.weight],
+                                   [terms.lora_a], [terms.lora_b])
+            return y.view(*x.shape[:-1], self.out_features)
         base = self.base_output(x)
         dtype = lora_compute_dtype(x)
         if base.dtype != dtype:
@@ -206,29 +217,3 @@ class ExpertsLora(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, r={self.r}"
-
-
-class LoraExpertsMixin:
-    """Mixed into the class of an experts module: ``project`` runs an adapted projection through its adapter.
-
-    ``apply_lora`` swaps an experts module's class for ``Lora<Class>`` (this mixin first) and gives it a
-    ``lora`` ModuleDict of ``ExpertsLora`` keyed by projection name; ``merge_lora`` swaps it back.
-    Projections without an adapter keep the class's own ``project``.
-    """
-
-    lora: nn.ModuleDict
-
-    def project(self, name: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        if name in self.lora:
-            return self.lora[name](getattr(self, name), x, offsets)
-        return super().project(name, x, offsets)
-
-
-_LORA_EXPERT_CLASSES: dict[type, type] = {}
-
-
-def lora_experts_class(base_cls: type) -> type:
-    """``Lora<Base>``: ``base_cls`` with ``LoraExpertsMixin`` first (made once per class)."""
-    if base_cls not in _LORA_EXPERT_CLASSES:
-        _LORA_EXPERT_CLASSES[base_cls] = type(f"Lora{base_cls.__name__}", (LoraExpertsMixin, base_cls), {})
-    return _LORA_EXPERT_CLASSES[base_cls]

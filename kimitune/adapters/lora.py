@@ -1,6 +1,6 @@
 """LoRA for Kimi Linear, written in the project (PEFT is never imported): settings, apply, merge, save, load.
 
-    settings = LoraSettings.from_config(train_config)       # or LoraSettings(r=16, alpha=32, target_modules=...)
+    settings = lora_settings(train_config)                  # kimitune.train.settings; or LoraSettings(r=16, alpha=32, target_modules=...)
     names = apply_lora(model, settings)                      # adapters on, everything else frozen
     ...train...
     save_adapter(model, out_dir, settings, base_model=...)  # PEFT format: loads onto transformers' model
@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,10 +22,8 @@ from torch import nn
 from kimitune.adapters.casts import AdapterCasts
 from kimitune.adapters.layers import (
     ExpertsLora,
-    LoraExpertsMixin,
     LoraLinear,
     fold_into,
-    lora_experts_class,
     lora_scaling,
 )
 from kimitune.adapters.peft_format import (
@@ -40,8 +37,6 @@ from kimitune.adapters.peft_format import (
 )
 from kimitune.adapters.targets import EXPERT_PROJECTIONS, LoraTargets, find_targets, is_stacked_experts
 
-if TYPE_CHECKING:
-    from kimitune.config import TrainConfig
 
 
 @dataclass
@@ -60,6 +55,7 @@ class LoraSettings:
     target_linear: bool = False
     target_experts: bool = False
     use_rslora: bool = False
+    join_shared_input: bool = True  # False: adapted linears of one input run one by one (the joint node's reference)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list):
@@ -74,20 +70,6 @@ class LoraSettings:
         """The factor on ``B A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
         return lora_scaling(self.r, self.alpha, self.use_rslora)
 
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> LoraSettings:
-        """The LoRA keys of a training config: lora_r, lora_alpha, lora_dropout, lora_target_modules,
-        lora_target_linear, lora_target_experts, peft_use_rslora."""
-        return cls(
-            r=config.lora_r,
-            alpha=float(config.lora_alpha),
-            dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules,
-            target_linear=config.lora_target_linear,
-            target_experts=config.lora_target_experts,
-            use_rslora=config.peft_use_rslora,
-        )
-
     def targets(self, model: nn.Module) -> LoraTargets:
         """The modules these settings adapt in ``model``; ``LoraTargetError`` for a target that matches none."""
         return find_targets(model, self.target_modules, self.target_linear, self.target_experts)
@@ -100,7 +82,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def has_lora(model: nn.Module) -> bool:
     """True when any module of ``model`` carries a LoRA adapter."""
-    return any(isinstance(m, (LoraLinear, LoraExpertsMixin)) for m in model.modules())
+    return any(isinstance(m, (LoraLinear, ExpertsLora)) for m in model.modules())
 
 
 def apply_lora(
@@ -127,13 +109,11 @@ def apply_lora(
     # New modules take the train/eval mode of the module they extend (dropout must stay off in eval).
     for name in targets.linears:
         base = model.get_submodule(name)
-        _set_submodule(model, name, linear_cls(base, **lora_args).train(base.training))
+        linear = linear_cls(base, **lora_args, join_shared_input=settings.join_shared_input)
+        _set_submodule(model, name, linear.train(base.training))
     for name, proj in targets.experts:
         experts = model.get_submodule(name)
-        if not isinstance(experts, LoraExpertsMixin):
-            experts.__class__ = lora_experts_class(type(experts))
-            experts.lora = nn.ModuleDict()
-        experts.lora[proj] = experts_lora_cls(getattr(experts, proj), **lora_args).train(experts.training)
+        experts.adapters[proj] = experts_lora_cls(getattr(experts, proj), **lora_args).train(experts.training)
     linears = [m for m in model.modules() if isinstance(m, LoraLinear)]
     casts = AdapterCasts(linears)
     for module in linears:
@@ -147,13 +127,14 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear | ExpertsLora]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
             found[name] = module
-        elif isinstance(module, LoraExpertsMixin):
-            found.update({f"{name}.{proj}": module.lora[proj] for proj in EXPERT_PROJECTIONS if proj in module.lora})
+        elif is_stacked_experts(module):
+            found.update({f"{name}.{proj}": module.adapters[proj] for proj in EXPERT_PROJECTIONS
+                          if proj in module.adapters})
     return found
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter parameters by in-memory name (``<linear>.lora_A``, ``<experts>.lora.<proj>.lora_B``), detached."""
+    """The adapter parameters by in-memory name (``<linear>.lora_A``, ``<experts>.adapters.<proj>.lora_B``), detached."""
     return {
         f"{name}.{part}": getattr(module, part).detach()
         for name, module in model.named_modules()
@@ -178,11 +159,10 @@ def merge_lora(model: nn.Module) -> list[str]:
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLinear):
             _set_submodule(model, name, module.merged())
-        elif isinstance(module, LoraExpertsMixin):
-            for proj, adapter in module.lora.items():
+        elif is_stacked_experts(module):
+            for proj, adapter in module.adapters.items():
                 fold_into(getattr(module, proj), adapter.delta_weight())
-            del module.lora
-            module.__class__ = next(c for c in type(module).__bases__ if c is not LoraExpertsMixin)
+            module.adapters.clear()
     return merged
 
 

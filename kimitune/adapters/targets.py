@@ -58,8 +58,9 @@ class LoraTargets:
 
 def is_stacked_experts(module: nn.Module) -> bool:
     """True for a module holding stacked expert weights (Parameters or quantised ``QuantizedWeight``) that computes
-    through ``project(name, x, offsets)``."""
-    return callable(getattr(module, "project", None)) and all(
+    through ``project(name, x, offsets)`` and offers the ``adapters`` hook (``kimitune.model.moe.GroupedExperts``)."""
+    return callable(getattr(module, "project", None)) and isinstance(getattr(module, "adapters", None),
+                                                                     nn.ModuleDict) and all(
         isinstance(getattr(module, proj, None), (nn.Parameter, QuantizedWeight)) and getattr(module, proj).ndim == 3
         for proj in EXPERT_PROJECTIONS
     )

@@ -30,8 +30,8 @@ from kimitune.data.packing import Sample
 from kimitune.data.report import DataReport
 from kimitune.data.sources import Source
 
-# Bump whenever the samples or the report for the same inputs would change (2: rows and lines counted from 1).
-CACHE_FORMAT = 2
+# Bump whenever the samples or the report for the same inputs would change (3: rows and lines counted from 1).
+CACHE_FORMAT = 3
 
 
 def cache_root(config: TrainConfig) -> Path:

@@ -7,7 +7,8 @@ settings, counts every row it skips or truncates, holds out the eval split, and 
 
 Eval set: the ``test_datasets`` when given; else ``val_set_size`` samples (a fraction below 1, a count from 1)
 drawn from the merged training samples with the config's ``seed``; else none. ``shuffle_merged_datasets`` shuffles
-the training samples (same seed) after the datasets are concatenated. ``train_on_inputs: true`` trains every token.
+the training samples (same seed) after the datasets are concatenated. ``train_on_inputs: true`` trains every token
+but those that the messages' and parts' ``train`` / ``weight`` flags mask.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kimitune.config import TrainConfig, load_config
 from kimitune.data import cache
 from kimitune.data.chat import IGNORE_INDEX, ROLES, ConversationError, tokenize_conversation
 from kimitune.data.packing import Sample, pack_epoch
-from kimitune.data.report import DataReport, SourceReport
+from kimitune.data.report import DataReport, SourceReport, Tally
 from kimitune.data.sources import DataError, Source, check_mappings, open_source, role_aliases, row_to_conversation
 from kimitune.data.tokenizer import TOKENIZER_DEFAULT, load_tokenizer
 
@@ -80,13 +81,17 @@ def _tokenize_source(
         try:
             if isinstance(row, ConversationError):
                 raise row
-            messages, tools = row_to_conversation(row, entry, aliases)
+            messages, tools, ignored = row_to_conversation(row, entry, aliases)
             tokens = tokenize_conversation(tokenizer, messages, roles_to_train, train_on_eos, tools)
         except ConversationError as err:
             report.skip(err.reason, where)
             continue
         input_ids = np.asarray(tokens["input_ids"], dtype=np.int32)
-        labels = input_ids.copy() if config.train_on_inputs else np.asarray(tokens["labels"], dtype=np.int32)
+        flag_masked = np.asarray(tokens["flag_masked"], dtype=np.int64)
+        labels = np.asarray(tokens["labels"], dtype=np.int32)
+        if config.train_on_inputs:
+            labels = input_ids.copy()
+            labels[flag_masked] = IGNORE_INDEX
         if len(input_ids) > config.sequence_len:
             if config.excess_length_strategy == "drop":
                 report.skip(f"longer than sequence_len ({config.sequence_len})", where)
@@ -97,6 +102,12 @@ def _tokenize_source(
                 continue
             report.truncated.add(where)
         samples.append(Sample(input_ids, labels))
+        for key in ignored:
+            report.ignored_keys.setdefault(key, Tally()).add(where)
+        masked = int(np.count_nonzero(flag_masked < len(input_ids)))
+        if masked:
+            report.flag_masked.add(where)
+            report.flag_masked_tokens += masked
         report.kept += 1
         report.tokens += len(input_ids)
         report.trained_tokens += int(np.count_nonzero(labels != IGNORE_INDEX))

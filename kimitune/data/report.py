@@ -4,6 +4,9 @@ Nothing is dropped silently: every skipped row is counted under its reason with 
 locations, counted from 1 (``file.jsonl line N`` for JSON lines, the line an editor shows; ``row N`` for JSON
 arrays, Parquet files and hub datasets), and every truncated sample too.
 ``rich.console.Console().print(report)`` prints it as a table.
+
+For the kept rows it also counts the message and content-part keys that kimitune does not read, and the tokens that
+the ``train`` / ``weight`` flags masked (those the role rule alone would have trained).
 """
 
 from __future__ import annotations
@@ -44,17 +47,24 @@ class SourceReport:
     trained_tokens: int = 0
     truncated: Tally = field(default_factory=Tally)
     skipped: dict[str, Tally] = field(default_factory=dict)
+    flag_masked: Tally = field(default_factory=Tally)  # kept rows in which train/weight flags masked tokens
+    flag_masked_tokens: int = 0
+    ignored_keys: dict[str, Tally] = field(default_factory=dict)  # "message key 'x'" -> kept rows holding it
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped.setdefault(reason, Tally()).add(where)
 
     def problems(self) -> str:
         """The skip reasons as one line: ``12 x missing role (a.jsonl line 3, ...); ...``."""
-        parts = []
-        for reason, tally in sorted(self.skipped.items(), key=lambda item: -item[1].count):
-            more = ", ..." if tally.count > len(tally.examples) else ""
-            parts.append(f"{tally.count} x {reason} ({', '.join(tally.examples)}{more})")
-        return "; ".join(parts)
+        return _tallies(self.skipped)
+
+
+def _tallies(tallies: dict[str, Tally]) -> str:
+    parts = []
+    for reason, tally in sorted(tallies.items(), key=lambda item: -item[1].count):
+        more = ", ..." if tally.count > len(tally.examples) else ""
+        parts.append(f"{tally.count} x {reason} ({', '.join(tally.examples)}{more})")
+    return "; ".join(parts)
 
 
 @dataclass
@@ -79,13 +89,15 @@ class DataReport:
         for source in data["sources"]:
             source = dict(source)
             source["truncated"] = Tally(**source["truncated"])
-            source["skipped"] = {reason: Tally(**tally) for reason, tally in source["skipped"].items()}
+            source["flag_masked"] = Tally(**source["flag_masked"])
+            for key in ("skipped", "ignored_keys"):
+                source[key] = {reason: Tally(**tally) for reason, tally in source[key].items()}
             sources.append(SourceReport(**source))
         return cls(**{**data, "sources": sources})
 
     def __rich__(self) -> Group:
-        # The table names each source by its key (datasets[0]) and the paths follow below it, whole: a path inside
-        # a cell was folded mid-word to fit 80 columns, and could not be copied.
+        # The table names each source by its key (datasets[0]) and fits 80 columns; the paths follow below it, as
+        # lines of their own (inside a cell, a path was folded into a column a dozen characters wide).
         table = Table(title="Data", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
         table.add_column("source", no_wrap=True)
         table.add_column("split")
@@ -105,6 +117,12 @@ class DataReport:
             if s.truncated.count:
                 where = ", ".join(s.truncated.examples)
                 lines.append(f"truncated to sequence_len in {s.name}: {s.truncated.count} ({where}, ...)")
+            if s.flag_masked.count:
+                where = ", ".join(s.flag_masked.examples)
+                lines.append(f"masked by train/weight flags in {s.name}: {s.flag_masked_tokens} tokens in "
+                             f"{s.flag_masked.count} rows ({where}, ...)")
+            if s.ignored_keys:
+                lines.append(Text(f"keys not read in {s.name}: {_tallies(s.ignored_keys)}", style="yellow"))
         lines.append(f"train samples: {self.train_samples}; eval samples: {self.eval_samples} ({self.eval_from})")
         if self.packing_efficiency is not None:
             lines.append(f"packing: {self.packed_batches} batches per epoch, efficiency {self.packing_efficiency:.1%}")

@@ -10,7 +10,10 @@ there, would fail as a whole instead of row by row.
 ``row_to_conversation`` applies the entry's mappings: ``field_messages`` (the list of messages),
 ``message_property_mappings`` (our message key -> the row's key, for role, content, name, tool_calls,
 tool_call_id), ``roles`` (aliases per role; by default human -> user and gpt -> assistant, as in Axolotl),
-``message_field_training`` (the per-message key whose true/false becomes ``train``) and ``field_tools``.
+``message_field_training`` (the per-message key whose flag becomes ``train``; ShareGPT's ``weight`` is read too)
+and ``field_tools``. Content parts are read as Axolotl reads them: the text under ``text`` (or else ``content`` or
+``value``), ``type`` ``"text"`` when missing, and ``train`` / ``weight`` flags. Every other key of a message or a
+part is left out of the conversation and returned, so that the data report counts it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from kimitune.config import DatasetConfig
-from kimitune.data.chat import ROLES, ConversationError
+from kimitune.data.chat import FLAG_KEYS, ROLES, ConversationError
 
 MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id")
+PART_TEXT_KEYS = ("text", "content", "value")  # where a content part's text may be, first found wins
 DEFAULT_ROLE_ALIASES = {
     "user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"], "tool": ["tool"]
 }
@@ -198,8 +202,10 @@ def check_mappings(config: DatasetConfig) -> None:
 
 def row_to_conversation(
     row: Any, config: DatasetConfig, aliases: Mapping[str, str]
-) -> tuple[list[dict[str, Any]], list | None]:
-    """The row's messages in OpenAI form (keys mapped, roles de-aliased, ``train`` flags) and its tools.
+) -> tuple[list[dict[str, Any]], list | None, list[str]]:
+    """The row's messages in OpenAI form (keys mapped, roles de-aliased, ``train`` / ``weight`` flags, content parts
+    normalised), its tools, and the keys it holds that kimitune does not read (``"message key 'x'"``, ``"content part
+    key 'y'"``, each once, in order of appearance).
 
     Raises ``ConversationError`` for a row without a messages list or with a message that is not a mapping; the
     messages and tools themselves are checked when tokenised.
@@ -212,14 +218,36 @@ def row_to_conversation(
     if not isinstance(raw, list):
         raise ConversationError("messages is not a list", f"`{config.field_messages}` is {type(raw).__name__}")
     keys = {key: config.message_property_mappings.get(key, key) for key in MESSAGE_KEYS}
-    messages = []
+    flags = {"weight": "weight", config.message_field_training: "train"}  # the row's key -> our flag
+    known = {*keys.values(), *flags}
+    messages: list[dict[str, Any]] = []
+    ignored: dict[str, None] = {}  # an ordered set
     for i, item in enumerate(raw):
         if not isinstance(item, Mapping):
             raise ConversationError("message is not a mapping", f"message {i} is {type(item).__name__}")
         message = {key: item[source] for key, source in keys.items() if item.get(source) is not None}
         if isinstance(message.get("role"), str):
             message["role"] = aliases.get(message["role"], message["role"])
-        if item.get(config.message_field_training) is not None:
-            message["train"] = item[config.message_field_training]
+        message.update({flag: item[source] for source, flag in flags.items() if item.get(source) is not None})
+        if isinstance(message.get("content"), list):
+            message["content"] = [_read_part(part, ignored) for part in message["content"]]
+        _note_unread(item, known, "message key", ignored)
         messages.append(message)
-    return messages, row.get(config.field_tools) or None
+    return messages, row.get(config.field_tools) or None, list(ignored)
+
+
+def _read_part(part: Any, ignored: dict[str, None]) -> Any:
+    """A content part in OpenAI form (a part that is not a mapping is left for the checks to name)."""
+    if not isinstance(part, Mapping):
+        return part
+    text_key = next((key for key in PART_TEXT_KEYS if part.get(key) is not None), "text")
+    read = {"type": "text" if part.get("type") is None else part["type"], "text": part.get(text_key)}
+    read.update({flag: part[flag] for flag in FLAG_KEYS if part.get(flag) is not None})
+    _note_unread(part, {"type", text_key, *FLAG_KEYS}, "content part key", ignored)
+    return read
+
+
+def _note_unread(item: Mapping, known: set[str], kind: str, ignored: dict[str, None]) -> None:
+    """Adds ``"<kind> '<key>'"`` to ``ignored`` (an ordered set) for each key of ``item`` outside ``known``."""
+    unread = [key for key, value in item.items() if key not in known and value is not None]
+    ignored.update(dict.fromkeys(f"{kind} {key!r}" for key in unread))

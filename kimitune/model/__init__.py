@@ -2,5 +2,7 @@
 
 from kimitune.model.configuration import KimiLinearConfig, ModelConfigError
 from kimitune.model.modeling import KimiLinearCache, KimiLinearForCausalLM, KimiLinearOutput
+from kimitune.model.options import RunOptions
 
-__all__ = ["KimiLinearCache", "KimiLinearConfig", "KimiLinearForCausalLM", "KimiLinearOutput", "ModelConfigError"]
+__all__ = ["KimiLinearCache", "KimiLinearConfig", "KimiLinearForCausalLM", "KimiLinearOutput", "ModelConfigError",
+           "RunOptions"]

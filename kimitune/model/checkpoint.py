@@ -184,14 +184,14 @@ def load_pretrained(
     path: str | Path,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
-    quantization=None,
+    on_layer_loaded: Callable[[nn.Module], None] | None = None,
 ) -> KimiLinearForCausalLM:
     """A release-layout folder -> KimiLinearForCausalLM on ``device`` (CPU by default), every tensor in ``dtype``
     (by default the dtype it has in the file).
 
-    ``quantization`` ('8bit', '4bit' or a ``kimitune.quant.QuantSpec``) stores the frozen linears and experts
-    quantised (``kimitune.quant.quantize_model_``), each decoder layer as soon as its tensors are in: the device
-    holds the quantised layers so far plus one layer in ``dtype``, never the whole model in ``dtype``."""
+    ``on_layer_loaded(decoder_layer)`` runs on each decoder layer as soon as its tensors are in, before the next
+    layer is read: ``kimitune.quant.load_quantized`` quantises there, so the device holds the quantised layers so
+    far plus one layer in ``dtype``, never the whole model in ``dtype``."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"no model folder at {folder}")
@@ -216,12 +216,6 @@ def load_pretrained(
     if wrong:
         raise CheckpointError(f"{folder}: {len(wrong)} tensor(s) with the wrong shape for its config.json: "
                               f"{_listing(wrong)}")
-    quantize = None
-    if quantization is not None:
-        from kimitune.quant import QuantSpec, quantize_model_
-
-        spec = QuantSpec.parse(quantization)
-        quantize = lambda layer: quantize_model_(layer, spec)  # noqa: E731
     # state_dict order: every decoder layer's tensors are contiguous, so a layer is complete when the next starts.
     for layer, layer_layouts in itertools.groupby(layouts, key=_decoder_layer):
         for layout in layer_layouts:
@@ -233,8 +227,8 @@ def load_pretrained(
                 files[name].read_into(name, target[part.index])
             _set_tensor(model, layout.name, target)
             del target
-        if quantize is not None and layer is not None:
-            quantize(model.model.layers[layer])
+        if on_layer_loaded is not None and layer is not None:
+            on_layer_loaded(model.model.layers[layer])
     return model
 
 
@@ -250,6 +244,11 @@ def _parse_size(size: int | str) -> int:
     return int(float(match[1]) * base ** " KMGT".index(unit[0] if unit[0] != "B" else " "))
 
 
+def _weights_held_as_modules(model: nn.Module) -> bool:
+    """Whether a frozen weight is held as a module that dequantises, not a tensor (kimitune.quant's weights)."""
+    return any(callable(getattr(module, "dequantize", None)) for module in model.modules())
+
+
 def save_pretrained(
     model: KimiLinearForCausalLM,
     directory: str | Path,
@@ -260,9 +259,7 @@ def save_pretrained(
 
     ``state``: the tensors to write by in-memory name, when not the model's own (a sharded model's gathered state).
     """
-    from kimitune.quant import is_quantized
-
-    if is_quantized(model):
+    if _weights_held_as_modules(model):
         raise ValueError("save_pretrained: the model's frozen weights are quantised (load_in_8bit / load_in_4bit); "
                          "kimitune writes release checkpoints from float weights only (save the adapter instead)")
     directory = Path(directory)

@@ -1,7 +1,7 @@
 """Kimi Delta Attention (KDA) layer: the linear-attention layers of Kimi Linear.
 
     q, k, v = SiLU(causal_conv(x W_q, x W_k, x W_v))           one depthwise short conv over the 3 * H * K channels
-                                                               (x's six projections: adapters/shared_input.py)
+                                                               (x's six projections: model/projections.py)
     g       = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias)    per-channel log decay [B, T, H, K], float32
                                                                (inside fla's kernels on CUDA: ops/kda/gate.py)
     beta    = sigmoid(b_proj(x))                               [B, T, H]
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kimitune.adapters.shared_input import project_shared_input
 from kimitune.model.configuration import KimiLinearConfig
+from kimitune.model.projections import project_shared_input
 from kimitune.model.norm import GatedRMSNorm
-from kimitune.ops import causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda, kda_decay
+from kimitune.ops import BatchLayout, causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda, kda_decay
 
 
 @dataclass
@@ -88,18 +88,17 @@ class KimiDeltaAttention(nn.Module):
         self.g_b_proj = nn.Linear(head_dim, width, bias=False)
         self.o_norm = GatedRMSNorm(head_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(width, hidden, bias=False)
-        # fla keeps its intermediates for the backward (``chunk_kda``'s keep_intermediates); set by
-        # KimiLinearForCausalLM.set_kda_keep_intermediates.
-        self.keep_intermediates = False
 
     def forward(
         self,
         x: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: BatchLayout | torch.Tensor | None = None,
         state: KDAState | None = None,
         return_state: bool = False,
+        keep_intermediates: bool = False,
     ) -> tuple[torch.Tensor, KDAState | None]:
-        """x [B, T, C] -> (y [B, T, C], the state after the input when ``return_state`` else None)."""
+        """x [B, T, C] -> (y [B, T, C], the state after the input when ``return_state`` else None); the packed
+        batch's layout (or bounds) in ``cu_seqlens``; ``keep_intermediates``: ``RunOptions.kda_keep_intermediates``."""
         B, T, _ = x.shape
         heads_shape = (B, T, self.num_heads, self.head_dim)
         gate = self.forget_gate
@@ -128,7 +127,7 @@ class KimiDeltaAttention(nn.Module):
             o, recurrent_state = fused_recurrent_kda(q, k, v, gate.decay(f_a), beta, **recurrence)
         else:  # the decay is computed inside the kernel from the gate's raw input (ops/kda/gate.py says why)
             o, recurrent_state = chunk_kda(q, k, v, gate.gate_input(f_a), beta, A_log=gate.A_log, dt_bias=gate.dt_bias,
-                                           keep_intermediates=self.keep_intermediates,
+                                           keep_intermediates=keep_intermediates,
                                            **recurrence)
         y = self.o_proj(self.o_norm(o, self.g_b_proj(g_a).view(heads_shape)).reshape(B, T, -1))
         return y, (KDAState(conv_state, recurrent_state) if return_state else None)

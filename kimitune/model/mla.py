@@ -23,18 +23,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kimitune.adapters.shared_input import project_shared_input
 from kimitune.model.configuration import KimiLinearConfig
+from kimitune.model.projections import project_shared_input
 from kimitune.model.norm import RMSNorm
 from kimitune.ops.attention import causal_attention, packed_causal_attention
+from kimitune.ops.batch_layout import BatchLayout
 
 LATENT_NORM_EPS = 1e-6
 
 
 # Attention while generating: every prefill and every decode step brings a new length, and cuDNN's attention (which
-# sdpa prefers on Hopper) builds an execution plan for each new length. Profiled on an H100 at 48B widths
-# (scripts/device/profile_decode.py): 39 ms of host time per decode step for 0.05 ms of GPU work; a prefill of a new
-# length took 0.12 s where the same length again took 0.02 s. The other backends take any length as it comes.
+# sdpa prefers on Hopper) builds an execution plan for each new length, which costs far more host time than the
+# step's GPU work (benchmarks/RESULTS.md, "cuDNN plans while decoding"). The other backends take any length as it
+# comes.
 _CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -85,7 +86,7 @@ class MultiheadLatentAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: BatchLayout | torch.Tensor | None = None,
         state: MLAState | None = None,
         return_state: bool = False,
     ) -> tuple[torch.Tensor, MLAState | None]:

@@ -7,8 +7,9 @@ file layout.
 Batches are either right-padded [B, T] (labels -100 on pads; causal layers never let a real token see a later
 pad) or packed: [1, total] with ``cu_seqlens`` (int32 [n + 1], from 0 to total), where every layer keeps the
 sequences apart and the last token of a sequence is never asked to predict the first token of the next.
-``cu_seqlens`` may stay on the CPU when the model runs on a GPU (what kimitune.ops prefers: no host syncs); the
-layers that need it on the device copy it there.
+``cu_seqlens`` may stay on the CPU when the model runs on a GPU (what kimitune.ops prefers: no host syncs): the forward
+makes it a ``BatchLayout`` once (kimitune/ops/batch_layout.py: the bounds on the device and the host, each token's
+position, the longest length) and passes that one object to every layer; a caller may pass a layout it built.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from kimitune.model.kda import KDAForgetGate, KDAState, KimiDeltaAttention
 from kimitune.model.mla import MLAState, MultiheadLatentAttention
 from kimitune.model.moe import GroupedExperts, KimiLinearMLP, KimiLinearMoE, TopkRouter
 from kimitune.model.norm import GatedRMSNorm, RMSNorm
-from kimitune.ops import cu_seqlens_on
+from kimitune.model.options import RunOptions
+from kimitune.ops import BatchLayout
 from kimitune.ops.loss import IGNORE_INDEX, LossRows, linear_cross_entropy
 
 
@@ -46,7 +48,7 @@ class KimiLinearOutput:
     """What the forward returns.
 
     loss: float32 scalar (None without labels). logits: [B, T, V] (None with ``return_logits=False``).
-    aux_loss: ``config.router_aux_loss_coef`` (read at each call) * the load-balancing loss averaged over the MoE
+    aux_loss: the options' (else the config's) ``router_aux_loss_coef`` * the load-balancing loss averaged over the MoE
     layers; not included in ``loss``; None when the coefficient is 0.
     router_stats: tokens routed to each expert, int64 [num_moe_layers, E]. cache: the cache passed in, updated.
     """
@@ -77,12 +79,14 @@ class KimiLinearDecoderLayer(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None,
+        layout: BatchLayout | None = None,
         state: KDAState | MLAState | None = None,
         return_state: bool = False,
+        options: RunOptions = RunOptions(),
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KDAState | MLAState | None]:
         """-> (h, tokens per expert [E] and unscaled balance loss (None for dense layers), new state or None)."""
-        attn_out, new_state = self.self_attn(self.input_layernorm(h), cu_seqlens, state, return_state)
+        attention_options = {"keep_intermediates": options.kda_keep_intermediates} if self.is_kda else {}
+        attn_out, new_state = self.self_attn(self.input_layernorm(h), layout, state, return_state, **attention_options)
         h = h + attn_out
         mlp_in = self.post_attention_layernorm(h)
         if not self.is_moe:
@@ -101,25 +105,25 @@ class KimiLinearModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
         self.layers = nn.ModuleList(KimiLinearDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.checkpointed_layers: frozenset[int] = frozenset()  # see set_gradient_checkpointing
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None,
+        layout: BatchLayout | None = None,
         cache: KimiLinearCache | None = None,
+        options: RunOptions = RunOptions(),
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """-> (hidden [B, T, C], tokens per expert and balance loss of each MoE layer)."""
         h = self.embed_tokens(input_ids)
         tokens_per_expert, balances = [], []
-        recompute = self.checkpointed_layers if torch.is_grad_enabled() and cache is None else frozenset()
+        recompute = options.recompute_layers if torch.is_grad_enabled() and cache is None else frozenset()
         for i, layer in enumerate(self.layers):
             if i in recompute:
-                h, counts, balance, _ = checkpoint(layer, h, cu_seqlens, use_reentrant=False)
+                h, counts, balance, _ = checkpoint(layer, h, layout, None, False, options, use_reentrant=False)
             elif cache is not None:
-                h, counts, balance, cache.states[i] = layer(h, cu_seqlens, cache.states.get(i), True)
+                h, counts, balance, cache.states[i] = layer(h, layout, cache.states.get(i), True, options)
             else:
-                h, counts, balance, _ = layer(h, cu_seqlens)
+                h, counts, balance, _ = layer(h, layout, options=options)
             if counts is not None:
                 tokens_per_expert.append(counts)
             if balance is not None:
@@ -137,21 +141,18 @@ def checkpointed_layer_indices(num_layers: int, count: int) -> list[int]:
     return sorted({int((j + 0.5) * num_layers / count) for j in range(count)}) if count else []
 
 
-def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+def shift_labels(labels: torch.Tensor, layout: BatchLayout | torch.Tensor | None) -> torch.Tensor:
     """labels [B, T] -> targets [B, T]: position t predicts labels[t + 1]; the last position of every (packed)
     sequence predicts nothing (-100)."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    if cu_seqlens is not None:
-        # The layers' cached device copy of a host cu_seqlens: a plain .to(device) here was the step's one
-        # host-device synchronisation besides cut-cross-entropy's (found with torch.cuda.set_sync_debug_mode).
-        ends = cu_seqlens_on(cu_seqlens, labels.device)
-        last = (ends[1:] - 1).clamp_min(0).to(torch.long)
-        targets = targets.index_fill(1, last, IGNORE_INDEX)
+    layout = BatchLayout.of(layout, labels.device, labels.shape[1])
+    if layout is not None:
+        targets = targets.index_fill(1, layout.last_tokens, IGNORE_INDEX)
     return targets
 
 
 @torch.no_grad()
-def _init_weights(module: nn.Module, std: float) -> None:
+def init_weights(module: nn.Module, std: float) -> None:
     """transformers' initialisation: normal(std) matrices, unit norms, zero router bias, fla's decay init; the
     short conv keeps nn.Conv1d's default (as fla's ShortConvolution)."""
     if isinstance(module, nn.Linear):
@@ -180,8 +181,7 @@ class KimiLinearForCausalLM(nn.Module):
         self.config = config
         self.model = KimiLinearModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.loss_impl = "fused"  # linear_cross_entropy's impl for return_logits=False ("cce" to measure against)
-        self.apply(lambda module: _init_weights(module, config.initializer_range))
+        self.apply(lambda module: init_weights(module, config.initializer_range))
 
     # ----- loading and saving (kimitune.model.checkpoint) -----
     @classmethod
@@ -190,14 +190,12 @@ class KimiLinearForCausalLM(nn.Module):
         path: str | Path,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-        quantization=None,
     ) -> KimiLinearForCausalLM:
-        """Loads a release-layout folder (config.json + safetensors); see ``checkpoint.load_pretrained``.
-        ``quantization``: None, '8bit', '4bit' or a ``kimitune.quant.QuantSpec`` (frozen weights quantised layer
-        by layer while loading)."""
+        """Loads a release-layout folder (config.json + safetensors); see ``checkpoint.load_pretrained``
+        (quantised while loading: ``kimitune.quant.load_quantized``)."""
         from kimitune.model.checkpoint import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device, quantization=quantization)
+        return load_pretrained(path, dtype=dtype, device=device)
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str = "5GB") -> Path:
         """Writes the release layout (config.json + sharded safetensors); see ``checkpoint.save_pretrained``."""
@@ -205,44 +203,40 @@ class KimiLinearForCausalLM(nn.Module):
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size)
 
-    def set_gradient_checkpointing(self, enabled: bool = True, num_layers: int | None = None) -> None:
-        """Recompute decoder layers' activations in the backward pass (torch.utils.checkpoint): every layer, or
-        ``num_layers`` of them spread evenly over the stack (``checkpointed_layer_indices``)."""
+    def recomputed_layers(self, count: int | None = None) -> frozenset[int]:
+        """The decoder layers ``RunOptions.recompute_layers`` names to recompute every layer (``count`` None) or
+        ``count`` of them spread evenly over the stack (``checkpointed_layer_indices``)."""
         total = len(self.model.layers)
-        if num_layers is not None and not 1 <= num_layers <= total:
-            raise ValueError(f"gradient_checkpointing_layers: {num_layers} is not between 1 and the model's {total} "
+        if count is not None and not 1 <= count <= total:
+            raise ValueError(f"gradient_checkpointing_layers: {count} is not between 1 and the model's {total} "
                              "decoder layers")
-        count = (total if num_layers is None else num_layers) if enabled else 0
-        self.model.checkpointed_layers = frozenset(checkpointed_layer_indices(total, count))
-
-    def set_kda_keep_intermediates(self, keep: bool = True) -> None:
-        """On CUDA, fla's KDA kernels keep their chunk states and WY factors for the backward instead of
-        recomputing them there (``kimitune.ops.chunk_kda``'s ``keep_intermediates``): faster, more memory."""
-        for layer in self.model.layers:
-            if isinstance(layer.self_attn, KimiDeltaAttention):
-                layer.self_attn.keep_intermediates = keep
+        return frozenset(checkpointed_layer_indices(total, total if count is None else count))
 
     # ----- forward -----
     def forward(
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | BatchLayout | None = None,
         cache: KimiLinearCache | None = None,
         return_logits: bool = True,
         loss_reduction: str = "mean",
+        options: RunOptions | None = None,
     ) -> KimiLinearOutput:
-        """input_ids [B, T]; labels [B, T] unshifted, -100 = no loss; cu_seqlens int32 [n + 1] with B == 1.
+        """input_ids [B, T]; labels [B, T] unshifted, -100 = no loss; cu_seqlens int32 [n + 1] with B == 1, or the
+        batch's ``BatchLayout``; ``options``: how the pass runs (``RunOptions``; None: the defaults).
 
         The loss is the mean (or sum, ``loss_reduction="sum"``) over the shifted labels != -100 of the token
         cross-entropy; with ``return_logits=False`` it is computed without materialising the [B * T, V] logits.
         """
+        options = options or RunOptions()
         self._check_inputs(input_ids, labels, cu_seqlens, cache, return_logits, loss_reduction)
-        targets = None if labels is None else shift_labels(labels, cu_seqlens).reshape(-1)
+        layout = BatchLayout.of(cu_seqlens, input_ids.device, input_ids.shape[1])  # once, for every layer
+        targets = None if labels is None else shift_labels(labels, layout).reshape(-1)
         # Started before the layers, so that the loss finds its rows without waiting for the GPU (LossRows).
-        fused_loss = targets is not None and not return_logits and self.loss_impl == "fused"
+        fused_loss = targets is not None and not return_logits and options.loss_impl == "fused"
         loss_rows = LossRows(targets) if fused_loss else None
-        hidden, tokens_per_expert, balances = self.model(input_ids, cu_seqlens, cache)
+        hidden, tokens_per_expert, balances = self.model(input_ids, layout, cache, options)
         out = KimiLinearOutput(cache=cache)
         if return_logits:
             out.logits = self.lm_head(hidden)
@@ -256,12 +250,14 @@ class KimiLinearForCausalLM(nn.Module):
         else:
             out.loss = linear_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets, reduction=loss_reduction,
-                impl=self.loss_impl, loss_rows=loss_rows,
+                impl=options.loss_impl, loss_rows=loss_rows,
             )
         if tokens_per_expert:
             out.router_stats = torch.stack(tokens_per_expert)
-        if balances and self.config.router_aux_loss_coef > 0:
-            out.aux_loss = self.config.router_aux_loss_coef * torch.stack(balances).mean()
+        aux_coef = self.config.router_aux_loss_coef if options.router_aux_loss_coef is None \
+            else options.router_aux_loss_coef
+        if balances and aux_coef > 0:
+            out.aux_loss = aux_coef * torch.stack(balances).mean()
         return out
 
     def _check_inputs(self, input_ids, labels, cu_seqlens, cache, return_logits, loss_reduction) -> None:
@@ -276,6 +272,8 @@ class KimiLinearForCausalLM(nn.Module):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if cu_seqlens is None:
             return
+        if isinstance(cu_seqlens, BatchLayout):  # the caller's own layout: its tensor form is checked
+            cu_seqlens = cu_seqlens.cu_seqlens_cpu if cu_seqlens.cu_seqlens_cpu is not None else cu_seqlens.cu_seqlens
         if cache is not None:
             raise ValueError("a cache works with unpacked batches only: pass cu_seqlens=None with a cache")
         if input_ids.shape[0] != 1:

@@ -30,13 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kimitune.adapters.shared_input import project_shared_input
 from kimitune.model.configuration import KimiLinearConfig
+from kimitune.model.projections import project_shared_input
 from kimitune.ops.expert_swiglu import expert_swiglu
+from kimitune.ops.grouped_mm import grouped_linear
 from kimitune.ops.norm import swiglu
 from kimitune.ops.permute import combine_rows, dispatch_rows, inverse_permutation, permute_rows
 from kimitune.ops.router import router_logits
-from kimitune.quant.matmul import frozen_grouped_linear
 
 
 class KimiLinearMLP(nn.Module):
@@ -90,17 +90,28 @@ class TopkRouter(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts held as stacked tensors; rows arrive sorted by expert with cumulative ``offsets`` [E]."""
+    """E SwiGLU experts held as stacked tensors; rows arrive sorted by expert with cumulative ``offsets`` [E].
+
+    Hooks for what builds on the model: ``adapters`` maps a projection's name to a module that computes that
+    projection in its place, ``adapter(weight, x, offsets) -> [N, out]`` (LoRA's ``ExpertsLora``); a frozen weight
+    held as a module rather than a tensor (a quantised weight, kimitune.quant) computes its own product,
+    ``weight.grouped_linear(x, offsets)``, and gives its numbers through ``weight.dequantize()``.
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.adapters = nn.ModuleDict()
 
     def project(self, name: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """x [N, in] sorted by expert -> [N, out] through stacked weight ``name`` ('gate_up_proj' or 'down_proj'),
-        a Parameter or (``load_in_8bit`` / ``load_in_4bit``) a ``kimitune.quant.QuantizedWeight``."""
-        return frozen_grouped_linear(x, getattr(self, name), offsets)
+        """x [N, in] sorted by expert -> [N, out] through stacked weight ``name`` ('gate_up_proj' or 'down_proj')."""
+        weight = getattr(self, name)
+        if name in self.adapters:
+            return self.adapters[name](weight, x, offsets)
+        if isinstance(weight, nn.Module):
+            return weight.grouped_linear(x, offsets)
+        return grouped_linear(x, weight, offsets)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, row_weights: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, C] sorted by expert, offsets [E] int32 cumulative ends, row_weights [N] float32 (each row's routing

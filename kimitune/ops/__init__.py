@@ -4,21 +4,36 @@ conv.py). Both follow fla's argument conventions.
 
 KDA: q, k, g [B, T, H, K] (g the per-channel log decay); v [B, T, H, V]; beta [B, T, H]; states [N, H, K, V] in
 float32. With ``cu_seqlens`` [N+1] (int32 or int64, B = 1) each packed sequence starts from its own initial state
-(or zeros) and returns its own final state. On CUDA, pass ``cu_seqlens`` as a CPU tensor to avoid host syncs
-(see kda/fla.py).
+(or zeros) and returns its own final state. ``cu_seqlens`` is a ``BatchLayout`` (batch_layout.py: the bounds on the
+device and the host, built once per batch) or a tensor, made into a layout for the call: on CUDA give it on the host,
+so that no kernel reads the bounds back.
+
+Names, in every module of kimitune.ops: an op ``foo`` that picks between a kernel and PyTorch code (a dispatcher)
+has ``foo_reference``, the same computation in PyTorch ops with the same arguments and results: the path where no
+kernel applies (CPU tensors, other dtypes), the one :func:`force_reference` (or KIMITUNE_REFERENCE_OPS=1) makes
+every dispatcher take, and what the tests hold the kernels to. ``foo_triton`` (or ``foo_forward_triton`` /
+``foo_backward_triton``) launches kimitune's Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1;
+triton_utils.py holds what they share). An in-place op's trailing underscore stays last: ``softmax_grad_``,
+``softmax_grad_reference_``, ``softmax_grad_triton_``. KDA's definition, the per-token recurrence in a plain loop
+that every KDA path is tested against, is :func:`recurrent_kda_reference` (fla's ``naive_recurrent_kda``).
+
+Forcing the references, also on a GPU: KIMITUNE_REFERENCE_OPS=1 in the environment (read once, at import), or
+``force_reference(True)`` from code (``with force_reference():`` for a block); ``reference_forced()`` tells which.
+Every dispatcher of kimitune.ops reads it at each call (reference_switch.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kimitune.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch, check_conv_inputs
+from kimitune.ops.batch_layout import BatchLayout
+from kimitune.ops.conv import causal_conv1d_reference, causal_conv1d_update_reference, check_conv_inputs
 from kimitune.ops.kda import fla
-from kimitune.ops.kda.chunk import chunk_kda_torch
-from kimitune.ops.kda.fla import cu_seqlens_on
+from kimitune.ops.kda.chunk import chunk_kda_reference
 from kimitune.ops.kda.gate import kda_decay
-from kimitune.ops.kda.naive import naive_recurrent_kda
-from kimitune.ops.kda.recurrent import fused_recurrent_kda_torch
+from kimitune.ops.kda.naive import recurrent_kda_reference
+from kimitune.ops.kda.recurrent import fused_recurrent_kda_reference
+from kimitune.ops.reference_switch import force_reference, reference_forced, use_kernels
 from kimitune.ops.short_conv import conv_silu
 
 
@@ -32,7 +47,7 @@ def chunk_kda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | BatchLayout | None = None,
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     keep_intermediates: bool = False,
@@ -45,17 +60,19 @@ def chunk_kda(
     ``kda_decay(g, A_log, dt_bias)``, computed inside fla's kernels on CUDA (kda/gate.py says why).
     ``keep_intermediates`` (CUDA): fla keeps its chunk states and WY factors for the backward instead of
     recomputing them there (fla's ``disable_recompute``); the same results, faster, for 18 more bytes per token and
-    H * K channel at K = V = 128 (``kimitune.plan``). The PyTorch path keeps what autograd needs either way.
+    H * K channel at K = V = 128 (``kimitune.plan``). The PyTorch path (:func:`chunk_kda_reference`) keeps what
+    autograd needs either way.
     Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in float32, or None unless
     ``output_final_state``).
     """
-    if q.is_cuda:
+    layout = BatchLayout.of(cu_seqlens, q.device, q.shape[1])
+    if use_kernels(q):
         return fla.chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                             cu_seqlens, A_log, dt_bias, keep_intermediates)
+                             layout, A_log, dt_bias, keep_intermediates)
     if A_log is not None:
         g = kda_decay(g, A_log, dt_bias)
-    return chunk_kda_torch(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                           cu_seqlens)
+    return chunk_kda_reference(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                               _bounds(layout))
 
 
 def fused_recurrent_kda(
@@ -68,12 +85,16 @@ def fused_recurrent_kda(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     use_qk_l2norm_in_kernel: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | BatchLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA token by token (decoding: a few tokens per sequence from a state); same arguments and results as
     :func:`chunk_kda`. fla's kernel is forward-only; the PyTorch path is differentiable through autograd."""
-    kda = fla.fused_recurrent_kda if q.is_cuda else fused_recurrent_kda_torch
-    return kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens)
+    layout = BatchLayout.of(cu_seqlens, q.device, q.shape[1])
+    if use_kernels(q):
+        return fla.fused_recurrent_kda(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                       use_qk_l2norm_in_kernel, layout)
+    return fused_recurrent_kda_reference(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                         use_qk_l2norm_in_kernel, _bounds(layout))
 
 
 def causal_conv1d(
@@ -83,7 +104,7 @@ def causal_conv1d(
     activation: str | None = None,
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | BatchLayout | None = None,
     parts: int = 1,
 ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | None]:
     """Causal depthwise conv y[t] = act(bias + sum_i weight[:, i] x[t-W+1+i]) of x [B, T, D] with weight [D, W];
@@ -95,15 +116,21 @@ def causal_conv1d(
     (short_conv.py), the rest fla's."""
     if x.shape[-1] % parts:
         raise ValueError(f"causal_conv1d: {x.shape[-1]} channels do not split into {parts} parts")
-    if x.is_cuda and activation == "silu" and bias is None and initial_state is None and not output_final_state:
-        check_conv_inputs(x, weight, bias, activation, initial_state, cu_seqlens, "causal_conv1d")
-        cu_seqlens = None if cu_seqlens is None else cu_seqlens_on(cu_seqlens, x.device)
-        return conv_silu(x, weight, cu_seqlens, parts), None
-    if x.is_cuda:
-        y, state = fla.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+    layout = BatchLayout.of(cu_seqlens, x.device, x.shape[1])
+    if use_kernels(x) and activation == "silu" and bias is None and initial_state is None and not output_final_state:
+        check_conv_inputs(x, weight, bias, activation, initial_state, fla._checked_bounds(layout), "causal_conv1d")
+        return conv_silu(x, weight, layout, parts), None
+    if use_kernels(x):
+        y, state = fla.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, layout)
     else:
-        y, state = causal_conv1d_torch(x, weight, bias, activation, initial_state, output_final_state, cu_seqlens)
+        y, state = causal_conv1d_reference(x, weight, bias, activation, initial_state, output_final_state,
+                                           _bounds(layout))
     return (y if parts == 1 else y.chunk(parts, dim=-1)), state
+
+
+def _bounds(layout: BatchLayout | None) -> torch.Tensor | None:
+    """The bounds tensor the PyTorch paths take (on the inputs' device)."""
+    return None if layout is None else layout.cu_seqlens
 
 
 def causal_conv1d_update(
@@ -115,10 +142,10 @@ def causal_conv1d_update(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode step of :func:`causal_conv1d`: x [N, D] -> (y [N, D], conv_state). ``conv_state`` [N, D, W] is
     rolled in place (the oldest input drops out, x comes in) and returned, on every device."""
-    if x.is_cuda:
+    if use_kernels(x):
         return fla.causal_conv1d_update(x, conv_state, weight, bias, activation)
-    return causal_conv1d_update_torch(x, conv_state, weight, bias, activation)
+    return causal_conv1d_update_reference(x, conv_state, weight, bias, activation)
 
 
-__all__ = ["chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update", "naive_recurrent_kda",
-           "cu_seqlens_on", "kda_decay"]
+__all__ = ["BatchLayout", "chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update",
+           "recurrent_kda_reference", "kda_decay", "force_reference", "reference_forced"]

@@ -13,6 +13,8 @@ instead: no mask, work proportional to the sum of squared lengths. Flash attenti
 and v; MLA's values are narrower than its keys (128 against 192), so v is zero-padded to the key width and the
 padding is cut from the output (zero columns of v give zero output columns, and their gradient is dropped).
 Pass ``cu_seqlens`` on the host (as the KDA ops take it) so the longest length is read without a device sync.
+:func:`packed_causal_attention_reference` is the masked path; ``kimitune.ops.force_reference`` sends CUDA tensors
+there too.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from kimitune.ops.kda.fla import cu_seqlens_on
+from kimitune.ops.batch_layout import BatchLayout
+from kimitune.ops.reference_switch import use_kernels
 
 
 def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -50,20 +53,21 @@ def _varlen_attn():
     return None
 
 
-def packed_causal_attention_torch(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+def packed_causal_attention_reference(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
     """The reference: scaled_dot_product_attention with the block-diagonal causal mask."""
     mask = packed_causal_mask(cu_seqlens.to(q.device), q.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def packed_causal_attention(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q, k [1, H, T, Dqk], v [1, H, T, Dv] -> [1, H, T, Dv]; see the module docstring."""
+def packed_causal_attention(q, k, v, cu_seqlens: BatchLayout | torch.Tensor, scale: float) -> torch.Tensor:
+    """q, k [1, H, T, Dqk], v [1, H, T, Dv] -> [1, H, T, Dv] with the batch's layout (or its bounds); see the module
+    docstring."""
+    layout = BatchLayout.of(cu_seqlens, q.device, q.shape[2])
     varlen = _varlen_attn()
-    if varlen is None or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
-        return packed_causal_attention_torch(q, k, v, cu_seqlens, scale)
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    longest = int(lengths.max())
-    cu = cu_seqlens_on(cu_seqlens, q.device).to(torch.int32)
+    if varlen is None or not use_kernels(q) or q.dtype not in (torch.bfloat16, torch.float16):
+        return packed_causal_attention_reference(q, k, v, layout.cu_seqlens, scale)
+    longest = layout.max_seqlen
+    cu = layout.cu_seqlens.to(torch.int32)
     v_dim, qk_dim = v.shape[-1], q.shape[-1]
     q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, H, D]
     if v_dim < qk_dim:
@@ -77,8 +81,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     query t sees keys 0 .. S - T + t (``causal_lower_right``: no [T, S] mask is built).
 
     On the CPU v is zero-padded to Dqk and the padding cut from the output: the CPU's flash kernel needs one head
-    size, and without it sdpa falls back to its math path, which holds [B, H, T, S] scores (6x slower at 4096 tokens
-    and 8 heads; 8.6 GB of scores at 16384)."""
+    size, and without it sdpa falls back to its math path, which holds [B, H, T, S] scores (several times slower,
+    and gigabytes of scores at long prompts: benchmarks/RESULTS.md). Both paths are sdpa, which picks its own
+    kernel, so ``kimitune.ops.force_reference`` leaves this op as it is."""
     T, S = q.shape[-2], k.shape[-2]
     causal = {"is_causal": True} if T == S else {"attn_mask": causal_lower_right(T, S)}
     if q.is_cuda or v.shape[-1] >= q.shape[-1]:

@@ -7,6 +7,9 @@ Every sequence (a batch row, or a ``cu_seqlens`` segment of a packed row) reads 
 reach before its first token read its initial state (zeros without one). The whole batch runs as one depthwise
 conv over the flattened rows; the few outputs whose taps crossed a sequence start (the first W-1 tokens of each
 sequence) are then corrected in one vectorised gather. Gradients flow through autograd.
+
+``causal_conv1d_reference`` and ``causal_conv1d_update_reference`` are ``kimitune.ops.causal_conv1d`` and
+``causal_conv1d_update`` off CUDA and under ``kimitune.ops.force_reference``.
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def sequence_positions(B: int, T: int, cu_seqlens: torch.Tensor | None, device: 
     return _sequence_bounds(B, T, cu_seqlens, device)[3]
 
 
-def causal_conv1d_torch(
+def causal_conv1d_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -128,7 +131,7 @@ def causal_conv1d_torch(
     return y, final
 
 
-def causal_conv1d_update_torch(
+def causal_conv1d_update_reference(
     x: torch.Tensor,
     conv_state: torch.Tensor,
     weight: torch.Tensor,

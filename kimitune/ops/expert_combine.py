@@ -10,18 +10,19 @@ weights are not applied here: the experts scale their activations by them before
 rounded once to the rows' dtype.
 
 On CUDA one Triton kernel, one program per token and block of columns: it reads the token's k rows where they lie
-and writes y. Done with
-PyTorch ops (:func:`sum_token_copies_reference`, used elsewhere and as the reference in the tests) the rows are
-first gathered into token order, a copy of all N * k rows, then summed.
+and writes y. Done with PyTorch ops (:func:`sum_token_copies_reference`: the path off CUDA and under
+``kimitune.ops.force_reference``, and the tests' reference) the rows are first gathered into token order, a copy of
+all N * k rows, then summed.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-tl = None  # triton.language, imported by _kernel() on first use
+from kimitune.ops.reference_switch import use_kernels
+from kimitune.ops.triton_utils import block_size, cdiv, jit_on_first_use
+
+tl = None  # triton.language, bound at the kernel's first launch (triton_utils)
 
 BLOCK_C = 256  # hidden columns per program; C = 2304 in the released model: 9 blocks
 NUM_WARPS = 1
@@ -46,15 +47,7 @@ def _sum_copies_kernel(rows_ptr, inv_ptr, y_ptr, C, K: tl.constexpr, BLOCK: tl.c
     tl.store(y_ptr + n * C + cols, acc.to(y_ptr.dtype.element_ty), mask=in_c)
 
 
-@functools.cache
-def _kernel():
-    """The jitted kernel, built on first use (triton imported here only; TRITON_INTERPRET=1 must be set before that
-    import for the interpreter to run it)."""
-    global tl  # a module global: Triton's compiler and interpreter resolve `tl` in the kernel's globals
-    import triton
-    import triton.language as tl
-
-    return triton.jit(_sum_copies_kernel)
+_sum_copies = jit_on_first_use(_sum_copies_kernel)
 
 
 def sum_token_copies_triton(rows: torch.Tensor, inverse: torch.Tensor, k: int, block: int = BLOCK_C,
@@ -65,15 +58,15 @@ def sum_token_copies_triton(rows: torch.Tensor, inverse: torch.Tensor, k: int, b
     num_tokens, width = rows.shape[0] // k, rows.shape[1]
     y = rows.new_empty(num_tokens, width)
     if num_tokens:
-        block = min(block, 1 << max(4, (width - 1).bit_length()))
-        _kernel()[(num_tokens, -(-width // block))](rows.contiguous(), inverse, y, width, K=k, BLOCK=block,
-                                                     num_warps=num_warps)
+        block = block_size(width, cap=block)
+        _sum_copies[(num_tokens, cdiv(width, block))](rows.contiguous(), inverse, y, width, K=k, BLOCK=block,
+                                                      num_warps=num_warps)
     return y
 
 
 def sum_token_copies(rows: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
     """rows [N * k, C] sorted by expert, inverse [N * k] -> y [N, C] (see the module docstring); not differentiable
     by itself: ``kimitune.ops.permute`` wraps it."""
-    if rows.is_cuda and rows.dtype != torch.float64:
+    if use_kernels(rows) and rows.dtype != torch.float64:
         return sum_token_copies_triton(rows, inverse, k)
     return sum_token_copies_reference(rows, inverse, k)

@@ -12,17 +12,18 @@ output row ([M, C], M = k tokens) alive until the backward, 151 MB per layer at 
 Arithmetic is float32, rounded once. On CUDA one Triton kernel per direction, one program per row: the forward
 reads gate and up and writes h; the backward reads them with grad h and writes the gradient of gate_up as one
 [M, 2I] tensor (no concatenation of two halves) and the weights' gradient. :func:`expert_swiglu_reference` is the
-same in PyTorch ops: the CPU path and the tests' reference.
+same in PyTorch ops: the path off CUDA and under ``kimitune.ops.force_reference``, and the tests' reference.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-tl = None  # triton.language, imported by _kernels() on first use
+from kimitune.ops.reference_switch import use_kernels
+from kimitune.ops.triton_utils import block_size, jit_on_first_use
+
+tl = None  # triton.language, bound at the kernels' first launch (triton_utils)
 
 BLOCK_I = 1024  # columns per step of a row's loop; I = 1024 in the released model
 NUM_WARPS = 4
@@ -69,15 +70,8 @@ def _expert_swiglu_backward_kernel(gu_ptr, w_ptr, dh_ptr, dgu_ptr, dw_ptr, I: tl
     tl.store(dw_ptr + m, tl.sum(dot, axis=0))
 
 
-@functools.cache
-def _kernels():
-    """The jitted kernels, built on first use (triton imported here only; TRITON_INTERPRET=1 must be set before that
-    import for the interpreter to run them)."""
-    global tl  # a module global: Triton's compiler and interpreter resolve `tl` in the kernels' globals
-    import triton
-    import triton.language as tl
-
-    return triton.jit(_expert_swiglu_forward_kernel), triton.jit(_expert_swiglu_backward_kernel)
+_forward = jit_on_first_use(_expert_swiglu_forward_kernel)
+_backward = jit_on_first_use(_expert_swiglu_backward_kernel)
 
 
 def _sizes(gate_up: torch.Tensor, weights: torch.Tensor) -> dict:
@@ -85,7 +79,7 @@ def _sizes(gate_up: torch.Tensor, weights: torch.Tensor) -> dict:
         raise ValueError(f"expert_swiglu: gate_up {tuple(gate_up.shape)} must be [M, 2I] and weights "
                          f"{tuple(weights.shape)} [M]")
     width = gate_up.shape[1] // 2
-    return {"I": width, "BLOCK": min(BLOCK_I, 1 << max(4, (width - 1).bit_length()))}
+    return {"I": width, "BLOCK": block_size(width, cap=BLOCK_I)}
 
 
 def expert_swiglu_forward_triton(gate_up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -93,8 +87,7 @@ def expert_swiglu_forward_triton(gate_up: torch.Tensor, weights: torch.Tensor) -
     sizes = _sizes(gate_up, weights)
     h = gate_up.new_empty(gate_up.shape[0], sizes["I"])
     if gate_up.shape[0]:
-        _kernels()[0][(gate_up.shape[0],)](gate_up.contiguous(), weights.contiguous(), h, **sizes,
-                                           num_warps=NUM_WARPS)
+        _forward[(gate_up.shape[0],)](gate_up.contiguous(), weights.contiguous(), h, **sizes, num_warps=NUM_WARPS)
     return h
 
 
@@ -105,8 +98,8 @@ def expert_swiglu_backward_triton(gate_up: torch.Tensor, weights: torch.Tensor,
     grad_gate_up = torch.empty_like(gate_up)
     grad_w = torch.empty(weights.shape, dtype=torch.float32, device=weights.device)
     if gate_up.shape[0]:
-        _kernels()[1][(gate_up.shape[0],)](gate_up.contiguous(), weights.contiguous(), grad_h.contiguous(),
-                                           grad_gate_up, grad_w, **sizes, num_warps=NUM_WARPS)
+        _backward[(gate_up.shape[0],)](gate_up.contiguous(), weights.contiguous(), grad_h.contiguous(), grad_gate_up,
+                                       grad_w, **sizes, num_warps=NUM_WARPS)
     return grad_gate_up, grad_w
 
 
@@ -125,6 +118,6 @@ class _ExpertSwiGLU(torch.autograd.Function):
 
 def expert_swiglu(gate_up: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """gate_up [M, 2I] (the gate_up projection's rows: gate then up), weights [M] -> h [M, I] (module docstring)."""
-    if gate_up.is_cuda and gate_up.dtype != torch.float64:
+    if use_kernels(gate_up) and gate_up.dtype != torch.float64:
         return _ExpertSwiGLU.apply(gate_up, weights)
     return expert_swiglu_reference(gate_up, weights)

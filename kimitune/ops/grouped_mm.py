@@ -5,13 +5,15 @@
 
 ``torch._grouped_mm`` runs it as one kernel, forward and backward, with no host sync. In torch 2.13 it works on
 CPU (float32 and bfloat16) and on CUDA for bfloat16 on Hopper or newer, when every row stride is a multiple of
-16 bytes (``in`` and ``out`` times the element size); elsewhere ``grouped_linear_loop`` (one matmul per expert,
-which reads ``offsets`` on the host) computes the same thing.
+16 bytes (``in`` and ``out`` times the element size); elsewhere, and under ``kimitune.ops.force_reference``,
+``grouped_linear_reference`` (one matmul per expert, which reads ``offsets`` on the host) computes the same thing.
 """
 
 from __future__ import annotations
 
 import torch
+
+from kimitune.ops.reference_switch import reference_forced
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -34,7 +36,7 @@ def _grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return False
 
 
-def grouped_linear_loop(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def grouped_linear_reference(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """The reference: one ``x[group] @ weight[e].T`` per expert (syncs once to read ``offsets``)."""
     ends = offsets.tolist()
     starts = [0] + ends[:-1]
@@ -54,7 +56,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor)
                          f"({weight.shape[0]})")
     dtype = _compute_dtype(x, weight)
     x, weight = x.to(dtype), weight.to(dtype)
-    if _grouped_mm_supported(x, weight):
+    if not reference_forced() and _grouped_mm_supported(x, weight):
         with torch.autocast(x.device.type, enabled=False):
             return torch._grouped_mm(x.contiguous(), weight.transpose(-2, -1), offs=offsets.to(torch.int32))
-    return grouped_linear_loop(x, weight, offsets)
+    return grouped_linear_reference(x, weight, offsets)

@@ -9,10 +9,11 @@ Two implementations, chosen by ``linear_cross_entropy(..., impl=)``:
   takes three. It keeps the gradients, not the inputs, for the backward, which only scales them. Without a
   gradient to compute (eval, ``torch.no_grad``) it is one GEMM per chunk and keeps nothing. Memory holds one
   [chunk_rows, V] chunk of logits at a time (``_CHUNK_BYTES``).
-  The default: on an H100 (benchmarks/loss_gpu.py, Kimi's head of 163840 x 2304, bf16) its forward + backward
-  takes 10.3 ms for 4096 rows where cut-cross-entropy takes 16.6 ms and full logits 19.8 ms.
+  The default, because on Kimi's head it is faster than both cut-cross-entropy and full logits, forward + backward
+  (``benchmarks/loss_gpu.py``; the figures in benchmarks/RESULTS.md).
 - "cce": the ``cut-cross-entropy`` package's kernels (CUDA only; imported lazily, here only), which recompute the
-  logits in the backward; kept to measure against.
+  logits in the backward; kept to measure against. Under ``kimitune.ops.force_reference`` it runs "fused", whose
+  softmax gradient then takes its PyTorch reference: no kernel of either.
 
 Logits follow transformers' precision: the matmul runs in the inputs' dtype and is upcast to float32 before the
 softmax. Targets equal to -100 are ignored; ``reduction="mean"`` divides by the number of the others.
@@ -24,13 +25,14 @@ import functools
 
 import torch
 
+from kimitune.ops.reference_switch import reference_forced
 from kimitune.ops.softmax_grad import softmax_grad_
 
 IGNORE_INDEX = -100
 # One chunk of logits in the compute dtype (the CPU path adds float32 temporaries of its size): 1024 rows of bf16 at
-# V = 163840, so that grad_logits @ weight, whose output is only [rows, H], still has enough tiles for every SM.
-# 4096 rows on an H100 (benchmarks/loss_gpu.py): 10.27 ms in chunks of 1024, 10.96 in chunks of 768.
-# It is freed before the backward, whose buffers kimitune.plan counts at the peak instead.
+# V = 163840, so that grad_logits @ weight, whose output is only [rows, H], still has enough tiles for every SM
+# (1024 rows measured faster than 768: benchmarks/RESULTS.md). It is freed before the backward, whose buffers
+# kimitune.plan counts at the peak instead.
 _CHUNK_BYTES = 320 * 2**20
 _ROW_ALIGN = 64  # chunk rows rounded down to a multiple of this: a GEMM's M dimension in whole tiles
 IMPLS = ("fused", "cce")
@@ -211,8 +213,8 @@ def linear_cross_entropy(
     """hidden [N, H], weight [V, H], targets [N] (-100 ignored) -> float32 scalar loss ("mean" or "sum").
 
     ``impl``: "fused" (kimitune's, any device) or "cce" (cut-cross-entropy; CUDA tensors and the package
-    required). ``loss_rows``: the fused loss's ``LossRows(targets)``, made before the forward's layers so that
-    finding the rows does not wait for them."""
+    required; "fused" under ``kimitune.ops.force_reference``). ``loss_rows``: the fused loss's ``LossRows(targets)``,
+    made before the forward's layers so that finding the rows does not wait for them."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must "
                          "be [N, H] and [V, H]")
@@ -222,6 +224,8 @@ def linear_cross_entropy(
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
     if impl not in IMPLS:
         raise ValueError(f"linear_cross_entropy: impl must be one of {IMPLS}, got {impl!r}")
+    if reference_forced():
+        impl = "fused"
     if impl == "cce" and not hidden.is_cuda:
         raise ValueError(f"linear_cross_entropy: impl='cce' needs CUDA tensors, got {hidden.device}")
     dtype = _compute_dtype(hidden, weight)

@@ -10,7 +10,8 @@ the inputs and the per-row inverse RMS. The one difference in rounding: fla mult
 single cast to the output dtype, the PyTorch RMSNorm casts first (as transformers does) — within bf16 rounding.
 
 fla is used only when input and weight share a dtype (otherwise the result dtype follows PyTorch's promotion,
-which the reference keeps) and it imports; without fla-core the PyTorch path runs on CUDA too.
+which the reference keeps) and it imports; without fla-core, or under ``kimitune.ops.force_reference``, the
+PyTorch references (``*_reference``) run on CUDA too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
+from kimitune.ops.reference_switch import use_kernels
 
 
 @functools.cache
@@ -35,12 +38,12 @@ def _fla_modules() -> SimpleNamespace | None:
 
 def _fused(*tensors: torch.Tensor) -> SimpleNamespace | None:
     first = tensors[0]
-    if not first.is_cuda or any(t.dtype != first.dtype for t in tensors):
+    if not use_kernels(first) or any(t.dtype != first.dtype for t in tensors):
         return None
     return _fla_modules()
 
 
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The reference (transformers' KimiLinear RMSNorm): normalise in float32, cast back, then scale."""
     dtype = x.dtype
     x = x.float()
@@ -48,7 +51,7 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     return weight * x.to(dtype)
 
 
-def gated_rms_norm_torch(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def gated_rms_norm_reference(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The reference: everything in float32, one cast to x's dtype at the end."""
     dtype = x.dtype
     x = x.float()
@@ -56,11 +59,16 @@ def gated_rms_norm_torch(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tens
     return (weight.float() * x * torch.sigmoid(gate.float())).to(dtype)
 
 
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The reference: silu(gate) * up in the inputs' dtype (autograd keeps both inputs and silu(gate))."""
+    return F.silu(gate) * up
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D], weight [D] -> [..., D]."""
     fla = _fused(x, weight)
     if fla is None:
-        return rms_norm_torch(x, weight, eps)
+        return rms_norm_reference(x, weight, eps)
     return fla.rms_norm(x, weight, None, eps=eps)
 
 
@@ -68,7 +76,7 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
     """x, gate [..., D], weight [D] -> [..., D] in x's dtype."""
     fla = _fused(x, gate, weight)
     if fla is None:
-        return gated_rms_norm_torch(x, gate, weight, eps)
+        return gated_rms_norm_reference(x, gate, weight, eps)
     return fla.rms_norm_gated(x, gate, weight, None, activation="sigmoid", eps=eps)
 
 
@@ -76,5 +84,5 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up [..., I] -> silu(gate) * up."""
     fla = _fused(gate, up)
     if fla is None:
-        return F.silu(gate) * up
+        return swiglu_reference(gate, up)
     return fla.swiglu(gate, up)

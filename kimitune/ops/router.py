@@ -4,8 +4,9 @@ Routing takes its top-k on these logits, so they are float32 whatever the model'
 ``F.linear(x.float(), weight.float())``: a rounding there changes which experts are chosen). On CUDA, with x and
 weight in bf16 or fp16, one tensor-core GEMM with float32 accumulation and a float32 output (``torch.mm``'s
 ``out_dtype``) gives the same products: each is exact in float32, as it is after upcasting, only the order of the
-sums may differ. The float32 GEMM it replaces runs without tensor cores, about 0.25 ms each way per MoE layer at
-8192 tokens on an H100 / H200 (``benchmarks/RESULTS.md``).
+sums may differ. This path exists because the float32 GEMM of upcast operands (:func:`router_logits_reference`,
+the path elsewhere and under ``kimitune.ops.force_reference``) runs without tensor cores: a measurable part of a
+48B step (figures in benchmarks/RESULTS.md).
 
 The input gradient ``grad @ weight`` is computed in x's dtype: it joins the residual stream's gradient there, as
 every other bf16 layer's does. A weight that trains (full fine-tuning) gets its float32 gradient.
@@ -16,11 +17,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kimitune.ops.reference_switch import use_kernels
+
 _HALF = (torch.bfloat16, torch.float16)
 
 
 def _tensor_core_path(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in _HALF and weight.dtype == x.dtype
+    return use_kernels(x) and x.dtype in _HALF and weight.dtype == x.dtype
 
 
 class _RouterLogits(torch.autograd.Function):
@@ -37,8 +40,13 @@ class _RouterLogits(torch.autograd.Function):
         return grad_x, grad_w
 
 
+def router_logits_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The reference (transformers' computation): x [N, C], weight [E, C] upcast, then [N, E] float32."""
+    return F.linear(x.float(), weight.float())
+
+
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [N, C], weight [E, C] -> x weight^T [N, E] in float32 (see the module docstring)."""
     if _tensor_core_path(x, weight):
         return _RouterLogits.apply(x, weight)
-    return F.linear(x.float(), weight.float())
+    return router_logits_reference(x, weight)

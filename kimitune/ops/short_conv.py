@@ -9,23 +9,23 @@ case). fla's backward first recomputes the pre-activation with a forward kernel,
 beside x and the output gradient. This backward recomputes the pre-activation in registers from x's taps, which
 it reads through the cache, so memory sees x and dy read once and dx written once, plus a [tiles, D, W] float32
 partial sum of the weight's gradient per tile of rows (summed after; deterministic). Packed or not, one launch
-each way. ``benchmarks/short_conv_gpu.py``, 4096 tokens of the 48B widths (D = 12288), forward + backward on an
-H200: fla 0.91 ms on one sequence and 1.20 ms packed, these kernels 0.40 ms.
+each way. That traffic is why these kernels exist beside fla's: they take less than half of fla's time at the
+48B's widths (``benchmarks/short_conv_gpu.py``; the figures in benchmarks/RESULTS.md).
 
 Packed sequences never exchange values: each token's position in its sequence (``pos``, int32) bounds its taps.
-Arithmetic is float32, rounded once per output. ``kimitune.ops.conv.causal_conv1d_torch`` is the reference.
+Arithmetic is float32, rounded once per output. ``kimitune.ops.conv.causal_conv1d_reference`` is the reference.
 """
 
 from __future__ import annotations
 
-import functools
-from collections import deque
 
 import torch
 
+from kimitune.ops.batch_layout import BatchLayout
 from kimitune.ops.conv import sequence_positions
+from kimitune.ops.triton_utils import dividing_block, grid, jit_on_first_use
 
-tl = None  # triton.language, imported by _kernels() on first use
+tl = None  # triton.language, bound at the kernels' first launch (triton_utils)
 
 BLOCK_T = 16  # rows per program (and per partial sum of the weight's gradient)
 BLOCK_D = 128  # channels per program
@@ -108,23 +108,16 @@ def _short_conv_backward_kernel(x_ptr, w_ptr, pos_ptr, dy0_ptr, dy1_ptr, dy2_ptr
              mask=in_rows[:, None] & in_cols[None, :])
 
 
-@functools.cache
-def _kernels():
-    """The jitted kernels, built on first use (triton imported here only; TRITON_INTERPRET=1 must be set before that
-    import for the interpreter to run them)."""
-    global tl  # a module global: Triton's compiler and interpreter resolve `tl` in the kernels' globals
-    import triton
-    import triton.language as tl
-
-    return triton.jit(_short_conv_forward_kernel), triton.jit(_short_conv_backward_kernel)
+_forward = jit_on_first_use(_short_conv_forward_kernel)
+_backward = jit_on_first_use(_short_conv_backward_kernel)
 
 
 def _tiling(N: int, D: int, parts: int, block_t: int, block_d: int) -> tuple[int, tuple[int, int]]:
     """(channel block, grid) for both directions: with parts, the block shrinks until it divides a part's channels
     (a program writes, and reads back, one part)."""
-    while parts > 1 and (D // parts) % block_d:
-        block_d //= 2
-    return block_d, (-(-N // block_t), -(-D // block_d))
+    if parts > 1:
+        block_d = dividing_block(block_d, D // parts)
+    return block_d, grid((N, D), (block_t, block_d))
 
 
 def conv_silu_forward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.Tensor, parts: int = 1,
@@ -134,10 +127,10 @@ def conv_silu_forward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.T
     [N, D / parts] of y's channels, in x's dtype."""
     N, D = x.shape
     ys = tuple(x.new_empty(N, D // parts) for _ in range(parts))
-    block_d, grid = _tiling(N, D, parts, block_t, block_d)
+    block_d, programs = _tiling(N, D, parts, block_t, block_d)
     if x.numel():
-        _kernels()[0][grid](x, weight, pos, *(ys * 3)[:3], N, D, D // parts, W=weight.shape[1], BT=block_t,
-                            BD=block_d, PARTS=parts, num_warps=num_warps)
+        _forward[programs](x, weight, pos, *(ys * 3)[:3], N, D, D // parts, W=weight.shape[1], BT=block_t,
+                           BD=block_d, PARTS=parts, num_warps=num_warps)
     return ys
 
 
@@ -150,12 +143,12 @@ def conv_silu_backward_triton(x: torch.Tensor, weight: torch.Tensor, pos: torch.
     N, D = x.shape
     parts = len(grad_ys)
     grad_x = torch.empty_like(x)
-    block_d, grid = _tiling(N, D, parts, block_t, block_d)
+    block_d, programs = _tiling(N, D, parts, block_t, block_d)
     # Every tile writes its whole [D, W] slice, so no zero fill; without WEIGHT_GRAD nothing is written.
-    partial = torch.empty(grid[0] if weight_grad else 1, *weight.shape, dtype=torch.float32, device=x.device)
+    partial = torch.empty(programs[0] if weight_grad else 1, *weight.shape, dtype=torch.float32, device=x.device)
     if x.numel():
-        _kernels()[1][grid](x, weight, pos, *(grad_ys * 3)[:3], grad_x, partial, N, D, D // parts, W=weight.shape[1],
-                            BT=block_t, BD=block_d, PARTS=parts, WEIGHT_GRAD=weight_grad, num_warps=num_warps)
+        _backward[programs](x, weight, pos, *(grad_ys * 3)[:3], grad_x, partial, N, D, D // parts, W=weight.shape[1],
+                           BT=block_t, BD=block_d, PARTS=parts, WEIGHT_GRAD=weight_grad, num_warps=num_warps)
     return grad_x, partial.sum(0).to(weight.dtype) if weight_grad else None
 
 
@@ -173,31 +166,17 @@ class _ConvSilu(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-# (cu_seqlens or None, its version, B, T, device, positions): every KDA layer of a pass (and its recomputation) gets
-# the same cu_seqlens object, so the positions are computed once per batch instead of once per layer.
-_positions: deque[tuple] = deque(maxlen=8)
-
-
-def token_positions(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """``sequence_positions`` as int32 [B*T], cached per ``cu_seqlens`` object (and its in-place version)."""
-    version = None if cu_seqlens is None else cu_seqlens._version
-    for seqlens, seen_version, b, t, where, pos in _positions:
-        if seqlens is cu_seqlens and seen_version == version and (b, t, where) == (B, T, device):
-            return pos
-    pos = sequence_positions(B, T, cu_seqlens, device).to(torch.int32)
-    _positions.append((cu_seqlens, version, B, T, device, pos))
-    return pos
-
-
-def conv_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: BatchLayout | torch.Tensor | None = None,
               parts: int = 1) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """x [B, T, D], weight [D, W], cu_seqlens int32 [n + 1] on x's device (B == 1) or None -> y [B, T, D]; with
+    """x [B, T, D], weight [D, W], the packed batch's layout (B == 1; or its int32 bounds) or None -> y [B, T, D]; with
     ``parts`` > 1, y's channels as that many contiguous tensors [B, T, D / parts] (KDA's q, k and v, which fla's
     kernels would otherwise copy out of one strided buffer)."""
     B, T, D = x.shape
     if parts not in (1, 3) or D % parts:
         raise ValueError(f"conv_silu: {D} channels do not split into {parts} parts (1 or 3)")
-    pos = token_positions(B, T, cu_seqlens, x.device)
+    layout = BatchLayout.of(cu_seqlens, x.device, T)
+    # The layout's positions are made once per batch, for every KDA layer; a padded batch's are two small kernels.
+    pos = layout.positions if layout is not None else sequence_positions(B, T, None, x.device).to(torch.int32)
     ys = _ConvSilu.apply(x.reshape(B * T, D).contiguous(), weight.contiguous(), pos, parts)
     if parts == 1:
         return ys[0].view(B, T, D)

@@ -9,28 +9,26 @@ logits with one GEMM, and the gradient of sum(lse - target_logit) with respect t
 next GEMM (grad_logits @ weight). Statistics are float32 whatever the logits' dtype (transformers upcasts logits to
 float32 before the softmax); the gradient is rounded once, to the logits' dtype.
 
-For CUDA tensors a Triton kernel does it in one launch (triton is imported lazily, so CPU-only installs import this
-module without it): one program per row, a first pass over V with an online max and sum, then a pass that writes
-the gradient, so the [R, V] chunk is read twice and written once. Done with PyTorch ops the same takes about eight
-passes over the chunk and float32 temporaries of its size; :func:`softmax_grad_reference_` is that version, used
-on the CPU and as the reference in the tests.
+For CUDA tensors a Triton kernel does it in one launch (triton is imported at its first launch, so CPU-only installs
+import this module without it): one program per row, a first pass over V with an online max and sum, then a pass
+that writes the gradient, so the [R, V] chunk is read twice and written once. Done with PyTorch ops the same takes
+about eight passes over the chunk and float32 temporaries of its size; :func:`softmax_grad_reference_` is that
+version: the path off CUDA and under ``kimitune.ops.force_reference``, and the tests' reference.
 
 ``targets`` must lie in [0, V) on every row, ignored rows included (give those any index, e.g. 0, and valid False).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-tl = None  # triton.language, imported by _kernel() on first use
+from kimitune.ops.reference_switch import use_kernels
+from kimitune.ops.triton_utils import block_size, jit_on_first_use
+
+tl = None  # triton.language, bound at the kernel's first launch (triton_utils)
 
 BLOCK_V = 4096  # columns per step of a row's loop; V = 163840 in the released model, so 40 steps per pass
 NUM_WARPS = 8
-
-_INSTALL_HINT = ("kimitune's fused cross-entropy runs its softmax-gradient kernel on CUDA tensors through Triton, "
-                 "which could not be imported (it ships with PyTorch's CUDA builds: `pip install triton`).")
 
 
 def softmax_grad_reference_(
@@ -61,7 +59,7 @@ def softmax_grad_reference_(
 
 def _softmax_grad_kernel(logits_ptr, row_stride, targets_ptr, valid_ptr, lse_ptr, target_logit_ptr, scale,
                          V: tl.constexpr, HAS_VALID: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per row of the chunk; ``triton.jit`` applies on first use (``_kernel``). V is a compile-time
+    """One program per row of the chunk (jitted at its first launch, ``_softmax_grad``). V is a compile-time
     constant, so one compilation per vocabulary: Triton 3.6's interpreter cannot loop to a runtime bound under
     NumPy 2.4 (its scalar arguments are 1-element arrays), and a model has one vocabulary anyway."""
     row = tl.program_id(0).to(tl.int64)  # row * row_stride passes 2**31 for chunks of a large vocabulary
@@ -95,17 +93,7 @@ def _softmax_grad_kernel(logits_ptr, row_stride, targets_ptr, valid_ptr, lse_ptr
             tl.store(row_ptr + start + cols, p.to(logits_ptr.dtype.element_ty), mask=in_row)
 
 
-@functools.cache
-def _kernel():
-    """The jitted kernel, built on first use: triton is imported here only (TRITON_INTERPRET=1 must be set before
-    that import for the interpreter to run it; the tests start a subprocess with it)."""
-    global tl  # a module global: both Triton's compiler and its interpreter resolve `tl` in the kernel's globals
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError as error:
-        raise ImportError(_INSTALL_HINT) from error
-    return triton.jit(_softmax_grad_kernel)
+_softmax_grad = jit_on_first_use(_softmax_grad_kernel)
 
 
 def softmax_grad_triton_(
@@ -129,8 +117,8 @@ def softmax_grad_triton_(
         return lse, target_logit
     # A bool tensor's bytes, as uint8: loads of i1 pointers are less portable across Triton versions.
     valid_bytes = targets if valid is None else valid.view(torch.uint8)
-    block = min(block_v or BLOCK_V, max(16, 1 << (vocab - 1).bit_length()))  # a power of two, at most V rounded up
-    _kernel()[(rows,)](
+    block = block_size(vocab, cap=block_v or BLOCK_V)
+    _softmax_grad[(rows,)](
         logits, logits.stride(0), targets, valid_bytes, lse, target_logit, float(scale), vocab,
         HAS_VALID=valid is not None, WRITE_GRAD=write_grad, BLOCK=block, num_warps=num_warps or NUM_WARPS,
     )
@@ -147,5 +135,5 @@ def softmax_grad_(
     """logits [R, V] (rows contiguous), targets [R] in [0, V), valid [R] bool or None (all rows) ->
     (lse [R], target_logit [R]), both float32. With ``write_grad`` the logits are overwritten with
     (softmax - onehot(target)) * valid * scale in their own dtype; without, they are left as they are."""
-    fn = softmax_grad_triton_ if logits.is_cuda else softmax_grad_reference_
+    fn = softmax_grad_triton_ if use_kernels(logits) else softmax_grad_reference_
     return fn(logits, targets, valid, scale, write_grad)

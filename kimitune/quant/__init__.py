@@ -6,13 +6,13 @@
                  ones dequantise in forward and again in backward (nothing of the weight is saved)
     layers.py    QuantLinear (an nn.Linear with a QuantizedWeight)
     convert.py   QuantSpec, quantize_model_ (which weights, in place), weight_bytes
-    build.py     init_quantized: random weights, quantised layer by layer
+    build.py     init_quantized / load_quantized: random or checkpoint weights, quantised layer by layer
 
-Loading a checkpoint straight into quantised form: ``KimiLinearForCausalLM.from_pretrained(dir, dtype,
-device, quantization="8bit" | "4bit" | QuantSpec(...))``.
+Loading a checkpoint straight into quantised form: ``load_quantized(dir, "8bit" | "4bit" | QuantSpec(...), dtype,
+device)``.
 """
 
-from kimitune.quant.build import init_quantized
+from kimitune.quant.build import init_quantized, load_quantized
 from kimitune.quant.convert import (
     ALWAYS_SKIP,
     QuantSpec,
@@ -34,6 +34,7 @@ __all__ = [
     "frozen_grouped_linear",
     "frozen_linear",
     "init_quantized",
+    "load_quantized",
     "is_quantized",
     "quantize_model_",
     "quantized_weights",

@@ -54,14 +54,6 @@ class QuantSpec:
             raise ValueError(f"quantization must be '8bit', '4bit', 'nf4' or 'fp4' (or 8 / 4), got {value!r}")
         return spec
 
-    @classmethod
-    def from_config(cls, config) -> QuantSpec | None:
-        """From a TrainConfig's load_in_8bit / load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant."""
-        if config.load_in_8bit:
-            return cls(8)
-        if config.load_in_4bit:
-            return cls(4, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant)
-        return None
 
 
 def _skipped(name: str, skip: tuple[str, ...]) -> bool:
@@ -91,9 +83,8 @@ def quantize_model_(
     (default: each weight's own) is the dtype products compute in.
     Returns the quantised names. Works on a whole model or a single decoder layer; run it before adding LoRA.
     """
-    from kimitune.adapters.lora import has_lora
-
-    if has_lora(model):
+    if any(callable(getattr(m, "low_rank_terms", None)) or getattr(m, "adapters", None)
+           for m in model.modules()):  # the model's adapter hooks (kimitune.model.projections, moe.GroupedExperts)
         raise ValueError("quantize_model_: the model already has LoRA adapters; quantise the base first, then "
                          "apply_lora")
     if isinstance(model, nn.Linear):

@@ -83,6 +83,13 @@ class QuantizedWeight(nn.Module):
         """Bytes it holds on its device (data + every scale and table)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
+    def grouped_linear(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """x [N, in] sorted by expert -> [N, out] through this expert stack [E, out, in]: the model's experts call this
+        for a weight that is not a tensor (``kimitune.model.moe.GroupedExperts``)."""
+        from kimitune.quant.matmul import frozen_grouped_linear  # matmul imports this module
+
+        return frozen_grouped_linear(x, self, offsets)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight [*shape] in ``dtype`` (default ``self.dtype``): a new tensor, never kept."""
         dtype = dtype or self.dtype

@@ -68,6 +68,12 @@ class World:
             dist.all_reduce(buffer)
         return buffer.tolist()
 
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over all ranks, in place on its device (queued: the host does not wait)."""
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
     def broadcast_object(self, obj: Any) -> Any:
         """Rank 0's ``obj`` on every rank."""
         if not self.distributed:
@@ -142,7 +148,6 @@ def shard_model(model: nn.Module, world: World, *, bf16: bool, offload_params: b
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # the loss is already normalised over the global batch
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM(1))
-    _keep_cu_seqlens_on_host(model)
     return model
 
 
@@ -160,24 +165,6 @@ def fill_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor] | None
         model.to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full_state if full_state is not None else {}, options=options)
-
-
-def _keep_cu_seqlens_on_host(model: nn.Module) -> None:
-    """FSDP's root moves every input tensor to the GPU; ``cu_seqlens`` must stay on the host (the kernels read
-    its host copy instead of syncing). One hook takes it before FSDP's pre-forward hook runs, one puts it back."""
-    held: list[torch.Tensor | None] = []
-
-    def take(module, args, kwargs):
-        held.append(kwargs.get("cu_seqlens"))
-
-    def put_back(module, args, kwargs):
-        cu_seqlens = held.pop() if held else None
-        if cu_seqlens is not None:
-            kwargs["cu_seqlens"] = cu_seqlens
-        return args, kwargs
-
-    model.register_forward_pre_hook(take, prepend=True, with_kwargs=True)
-    model.register_forward_pre_hook(put_back, with_kwargs=True)
 
 
 def full_state_dict(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor] | None:

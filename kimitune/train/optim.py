@@ -39,4 +39,5 @@ def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device)
                 raise ImportError("optimizer: adamw_8bit needs bitsandbytes: pip install 'kimitune[gpu]'") from err
             return bnb.optim.AdamW8bit(groups, **kwargs)
         log.warning("optimizer: adamw_8bit needs a CUDA GPU; using float32 AdamW on %s", device.type)
-    return torch.optim.AdamW(groups, fused=True if device.type == "cuda" else None, **kwargs)
+    # Fused on the GPU and the CPU alike: it takes the step's device-side non-finite flag (kimitune.train.step).
+    return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)

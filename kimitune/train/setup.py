@@ -34,6 +34,13 @@ def pick_device(config: TrainConfig) -> torch.device:
         raise ConfigError(f"device: {error}") from None
 
 
+def apply_tf32(config: TrainConfig) -> None:
+    """``tf32``: float32 matmuls on TF32 tensor cores (true) or exact (false); unset leaves PyTorch's setting."""
+    if config.tf32 is not None:
+        torch.set_float32_matmul_precision("high" if config.tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = config.tf32
+
+
 def uses_bf16(config: TrainConfig, device: torch.device) -> bool:
     """bf16 on a GPU that supports it (bf16: auto or true); float32 on CPU."""
     if device.type != "cuda" or config.bf16 is False:
@@ -119,12 +126,14 @@ def _build_model(config: TrainConfig, device: torch.device, dtype: torch.dtype, 
     """The model in ``dtype`` on ``device``; with load_in_8bit / load_in_4bit its frozen linears and experts are
     quantised layer by layer while it is built (``kimitune.quant``), computing in ``dtype``."""
     from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
-    from kimitune.quant import QuantSpec, init_quantized
+    from kimitune.quant import init_quantized, load_quantized
+    from kimitune.train.settings import quant_spec
 
-    quantization = QuantSpec.from_config(config)  # TrainConfig refuses quantisation with full fine-tuning
+    quantization = quant_spec(config)  # TrainConfig refuses quantisation with full fine-tuning
+    if weights_from is not None and quantization is not None:
+        return load_quantized(weights_from, quantization, dtype=dtype, device=device)
     if weights_from is not None:
-        return KimiLinearForCausalLM.from_pretrained(weights_from, dtype=dtype, device=device,
-                                                     quantization=quantization)
+        return KimiLinearForCausalLM.from_pretrained(weights_from, dtype=dtype, device=device)
     model_config = KimiLinearConfig.from_pretrained(config.init_from_config)
     if quantization is not None:
         return init_quantized(model_config, quantization, device=device, dtype=dtype)  # from the global seed
@@ -157,6 +166,7 @@ def build_training_setup(
 
     seed_everything(config.seed)
     device = pick_device(config)
+    apply_tf32(config)
     autocast_bf16 = uses_bf16(config, device)
     tokenizer = load_tokenizer(config.tokenizer_path, trust_remote_code=config.trust_remote_code)
     prepared = prepare_datasets(config, tokenizer)
@@ -176,10 +186,8 @@ def build_training_setup(
             model = KimiLinearForCausalLM(model_config).to(dtype)
     else:
         model = _build_model(config, model_device or device, dtype, weights_from)
-    model.config.router_aux_loss_coef = config.router_aux_loss_coef  # the model scales its aux loss by this
-    if config.recomputes_layers(sharded=False):  # FSDP's activation_checkpointing applies when the model is sharded
-        model.set_gradient_checkpointing(True, config.gradient_checkpointing_layers)
-    model.set_kda_keep_intermediates(config.kda_keep_intermediates)
+    if config.gradient_checkpointing_layers is not None:
+        model.recomputed_layers(config.gradient_checkpointing_layers)  # a count the model cannot take fails here
 
     settings = None
     if not full_finetune:
@@ -208,15 +216,16 @@ def build_training_setup(
 
 
 def _attach_adapter(model: nn.Module, config: TrainConfig, resume_from: Path | None, console: Console):
-    from kimitune.adapters.lora import LoraSettings, apply_lora, load_adapter
+    from kimitune.adapters.lora import apply_lora, load_adapter
+    from kimitune.train.settings import ce_lora_settings, lora_settings
 
     for param in model.parameters():
         param.requires_grad_(False)
-    settings = LoraSettings.from_config(config)
+    settings = lora_settings(config)
     if config.adapter == "ce_lora":
-        from kimitune.adapters.ce_lora import CeLoraSettings, apply_ce_lora
+        from kimitune.adapters.ce_lora import apply_ce_lora
 
-        adapted = apply_ce_lora(model, settings, CeLoraSettings.from_config(config))
+        adapted = apply_ce_lora(model, settings, ce_lora_settings(config))
     else:
         adapted = apply_lora(model, settings)
     from kimitune.quant.convert import quantized_weights

@@ -1,10 +1,11 @@
-"""The training loop: accumulate, clip, step, schedule, evaluate, log and checkpoint.
+"""The training loop: steps, schedule, evaluate, log and checkpoint.
 
-One optimizer step consumes ``gradient_accumulation_steps`` micro-batches from a stream that runs through the
-epochs in order; the loss of a step is the mean over all label tokens of those micro-batches (not a mean of
-per-batch means), so accumulation never changes what is optimised. A step whose loss or gradient norm is not
-finite is skipped (no update) and logged; ``max_bad_steps`` of them in a row stop the run, with the last good
-checkpoint left intact.
+One optimizer step (``kimitune.train.step.TrainStep``) consumes ``gradient_accumulation_steps`` micro-batches from a
+stream that runs through the epochs in order; the loss of a step is the mean over all label tokens of those
+micro-batches (not a mean of per-batch means), so accumulation never changes what is optimised. A step whose loss or
+gradient norm is not finite is skipped on the device (no update) and reported at the next step that reads the GPU
+(logging, evaluation, saving); ``max_bad_steps`` of them in a row stop the run there, with the last good checkpoint
+left intact. The steps in between never make the host wait for the GPU.
 
 Under torchrun (``kimitune.train.distributed``) every process runs this same loop on the FSDP2-sharded model: a
 step's ``gradient_accumulation_steps * world_size`` micro-batches are dealt out across the ranks, every rank's loss is
@@ -42,6 +43,8 @@ from kimitune.train.progress import status_text, training_progress
 from kimitune.train.resume_checks import check_resume_target, schedule_change_warning
 from kimitune.train.run_record import record_finished
 from kimitune.train.schedule import build_scheduler, warmup_steps_for
+from kimitune.train.settings import run_options
+from kimitune.train.step import TrainStep
 from kimitune.train.setup import (
     TrainingSetup,
     build_training_setup,
@@ -113,11 +116,10 @@ def frozen_startup_objects() -> Iterator[None]:
     """Within: every object alive at entry (the model's modules, Parameters and buffers, the optimizer, the data)
     sits in the garbage collector's permanent generation (``gc.freeze``), so the collector's passes during the steps
     traverse only what the steps create. A training step issues thousands of kernels from Python and the GPU waits
-    whenever the host falls behind: on the whole 48B (one H200, 8192 tokens) the full passes over the model's
-    objects cost about 4% of the tokens/s (``benchmarks/RESULTS.md``). On exit every frozen object is unfrozen, also
-    those frozen before entry (freezing only spares the collector work; something imported on the GPU machines froze
-    375 objects, and leaving the run's own objects frozen kept a finished run's model alive, a cycle the collector
-    no longer looked at)."""
+    whenever the host falls behind, and the full passes over the model's objects showed in the 48B's tokens/s
+    (``benchmarks/RESULTS.md``). On exit every frozen object is unfrozen, also those frozen before entry (freezing
+    only spares the collector work, and leaving the run's own objects frozen kept a finished run's model alive, a
+    cycle the collector no longer looked at)."""
     gc.collect()
     gc.freeze()
     try:
@@ -205,9 +207,13 @@ class Trainer:
         metrics = MetricsLogger(config, self.output_dir, resume_step=state.step) if world.is_main else _NoMetrics()
         cleanup.callback(metrics.close)
         stream = BatchStream(setup, state.epoch, state.batch_index)
-        params = [p for p in model.parameters() if p.requires_grad]
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if setup.autocast_bf16 else contextlib.nullcontext()
+        )
+        train_step = TrainStep(
+            model, optimizer, device, options=run_options(config, model, sharded=distributed.is_sharded(model)),
+            max_grad_norm=config.max_grad_norm, autocast_bf16=setup.autocast_bf16, world=world,
+            skipped=state.skipped_steps, bad_in_a_row=state.bad_steps_in_a_row,
         )
 
         def save(step_state: TrainerState) -> Path:
@@ -227,39 +233,8 @@ class Trainer:
             task = progress.add_task("train", total=total_steps, completed=state.step, status="")
             while state.step < total_steps:
                 step_batches = stream.take(micro_batches_per_step)
-                micro_batches = distributed.shard_of(step_batches, world)  # this rank's share
                 label_tokens = sum(b.num_label_tokens for b in step_batches)  # of the whole global batch
-                loss_sum = torch.zeros((), device=device)
-                for batch in micro_batches:
-                    with autocast:
-                        out = model(
-                            batch.input_ids.to(device),
-                            labels=batch.labels.to(device),
-                            cu_seqlens=batch.cu_seqlens,  # stays on the host: no device->host sync in the kernels
-                            return_logits=False,
-                            loss_reduction="sum",
-                        )
-                    loss = out.loss / max(label_tokens, 1)
-                    if out.aux_loss is not None:  # already scaled by router_aux_loss_coef
-                        loss = loss + out.aux_loss / micro_batches_per_step
-                    loss.backward()
-                    loss_sum += out.loss.detach().float()
-                max_norm = config.max_grad_norm if config.max_grad_norm else float("inf")
-                grad_norm = distributed.clip_grad_norm(params, max_norm)
-                step_loss = world.sum(loss_sum)[0] / max(label_tokens, 1)
-                finite = math.isfinite(step_loss) and math.isfinite(grad_norm.item())
-                if finite:
-                    optimizer.step()
-                    state.bad_steps_in_a_row = 0
-                else:
-                    state.bad_steps_in_a_row += 1
-                    state.skipped_steps += 1
-                    console.print(
-                        f"[yellow]step {state.step + 1}: non-finite loss ({step_loss}) or gradient norm "
-                        f"({grad_norm.item()}); update skipped "
-                        f"({state.bad_steps_in_a_row}/{config.max_bad_steps} in a row)[/]"
-                    )
-                optimizer.zero_grad(set_to_none=True)
+                stats = train_step(distributed.shard_of(step_batches, world), label_tokens, micro_batches_per_step)
                 lr = scheduler.get_last_lr()[0]
                 with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
                     warnings.simplefilter("ignore", UserWarning)
@@ -269,26 +244,27 @@ class Trainer:
                 step_tokens = sum(b.num_tokens for b in step_batches)
                 state.tokens_seen += step_tokens
                 window_tokens += step_tokens
-                if state.bad_steps_in_a_row >= config.max_bad_steps:
-                    raise TrainingDiverged(
-                        f"{state.bad_steps_in_a_row} steps in a row had a non-finite loss or gradient "
-                        f"(last at step {state.step}); stopping. The last good checkpoint in "
-                        f"{self.output_dir} is intact: lower learning_rate or check the data, then resume."
-                    )
 
+                logging = state.step % config.logging_steps == 0 or state.step == total_steps
+                evaluating = bool(setup.eval_batches and eval_every
+                                  and (state.step % eval_every == 0 or state.step == total_steps))
+                saving = bool(save_every and state.step % save_every == 0 and state.step < total_steps)
                 record = None
-                if state.step % config.logging_steps == 0 or state.step == total_steps:
+                if logging or evaluating or saving:  # the steps that read the GPU
+                    self._check_bad_steps(train_step, state, console)
+                if logging:
                     elapsed = time.perf_counter() - window_start
+                    loss, grad_norm = torch.stack([stats.loss, stats.grad_norm]).tolist()
                     record = {
                         "step": state.step,
-                        "loss": step_loss,
+                        "loss": loss,
                         "lr": lr,
-                        "grad_norm": grad_norm.item(),
+                        "grad_norm": grad_norm,
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                         "epoch": state.epoch + state.batch_index / max(setup.batches_per_epoch, 1),
                     }
                     window_tokens, window_start = 0, time.perf_counter()
-                if setup.eval_batches and eval_every and (state.step % eval_every == 0 or state.step == total_steps):
+                if evaluating:
                     last_eval = self.evaluate(setup, autocast, world)
                     model.train()
                     if state.best_eval_loss is None or last_eval < state.best_eval_loss:
@@ -299,7 +275,7 @@ class Trainer:
                 if record is not None:
                     metrics.log(record)
                     progress.update(task, status=status_text(record), record=record)
-                if save_every and state.step % save_every == 0 and state.step < total_steps:
+                if saving:
                     save(state)
                 progress.update(task, completed=state.step)
 
@@ -327,6 +303,23 @@ class Trainer:
             loss_curve=curve,
         )
 
+    def _check_bad_steps(self, train_step: TrainStep, state: TrainerState, console: Console) -> None:
+        """Reads the step counters into ``state``: reports the steps skipped since the last read and stops the run
+        after ``max_bad_steps`` bad steps in a row."""
+        counters = train_step.counters()
+        newly_skipped = counters.skipped - state.skipped_steps
+        state.skipped_steps, state.bad_steps_in_a_row = counters.skipped, counters.bad_in_a_row
+        if newly_skipped:
+            console.print(f"[yellow]{newly_skipped} step(s) up to step {state.step} had a non-finite loss or gradient "
+                          f"norm; their updates were skipped ({counters.bad_in_a_row}/{self.config.max_bad_steps} in "
+                          "a row now)[/]")
+        if counters.longest_bad_run >= self.config.max_bad_steps:
+            raise TrainingDiverged(
+                f"{counters.longest_bad_run} steps in a row had a non-finite loss or gradient "
+                f"(the last read at step {state.step}); stopping. The last good checkpoint in "
+                f"{self.output_dir} is intact: lower learning_rate or check the data, then resume."
+            )
+
     def evaluate(self, setup: TrainingSetup, autocast, world: distributed.World) -> float:
         """Mean loss over every label token of the eval set (each rank evaluates its share of the batches)."""
         from kimitune.infer.evaluate import summed_loss
@@ -343,8 +336,6 @@ class Trainer:
         """The model sharded with FSDP2; ``from_rank0``: only rank 0 holds weights (ranks > 0 built on the meta
         device), and every rank's shards are filled from rank 0's state dict (a collective)."""
         fsdp = self.config.fsdp_config or FsdpConfig()
-        if self.config.recomputes_layers(sharded=True):
-            setup.model.set_gradient_checkpointing(True, self.config.gradient_checkpointing_layers)
         console.print(f"FSDP2 over {world.size} process(es) ({world.device.type}): each decoder layer sharded"
                       + (", parameters offloaded to the CPU" if fsdp.offload_params else ""))
         full_state = setup.model.state_dict() if (from_rank0 and world.is_main) else None  # before sharding

@@ -9,14 +9,14 @@ import torch, triton, transformers, peft
 print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__, "peft", peft.__version__)
 import fla; print("fla", fla.__version__)
 from fla.ops.kda import chunk_kda
-from kimitune.ops.kda.naive import naive_recurrent_kda
+from kimitune.ops.kda.naive import recurrent_kda_reference
 torch.manual_seed(0)
 B,T,H,K,V = 1, 300, 4, 64, 64
 dev = "cuda"
 q = torch.randn(B,T,H,K, device=dev); k = torch.randn(B,T,H,K, device=dev); v = torch.randn(B,T,H,V, device=dev)
 g = -torch.rand(B,T,H,K, device=dev) * 2; beta = torch.rand(B,T,H, device=dev)
 o, s = chunk_kda(q.bfloat16(), k.bfloat16(), v.bfloat16(), g, beta.bfloat16(), use_qk_l2norm_in_kernel=True, output_final_state=True)
-o_ref, s_ref = naive_recurrent_kda(q.double(), k.double(), v.double(), g.double(), beta.double(), use_qk_l2norm_in_kernel=True, output_final_state=True)
+o_ref, s_ref = recurrent_kda_reference(q.double(), k.double(), v.double(), g.double(), beta.double(), use_qk_l2norm_in_kernel=True, output_final_state=True)
 print("fla vs naive rel err o", ((o.double()-o_ref).norm()/o_ref.norm()).item(), "state", ((s.double()-s_ref).norm()/s_ref.norm()).item())
 print("grouped_mm", hasattr(torch, "_grouped_mm"))
 try:

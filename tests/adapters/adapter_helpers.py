@@ -39,6 +39,8 @@ class ProjectingExperts(KimiLinearExperts):
     """transformers' experts, computed through ``project`` on rows sorted by expert (as kimitune's experts)."""
 
     def project(self, name: str, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        if name in self.adapters:  # the adapter hook of kimitune's GroupedExperts
+            return self.adapters[name](getattr(self, name), x, offsets)
         return grouped_linear(x, getattr(self, name), offsets)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
@@ -60,6 +62,7 @@ def hf_model(seed: int = 0, projecting: bool = False) -> transformers.KimiLinear
         for module in model.modules():
             if isinstance(module, KimiLinearExperts):
                 module.__class__ = ProjectingExperts
+                module.adapters = torch.nn.ModuleDict()
     return model
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from kimitune.adapters import LoraSettings, apply_lora, lora_modules, lora_state_dict, merge_lora
 from kimitune.adapters.layers import ExpertsLora, LoraLinear
-from kimitune.ops.grouped_mm import grouped_linear_loop
+from kimitune.ops.grouped_mm import grouped_linear_reference
 
 ALL = LoraSettings(r=4, alpha=8, target_linear=True, target_experts=True)
 
@@ -24,11 +24,11 @@ def test_fresh_adapter_is_identity_and_names_are_kept(input_ids):
     lora_names = set(lora_state_dict(model))
     assert [n for n, _ in model.named_parameters() if n not in lora_names] == base_names
     assert "model.layers.1.self_attn.q_proj.lora_A" in lora_names
-    assert "model.layers.1.mlp.experts.lora.gate_up_proj.lora_B" in lora_names
+    assert "model.layers.1.mlp.experts.adapters.gate_up_proj.lora_B" in lora_names
     shapes = {n: tuple(t.shape) for n, t in lora_state_dict(model).items()}
-    assert shapes["model.layers.1.mlp.experts.lora.gate_up_proj.lora_A"] == (4, 4, 64)  # [E, r, H]
-    assert shapes["model.layers.1.mlp.experts.lora.gate_up_proj.lora_B"] == (4, 48, 4)  # [E, 2I, r]
-    assert shapes["model.layers.1.mlp.experts.lora.down_proj.lora_A"] == (4, 4, 24)  # [E, r, I]
+    assert shapes["model.layers.1.mlp.experts.adapters.gate_up_proj.lora_A"] == (4, 4, 64)  # [E, r, H]
+    assert shapes["model.layers.1.mlp.experts.adapters.gate_up_proj.lora_B"] == (4, 48, 4)  # [E, 2I, r]
+    assert shapes["model.layers.1.mlp.experts.adapters.down_proj.lora_A"] == (4, 4, 24)  # [E, r, I]
     with pytest.raises(ValueError, match="already has LoRA"):
         apply_lora(model, ALL)
 
@@ -66,7 +66,8 @@ def test_expert_formula_is_one_adapter_per_expert():
     adapted = weight + adapter.delta_weight()
     expected = torch.cat([x[:2] @ adapted[0].T, x[2:] @ adapted[2].T])
     torch.testing.assert_close(adapter(weight, x, offsets), expected)
-    torch.testing.assert_close(adapter.lora_output(x, offsets), grouped_linear_loop(x, adapter.delta_weight(), offsets))
+    torch.testing.assert_close(adapter.lora_output(x, offsets),
+                               grouped_linear_reference(x, adapter.delta_weight(), offsets))
 
 
 def test_dropout_acts_only_in_training():

@@ -60,7 +60,7 @@ def test_expert_keys_and_layout(tmp_path):
     save_adapter(model, tmp_path, ALL)
     tensors = load_file(str(tmp_path / ADAPTER_WEIGHTS_FILE))
     prefix = "base_model.model.model.layers.1.mlp.experts"
-    gate_up = model.model.layers[1].mlp.experts.lora["gate_up_proj"]
+    gate_up = model.model.layers[1].mlp.experts.adapters["gate_up_proj"]
     a, b = tensors[f"{prefix}.base_layer.lora_A.weight"], tensors[f"{prefix}.base_layer.lora_B.weight"]
     assert a.shape == (EXPERTS * 4, 64) and b.shape == (48, 4 * EXPERTS)
     assert tensors[f"{prefix}.lora_A.weight"].shape == (EXPERTS * 4, 24)  # down_proj: outermost wrapper
@@ -111,7 +111,7 @@ def test_adapter_file_gives_what_merging_adds(tmp_path):
     experts = "model.layers.2.mlp.experts.down_proj"
     assert adapter.parameter_name(experts) == experts
     torch.testing.assert_close(adapter.delta_weight(experts),
-                               model.model.layers[2].mlp.experts.lora["down_proj"].delta_weight())
+                               model.model.layers[2].mlp.experts.adapters["down_proj"].delta_weight())
     q_proj = "model.layers.1.self_attn.q_proj"
     assert adapter.parameter_name(q_proj) == f"{q_proj}.weight"
     torch.testing.assert_close(adapter.delta_weight(q_proj), model.model.layers[1].self_attn.q_proj.delta_weight())

@@ -1,4 +1,4 @@
-"""kimitune.adapters.shared_input: adapted linears of one input computed together give the numbers of the linears
+"""kimitune.model.projections with LoRA's hook (ops.shared_input_lora): adapted linears of one input computed together give the numbers of the linears
 run one by one (outputs, input gradient, every adapter's gradients), and fall back to one by one when they cannot
 join."""
 
@@ -10,10 +10,11 @@ from adapter_helpers import randomize_lora, tiny_config, token_ids
 from torch import nn
 
 from kimitune import KimiLinearForCausalLM
-from kimitune.adapters import LoraSettings, apply_lora, lora_modules, shared_input
+from kimitune.adapters import LoraSettings, apply_lora, lora_modules
 from kimitune.adapters.ce_lora import CeLoraLinear
 from kimitune.adapters.layers import LoraLinear
-from kimitune.adapters.shared_input import SharedInputLora, project_shared_input
+from kimitune.model.projections import project_shared_input
+from kimitune.ops.shared_input_lora import SharedInputLora
 
 IN = 24
 OUTS = (16, 12, 16, 4, 8)  # q, k, v (one buffer), then two alone
@@ -33,6 +34,14 @@ def linears(dtype=torch.float32, dropout=0.0, cls=LoraLinear, bias=False, seed=0
     return modules
 
 
+def joining(modules, joined: bool):
+    """The LoRA linears among ``modules`` built to join (the default) or to run one by one."""
+    for m in modules:
+        if isinstance(m, LoraLinear):
+            m.join_shared_input = joined
+    return modules
+
+
 def outputs(modules):
     return (tuple(modules[:3]), modules[3], modules[4])
 
@@ -42,11 +51,7 @@ def run(modules, x, joined: bool, grads_of=(0, 1, 2)):
     for m in modules:
         m.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(True)
-    old, shared_input.JOIN = shared_input.JOIN, joined
-    try:
-        ys = project_shared_input(x, *outputs(modules))
-    finally:
-        shared_input.JOIN = old
+    ys = project_shared_input(x, *outputs(joining(modules, joined)))
     gen = torch.Generator().manual_seed(1)
     loss = sum((ys[i].float() * torch.randn(ys[i].shape, generator=gen).to(ys[i].device)).sum() for i in grads_of)
     loss.backward()
@@ -121,15 +126,13 @@ def test_linears_that_cannot_join_run_one_by_one(case, monkeypatch):
 
 
 def test_model_loss_and_adapter_gradients_match_the_linears_one_by_one(monkeypatch):
-    torch.manual_seed(0)
-    model = KimiLinearForCausalLM(tiny_config()).train()
-    apply_lora(model, LoraSettings(r=4, alpha=8, target_modules="all-linear"))
-    randomize_lora(model)
     ids = token_ids()
     results = []
     for joined in (True, False):
-        monkeypatch.setattr(shared_input, "JOIN", joined)
-        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        model = KimiLinearForCausalLM(tiny_config()).train()
+        apply_lora(model, LoraSettings(r=4, alpha=8, target_modules="all-linear", join_shared_input=joined))
+        randomize_lora(model)
         loss = model(ids, labels=ids).loss
         loss.backward()
         results.append((loss.detach(), {name: (m.lora_A.grad, m.lora_B.grad) for name, m in lora_modules(model).items()}))
@@ -154,7 +157,7 @@ def test_a_linear_alone_runs_through_the_node_with_the_numbers_of_its_own_path(m
     x = torch.randn(6, IN)
     results = []
     for join in (True, False):
-        monkeypatch.setattr(shared_input, "JOIN", join)
+        joining([module], join)
         module.zero_grad(set_to_none=True)
         x_grad = x.clone().requires_grad_(True)
         y = module(x_grad)

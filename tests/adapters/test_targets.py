@@ -6,6 +6,7 @@ from peft import LoraConfig, get_peft_model
 
 from kimitune.adapters import LoraSettings, LoraTargetError, apply_lora
 from kimitune.config import parse_config
+from kimitune.train.settings import lora_settings
 
 GATE_UP, DOWN = "model.layers.{}.mlp.experts.gate_up_proj", "model.layers.{}.mlp.experts.down_proj"
 
@@ -62,7 +63,7 @@ def test_from_config_reads_the_yaml_keys():
         "init_from_config": "x.json", "adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
         "lora_target_modules": ["q_proj"], "lora_target_experts": True, "peft_use_rslora": True,
     })
-    settings = LoraSettings.from_config(config)
+    settings = lora_settings(config)
     assert settings == LoraSettings(r=4, alpha=8.0, dropout=0.1, target_modules=("q_proj",), target_experts=True,
                                     use_rslora=True)
 

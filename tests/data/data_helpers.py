@@ -13,15 +13,17 @@ DATA_DIR = REPO / "examples" / "data"
 MARKERS = {"user": "<|im_user|>", "assistant": "<|im_assistant|>"}
 
 
-def reference_render(messages, tools=None, default_system=None):
+def reference_render(messages, tools=None, default_system=None, parts=False):
     """Kimi's format written out by hand, as ../shared/reference/README.md and the tokenizer docs describe it.
 
     Returns ``(text, spans)``: ``spans[i] = (body_start, body_end, footer_end)`` character positions of message i.
+    With ``parts=True`` it returns ``(text, spans, part_spans)``, ``part_spans[i]`` the ``(start, end)`` of each content
+    part of message i (empty for string content).
     """
     text = ""
     if tools:
         text += "<|im_system|>tool_declare<|im_middle|>" + json.dumps(tools, separators=(",", ":")) + "<|im_end|>"
-    spans = []
+    spans, part_spans = [], []
     for i, message in enumerate(messages):
         if i == 0 and default_system is not None and message["role"] != "system":
             text += "<|im_system|>system<|im_middle|>" + default_system + "<|im_end|>"
@@ -31,7 +33,12 @@ def reference_render(messages, tools=None, default_system=None):
             text += f"## Return of {message['tool_call_id']}\n"
         body_start = len(text)
         content = message.get("content")
-        text += content if isinstance(content, str) else "".join(p["text"] for p in content or [])
+        part_spans.append([])
+        if isinstance(content, str):
+            text += content
+        for part in content if isinstance(content, list) else []:
+            part_spans[-1].append((len(text), len(text) + len(part["text"])))
+            text += part["text"]
         if role == "assistant" and message.get("tool_calls"):
             text += "<|tool_calls_section_begin|>"
             for index, call in enumerate(message["tool_calls"]):
@@ -44,28 +51,45 @@ def reference_render(messages, tools=None, default_system=None):
         body_end = len(text)
         text += "<|im_end|>"
         spans.append((body_start, body_end, len(text)))
-    return text, spans
+    return (text, spans, part_spans) if parts else (text, spans)
+
+
+def flag(item):
+    """An item's train/weight flag as Axolotl reads it (0/1 as false/true); None when it has neither."""
+    values = [bool(item[key]) for key in ("train", "weight") if item.get(key) is not None]
+    return values[0] if values else None
 
 
 def expected_labels(tokenizer, messages, roles_to_train, train_on_eos, tools=None, default_system=None):
-    """Labels from character offsets: a token is trained when it lies wholly inside a trained message's body, or
-    is the end-of-turn token of a trained message that train_on_eos selects."""
-    text, spans = reference_render(messages, tools, default_system)
+    """Labels from character offsets: a token is trained when every character of it is trained body text, or when
+    it is the end-of-turn token of a trained message that train_on_eos selects.
+
+    Body text is trained by its message's flag, else its role; a non-empty content part's text by its own flag,
+    else its message's, unless the message's flag is false. A message is trained when its body or a part is."""
+    text, spans, part_spans = reference_render(messages, tools, default_system, parts=True)
     encoded = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    trained = [
-        i for i, m in enumerate(messages)
-        if (m["train"] if m.get("train") is not None else m["role"] in roles_to_train)
-    ]
+    trained_char = [False] * len(text)
+    trained = []
+    for i, message in enumerate(messages):
+        body_start, body_end, _ = spans[i]
+        base = flag(message) if flag(message) is not None else message["role"] in roles_to_train
+        trained_char[body_start:body_end] = [base] * (body_end - body_start)
+        any_part = False
+        for part, (start, end) in zip(message["content"] if isinstance(message.get("content"), list) else [],
+                                      part_spans[i]):
+            part_trained = base if flag(part) is None or flag(message) is False else flag(part)
+            trained_char[start:end] = [part_trained] * (end - start)
+            any_part |= part_trained and start < end
+        if base or any_part:
+            trained.append(i)
     eos_turns = {"turn": trained, "last": trained[-1:], "none": []}[train_on_eos]
     labels = [-100] * len(ids)
     for k, (start, end) in enumerate(offsets):
-        for i in trained:
-            body_start, body_end, footer_end = spans[i]
-            in_body = body_start <= start and end <= body_end and start < end
-            is_eot = i in eos_turns and (start, end) == (body_end, footer_end)
-            if in_body or is_eot:
-                labels[k] = ids[k]
+        in_body = start < end and all(trained_char[start:end])
+        is_eot = any((start, end) == spans[i][1:] for i in eos_turns)
+        if in_body or is_eot:
+            labels[k] = ids[k]
     return text, ids, labels
 
 
@@ -76,7 +100,15 @@ _fragment = st.one_of(
     st.sampled_from(["", "cat=red", "a", "Hello", "東京", "😀", " x", "\n\n", *SPECIAL_STRINGS]),
 )
 _text = st.lists(_fragment, max_size=4).map("".join)
-_parts = st.lists(_text.map(lambda t: {"type": "text", "text": t}), min_size=0, max_size=3)
+_flag_value = st.sampled_from([True, False, 0, 1])
+_flags = st.one_of(
+    st.just({}),
+    st.fixed_dictionaries({"train": _flag_value}),
+    st.fixed_dictionaries({"weight": st.sampled_from([0, 1])}),
+    st.booleans().map(lambda b: {"train": b, "weight": int(b)}),
+)
+_part = st.builds(lambda t, flags: {"type": "text", "text": t, **flags}, _text, _flags)
+_parts = st.lists(_part, min_size=0, max_size=3)
 _tool_call = st.fixed_dictionaries(
     {
         "type": st.just("function"),
@@ -94,7 +126,8 @@ _tool_call = st.fixed_dictionaries(
 @st.composite
 def messages_strategy(draw, min_size=1, max_size=6):
     """Random OpenAI-style conversations: any role order, unicode, whitespace, special-token strings, repeated and
-    empty contents, lists of text parts, names, tool calls and results, per-message train flags."""
+    empty contents, lists of text parts, names, tool calls and results, train/weight flags (true/false,
+    0/1) on messages and parts."""
     messages = []
     for _ in range(draw(st.integers(min_size, max_size))):
         role = draw(st.sampled_from(["system", "user", "assistant", "tool"]))
@@ -108,7 +141,7 @@ def messages_strategy(draw, min_size=1, max_size=6):
         if role == "tool" and draw(st.booleans()):
             message["tool_call_id"] = draw(st.sampled_from(["functions.get_weather:0", "call_0", ""]))
         if draw(st.integers(0, 3)) == 0:
-            message["train"] = draw(st.booleans())
+            message.update(draw(_flags))
         messages.append(message)
     return messages
 

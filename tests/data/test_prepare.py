@@ -284,6 +284,102 @@ def test_run_preprocess_prints_the_report(tmp_path):
     assert "loaded from" in console.export_text()
 
 
+def locations(path):
+    """Each row's location as the report writes it."""
+    from kimitune.config import DatasetConfig
+    from kimitune.data.sources import open_source
+
+    return [where for where, _ in open_source(DatasetConfig(path=str(path)), "datasets[0]").rows()]
+
+
+REASONING = [  # issue 27's example as a row: parts without "type", one with its text under Axolotl's "value"
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": [
+        {"text": "Let me think: 2 and 2.", "weight": 0},
+        {"value": " The answer is 4.", "train": True, "cache_control": {"type": "ephemeral"}},
+    ]},
+]
+
+
+def trained_text(tokenizer, sample):
+    return tokenizer.decode([t for t, label in zip(sample.input_ids, sample.labels) if label != IGNORE_INDEX])
+
+
+def test_flags_masked_tokens_and_unread_keys_are_reported(tmp_path, tokenizer):
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [
+        {"conversations": [  # ShareGPT's 0/1 weight
+            {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "four", "weight": 0},
+            {"from": "human", "value": "again?"}, {"from": "gpt", "value": "4", "weight": 1},
+        ]},
+        {"conversations": [{"from": "human", "value": "hi", "timestamp": 1},
+                           {"from": "gpt", "value": "a", "weight": 0.5}]},  # a weight kimitune cannot honour
+        {"conversations": [{"from": "human", "value": "hi", "timestamp": 2},
+                           {"from": "gpt", "value": "b", "train": 1}]},
+    ])
+    parts = write_jsonl(tmp_path / "parts.jsonl", [
+        {"messages": REASONING},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x.png"}]},
+                      {"role": "assistant", "content": "a"}]},
+        GOOD,
+    ])
+    datasets = [
+        {"path": str(sharegpt), "field_messages": "conversations",
+         "message_property_mappings": {"role": "from", "content": "value"}},
+        {"path": str(parts)},
+    ]
+    config = make_config(tmp_path, datasets, shuffle_merged_datasets=False)
+    prepared = prepare_datasets(config, tokenizer, progress=False)
+    first, second = prepared.report.sources
+    share_at, parts_at = locations(sharegpt), locations(parts)
+
+    assert [trained_text(tokenizer, s) for s in prepared.train] == [
+        "4<|im_end|>", "b<|im_end|>", " The answer is 4.<|im_end|>", "red<|im_end|>",
+    ]
+    assert (first.kept, second.kept) == (2, 2)
+    assert first.skipped["train flag is not true/false/0/1"].examples == [share_at[1]]
+    assert second.skipped["content of the wrong type"].examples == [parts_at[1]]
+    four = len(tokenizer.encode("four", add_special_tokens=False))
+    masked = lambda s: (s.flag_masked.count, s.flag_masked.examples, s.flag_masked_tokens)  # noqa: E731
+    assert masked(first) == (1, [share_at[0]], four + 1)  # "four" and its end of turn
+    assert masked(second) == (1, [parts_at[0]], 10)  # "Let me think: 2 and 2."
+    # Unread keys of kept rows are counted; the skipped rows' are not (their skip is reported).
+    assert {k: (t.count, t.examples) for k, t in first.ignored_keys.items()} == {
+        "message key 'timestamp'": (1, [share_at[2]])
+    }
+    assert {k: (t.count, t.examples) for k, t in second.ignored_keys.items()} == {
+        "content part key 'cache_control'": (1, [parts_at[0]])
+    }
+    console = Console(record=True, width=300)
+    console.print(prepared.report)
+    printed = console.export_text()
+    assert f"masked by train/weight flags in {second.name}: 10 tokens in 1 rows ({parts_at[0]}, ...)" in printed
+    assert f"keys not read in {first.name}: 1 x message key 'timestamp' ({share_at[2]})" in printed
+    # The report and the samples come back from the cache as they were made.
+    again = prepare_datasets(config, tokenizer, progress=False)
+    assert again.report.from_cache and again.report.sources == prepared.report.sources
+    assert [s.labels.tolist() for s in again.train] == [s.labels.tolist() for s in prepared.train]
+
+
+def test_train_on_inputs_keeps_what_the_flags_mask(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": REASONING}])
+    config = make_config(tmp_path, [{"path": str(path)}], train_on_inputs=True)
+    (sample,) = prepare_datasets(config, tokenizer, progress=False).train
+    masked = list(range(11, 21))  # "Let me think: 2 and 2." (see test_issue_example_masks_the_flagged_part)
+    assert tokenizer.decode(sample.input_ids[masked]) == "Let me think: 2 and 2."
+    assert sample.labels.tolist() == [IGNORE_INDEX if p in masked else t for p, t in enumerate(sample.input_ids)]
+
+
+def test_message_field_training_can_name_weight(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": [{"role": "user", "content": "q", "weight": 1},
+                      {"role": "assistant", "content": "a", "weight": 0}, {"role": "assistant", "content": "b"}]},
+    ])
+    config = make_config(tmp_path, [{"path": str(path), "message_field_training": "weight"}])
+    prepared = prepare_datasets(config, tokenizer, progress=False)
+    assert trained_text(tokenizer, prepared.train[0]) == "q<|im_end|>b<|im_end|>"
+    assert not prepared.report.sources[0].ignored_keys
+
+
 def test_the_report_fits_80_columns_with_whole_paths_and_numbers(tmp_path, tokenizer):
     folder = tmp_path / "a-rather-long-folder-name-for-the-data" / "of-this-run"
     folder.mkdir(parents=True)

@@ -7,7 +7,7 @@ import torch
 from model_helpers import assert_close_to_scale, micro_config, perturb_
 
 from kimitune import KimiLinearForCausalLM
-from kimitune.model import KimiLinearCache, modeling
+from kimitune.model import KimiLinearCache, RunOptions, modeling
 from kimitune.model.modeling import checkpointed_layer_indices
 from kimitune.model.moe import KimiLinearMoE, Routing
 
@@ -111,20 +111,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(num_layers, monkeypatch
     model = perturb_(KimiLinearForCausalLM(micro_config(router_aux_loss_coef=0.01)))
     _, packed, cu_seqlens = packed_batch()
 
-    def run():
+    def run(options=None):
         model.zero_grad()
-        out = model(packed, labels=packed, cu_seqlens=cu_seqlens)
+        out = model(packed, labels=packed, cu_seqlens=cu_seqlens, options=options)
         (out.loss + out.aux_loss).backward()
         return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain, plain_grads = run()
-    model.set_gradient_checkpointing(True, num_layers)
     recomputing = []
     real_checkpoint = modeling.checkpoint
     monkeypatch.setattr(modeling, "checkpoint", lambda layer, *args, **kw: (recomputing.append(layer),
                                                                           real_checkpoint(layer, *args, **kw))[1])
-    recomputed, recomputed_grads = run()
-    model.set_gradient_checkpointing(False)
+    recomputed, recomputed_grads = run(RunOptions(recompute_layers=model.recomputed_layers(num_layers)))
     expected = list(model.model.layers) if num_layers is None else [model.model.layers[len(model.model.layers) // 2]]
     assert recomputing == expected
     assert recomputed.loss.item() == plain.loss.item()
@@ -142,12 +140,12 @@ def test_checkpointed_layers_are_spread_and_counted():
     assert all(len(checkpointed_layer_indices(27, k)) == k for k in range(28))
     model = KimiLinearForCausalLM(micro_config())
     with pytest.raises(ValueError, match="gradient_checkpointing_layers: 9 is not between 1 and the model's"):
-        model.set_gradient_checkpointing(True, 9)
+        model.recomputed_layers(9)
 
 
 def test_kda_keep_intermediates_reaches_every_kda_layers_kernel_call(micro_model, monkeypatch):
-    """set_kda_keep_intermediates flags the KDA layers (not MLA) and each passes it to chunk_kda; the PyTorch path
-    computes the same loss with it (fla's outputs with it on are checked in tests/ops/test_kda_gpu.py)."""
+    """RunOptions.kda_keep_intermediates reaches every KDA layer's chunk_kda; the PyTorch path computes the same loss
+    with it (fla's outputs with it on are checked in tests/ops/test_kda_gpu.py)."""
     from kimitune.model import kda
 
     _, packed, cu_seqlens = packed_batch()
@@ -155,14 +153,8 @@ def test_kda_keep_intermediates_reaches_every_kda_layers_kernel_call(micro_model
     real = kda.chunk_kda
     monkeypatch.setattr(kda, "chunk_kda", lambda *a, **kw: (calls.append(kw["keep_intermediates"]), real(*a, **kw))[1])
     plain = micro_model(packed, labels=packed, cu_seqlens=cu_seqlens).loss
-    micro_model.set_kda_keep_intermediates(True)
-    try:
-        kept = micro_model(packed, labels=packed, cu_seqlens=cu_seqlens).loss
-        flags = [getattr(layer.self_attn, "keep_intermediates", None) for layer in micro_model.model.layers]
-    finally:
-        micro_model.set_kda_keep_intermediates(False)
+    kept = micro_model(packed, labels=packed, cu_seqlens=cu_seqlens, options=RunOptions(kda_keep_intermediates=True)).loss
     kda_layers = [layer.is_kda for layer in micro_model.model.layers]
-    assert flags == [True if is_kda else None for is_kda in kda_layers]
     assert calls == [False] * sum(kda_layers) + [True] * sum(kda_layers)
     assert kept.item() == plain.item()
 
@@ -200,8 +192,7 @@ def test_aux_loss_is_off_by_default_and_differentiable_when_on():
     torch.manual_seed(0)
     model = KimiLinearForCausalLM(micro_config())
     assert model(packed, cu_seqlens=cu_seqlens).aux_loss is None
-    model.config.router_aux_loss_coef = 0.5  # read at each call
-    out = model(packed, cu_seqlens=cu_seqlens)
+    out = model(packed, cu_seqlens=cu_seqlens, options=RunOptions(router_aux_loss_coef=0.5))
     out.aux_loss.backward()
     assert 0.5 * 0.9 < out.aux_loss.item() < 0.5 * 8  # coef * a balance loss near 1 for a fresh router
     assert model.model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
@@ -247,9 +238,9 @@ def test_cuda_bf16_training_step_matches_cpu(micro_model):
     model = KimiLinearForCausalLM(micro_model.config)
     model.load_state_dict(micro_model.state_dict())
     model = model.to("cuda", torch.bfloat16)
-    model.set_gradient_checkpointing(True)
     # cu_seqlens stays on the host (kimitune.ops' preference); the no-grad pass below gives it on the device.
-    out = model(packed.cuda(), labels=packed.cuda(), cu_seqlens=cu_seqlens, return_logits=False)
+    out = model(packed.cuda(), labels=packed.cuda(), cu_seqlens=cu_seqlens, return_logits=False,
+                options=RunOptions(recompute_layers=model.recomputed_layers()))
     out.loss.backward()
     assert out.loss.item() == pytest.approx(expected.loss.item(), rel=2e-2)
     torch.testing.assert_close(out.router_stats.sum(1).cpu(), expected.router_stats.sum(1))

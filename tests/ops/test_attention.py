@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from kimitune.ops.attention import (
     causal_attention,
     packed_causal_attention,
-    packed_causal_attention_torch,
+    packed_causal_attention_reference,
     packed_causal_mask,
 )
 
@@ -51,7 +51,7 @@ def test_packed_attention_equals_each_sequence_alone():
 def test_varlen_flash_matches_the_masked_reference_on_gpu():
     q, k, v, cu = _inputs("cuda", torch.bfloat16, lengths=(300, 1, 1000, 748), heads=4, qk=192, v=128)
     grads = []
-    for fn in (packed_causal_attention, packed_causal_attention_torch):
+    for fn in (packed_causal_attention, packed_causal_attention_reference):
         leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
         out = fn(*leaves, cu, 192**-0.5)
         out.float().pow(2).sum().backward()

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimitune.ops import chunk_kda, naive_recurrent_kda
-from kimitune.ops.kda.chunk import chunk_kda_torch
+from kimitune.ops import chunk_kda, recurrent_kda_reference
+from kimitune.ops.kda.chunk import chunk_kda_reference
 
 F64 = torch.float64
 
@@ -38,7 +38,7 @@ def run_with_grads(fn, inputs, cu_seqlens=None, use_l2norm=False, seed=1):
 
 def assert_matches_reference(inputs, cu_seqlens=None, use_l2norm=False, atol=1e-10):
     o, final, grads = run_with_grads(chunk_kda, inputs, cu_seqlens, use_l2norm)
-    o_ref, final_ref, grads_ref = run_with_grads(naive_recurrent_kda, inputs, cu_seqlens, use_l2norm)
+    o_ref, final_ref, grads_ref = run_with_grads(recurrent_kda_reference, inputs, cu_seqlens, use_l2norm)
     torch.testing.assert_close(o, o_ref, atol=atol, rtol=0)
     torch.testing.assert_close(final, final_ref, atol=atol, rtol=0)
     for name, grad, ref in zip(["q", "k", "v", "g", "beta", "initial_state"], grads, grads_ref):
@@ -71,7 +71,7 @@ def test_strong_decay_float32_finite_and_accurate():
     inputs64 = make_inputs(1, 150, 2, 16, 16, decay=(0.0, 8.0), seed=5)
     inputs32 = [x.detach().float().requires_grad_() for x in inputs64]
     o, final, grads = run_with_grads(chunk_kda, inputs32)
-    o_ref, final_ref, grads_ref = run_with_grads(naive_recurrent_kda, inputs64)
+    o_ref, final_ref, grads_ref = run_with_grads(recurrent_kda_reference, inputs64)
     assert o.dtype == torch.float32 and final.dtype == torch.float32
     for got, ref in zip([o, final, *grads], [o_ref, final_ref, *grads_ref]):
         assert torch.isfinite(got).all()
@@ -105,7 +105,7 @@ def test_packed_sequences_match_recurrence_and_separate_runs():
 def test_without_initial_state_or_final_state():
     q, k, v, g, beta, _ = make_inputs(2, 80, 2, 8, 8, seed=8)
     o, final = chunk_kda(q, k, v, g, beta)
-    o_ref, _ = naive_recurrent_kda(q, k, v, g, beta)
+    o_ref, _ = recurrent_kda_reference(q, k, v, g, beta)
     assert final is None
     torch.testing.assert_close(o, o_ref, atol=1e-12, rtol=0)
     (o * o).sum().backward()  # gradients flow without the state arguments
@@ -115,7 +115,7 @@ def test_without_initial_state_or_final_state():
 def test_gradient_through_the_final_state_alone():
     inputs = make_inputs(1, 75, 2, 8, 8, seed=12)
     grads = []
-    for fn in (chunk_kda, naive_recurrent_kda):
+    for fn in (chunk_kda, recurrent_kda_reference):
         _, final = fn(*inputs[:5], initial_state=inputs[5], output_final_state=True)
         grads.append(torch.autograd.grad(final.square().sum(), inputs, materialize_grads=True))
     for got, ref in zip(*grads):
@@ -125,7 +125,7 @@ def test_gradient_through_the_final_state_alone():
 def test_custom_scale():
     q, k, v, g, beta, h0 = make_inputs(1, 40, 1, 8, 8, seed=9)
     o, _ = chunk_kda(q, k, v, g, beta, scale=0.3, initial_state=h0)
-    o_ref, _ = naive_recurrent_kda(q, k, v, g, beta, scale=0.3, initial_state=h0)
+    o_ref, _ = recurrent_kda_reference(q, k, v, g, beta, scale=0.3, initial_state=h0)
     torch.testing.assert_close(o, o_ref, atol=1e-12, rtol=0)
 
 
@@ -138,7 +138,7 @@ def test_bfloat16_inputs_accumulate_in_float32():
     assert [x.dtype for x in grads] == [torch.bfloat16] * 5 + [torch.float32]
     # Reference: the same (bf16-rounded) inputs in float64.
     inputs64 = [x.detach().double().requires_grad_() for x in inputs]
-    o_ref, final_ref, grads_ref = run_with_grads(naive_recurrent_kda, inputs64, use_l2norm=True)
+    o_ref, final_ref, grads_ref = run_with_grads(recurrent_kda_reference, inputs64, use_l2norm=True)
     torch.testing.assert_close(o.double(), o_ref, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(final.double(), final_ref, atol=1e-4, rtol=1e-4)  # float32 accumulation
     for got, ref in zip(grads, grads_ref):
@@ -149,7 +149,7 @@ def test_float32_matches_float64_reference():
     inputs64 = make_inputs(1, 130, 2, 32, 16, decay=(0.0, 1.0), seed=11)
     inputs32 = [x.detach().float().requires_grad_() for x in inputs64]
     o, final, grads = run_with_grads(chunk_kda, inputs32, use_l2norm=True)
-    o_ref, final_ref, grads_ref = run_with_grads(naive_recurrent_kda, inputs64, use_l2norm=True)
+    o_ref, final_ref, grads_ref = run_with_grads(recurrent_kda_reference, inputs64, use_l2norm=True)
     for got, ref in zip([o, final, *grads], [o_ref, final_ref, *grads_ref]):
         torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
 
@@ -157,7 +157,7 @@ def test_float32_matches_float64_reference():
 def test_dispatches_to_pytorch_on_cpu():
     q, k, v, g, beta, h0 = (x.detach() for x in make_inputs(1, 20, 1, 4, 4))
     o, final = chunk_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True)
-    o_torch, final_torch = chunk_kda_torch(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    o_torch, final_torch = chunk_kda_reference(q, k, v, g, beta, initial_state=h0, output_final_state=True)
     assert torch.equal(o, o_torch) and torch.equal(final, final_torch)
 
 

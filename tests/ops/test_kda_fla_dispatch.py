@@ -10,6 +10,7 @@ import types
 import pytest
 import torch
 
+from kimitune.ops.batch_layout import BatchLayout
 from kimitune.ops.kda import fla as fla_backend
 
 
@@ -30,8 +31,11 @@ def fake_fla(monkeypatch):
     conv = types.ModuleType("fla.modules.causal_conv1d")
     conv.causal_conv1d = recorder("causal_conv1d", lambda x: (x, None))
     conv.causal_conv1d_update = recorder("causal_conv1d_update", lambda x, state: (x, state))
-    for name in ("fla", "fla.ops", "fla.modules"):
+    index = types.ModuleType("fla.ops.utils.index")
+    index.prepare_chunk_indices = recorder("prepare_chunk_indices", lambda *args: None)
+    for name in ("fla", "fla.ops", "fla.modules", "fla.ops.utils"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "fla.ops.utils.index", index)
     monkeypatch.setitem(sys.modules, "fla.ops.kda", kda)
     monkeypatch.setitem(sys.modules, "fla.modules.causal_conv1d", conv)
     fla_backend._fla.cache_clear()
@@ -56,7 +60,7 @@ def test_chunk_kda_passes_tensors_through_and_both_cu_seqlens(fake_fla):
     q, k, v, g, beta = kda_inputs()
     cu = torch.tensor([0, 5, 12], dtype=torch.int32)
     h0 = torch.zeros(2, 2, 4, 3)
-    fla_backend.chunk_kda(q, k, v, g, beta, 0.5, h0, True, True, cu)
+    fla_backend.chunk_kda(q, k, v, g, beta, 0.5, h0, True, True, BatchLayout.of(cu, "cpu"))
     args, kwargs = fake_fla["chunk_kda"]
     assert all(a is b for a, b in zip(args, (q, k, v, g, beta)))  # no copies
     assert kwargs["initial_state"] is h0 and kwargs["scale"] == 0.5
@@ -83,28 +87,29 @@ def test_keeping_intermediates_is_flas_disable_recompute(fake_fla):
     assert fake_fla["chunk_kda"][1]["disable_recompute"] is True
 
 
-def test_device_copy_of_cu_seqlens_is_made_once_per_tensor(fake_fla):
-    cu = torch.tensor([0, 5, 12])
-    first = fla_backend._cu_seqlens_args(cu, torch.device("meta"))
-    again = fla_backend._cu_seqlens_args(cu, torch.device("meta"))
-    assert first["cu_seqlens"].device.type == "meta" and first["cu_seqlens_cpu"] is cu
-    assert again["cu_seqlens"] is first["cu_seqlens"]
-    other = fla_backend._cu_seqlens_args(cu.clone(), torch.device("meta"))
-    assert other["cu_seqlens"] is not first["cu_seqlens"]
+def test_a_layout_gives_fla_its_device_bounds_and_the_host_copy(fake_fla):
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    layout = BatchLayout.of(cu, "meta")
+    args = fla_backend._cu_seqlens_args(layout)
+    assert args["cu_seqlens"] is layout.cu_seqlens and args["cu_seqlens"].device.type == "meta"
+    assert args["cu_seqlens_cpu"] is cu
+    assert fla_backend._cu_seqlens_args(None) == {"cu_seqlens": None, "cu_seqlens_cpu": None}
 
 
-def test_device_cu_seqlens_is_passed_as_is(fake_fla):
+def test_bounds_given_on_the_device_have_no_host_copy(fake_fla):
     cu = torch.tensor([0, 5, 12], device="meta")
-    assert fla_backend._cu_seqlens_args(cu, torch.device("meta")) == {"cu_seqlens": cu, "cu_seqlens_cpu": None}
+    layout = BatchLayout.of(cu, "meta", total=12)
+    assert fla_backend._cu_seqlens_args(layout) == {"cu_seqlens": cu, "cu_seqlens_cpu": None}
 
 
 def test_recurrent_and_conv_wrappers(fake_fla):
     q, k, v, g, beta = kda_inputs()
-    fla_backend.fused_recurrent_kda(q, k, v, g, beta, None, None, False, False, torch.tensor([0, 12]))
+    fla_backend.fused_recurrent_kda(q, k, v, g, beta, None, None, False, False,
+                                    BatchLayout.of(torch.tensor([0, 12]), "cpu"))
     assert "cu_seqlens_cpu" not in fake_fla["fused_recurrent_kda"][1]  # fla's recurrent kernel takes no host copy
 
     x, weight, state = torch.randn(1, 12, 6), torch.randn(6, 4), torch.zeros(2, 6, 4)
-    fla_backend.causal_conv1d(x, weight, None, "silu", state, True, torch.tensor([0, 7, 12]))
+    fla_backend.causal_conv1d(x, weight, None, "silu", state, True, BatchLayout.of(torch.tensor([0, 7, 12]), "cpu"))
     args, kwargs = fake_fla["causal_conv1d"]
     assert args[0] is x and kwargs["weight"] is weight and kwargs["initial_state"] is state
     assert kwargs["activation"] == "silu" and kwargs["cu_seqlens_cpu"] is not None

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from kimitune.ops import causal_conv1d, causal_conv1d_update, chunk_kda, fused_recurrent_kda
-from kimitune.ops.conv import causal_conv1d_torch, causal_conv1d_update_torch
-from kimitune.ops.kda.chunk import chunk_kda_torch
-from kimitune.ops.kda.recurrent import fused_recurrent_kda_torch
+from kimitune.ops.conv import causal_conv1d_reference, causal_conv1d_update_reference
+from kimitune.ops.kda.chunk import chunk_kda_reference
+from kimitune.ops.kda.recurrent import fused_recurrent_kda_reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -67,7 +67,7 @@ def test_chunk_kda_fla_matches_pytorch_path(cu_on_host, max_decay):
         cu = cu.cuda()
     inputs = kda_inputs(sum(lens), N=len(lens), max_decay=max_decay)
     fla_out = run(chunk_kda, inputs, cu)
-    torch_out = run(chunk_kda_torch, inputs, cu)
+    torch_out = run(chunk_kda_reference, inputs, cu)
     for name, a, b in zip(NAMES, fla_out, torch_out):
         assert a.dtype == b.dtype, name
         assert torch.isfinite(a).all(), name
@@ -77,7 +77,7 @@ def test_chunk_kda_fla_matches_pytorch_path(cu_on_host, max_decay):
 def test_chunk_kda_fla_matches_pytorch_path_unpacked():
     inputs = kda_inputs(2 * 200, N=2)
     batched = [x.view(2, 200, *x.shape[2:]) for x in inputs[:5]] + [inputs[5]]
-    for name, a, b in zip(NAMES, run(chunk_kda, batched, None), run(chunk_kda_torch, batched, None)):
+    for name, a, b in zip(NAMES, run(chunk_kda, batched, None), run(chunk_kda_reference, batched, None)):
         assert relative_error(a, b) < TOLERANCE[name], f"{name}: relative error {relative_error(a, b):.3g}"
 
 
@@ -127,7 +127,7 @@ def test_fused_recurrent_fla_matches_pytorch_path_packed_decode():
     inputs = kda_inputs(N, N=N, seed=1)  # one token per sequence: a decode step
     cu = torch.arange(N + 1, dtype=torch.int32)
     for a, b in zip(run(fused_recurrent_kda, inputs, cu, with_grads=False),
-                    run(fused_recurrent_kda_torch, inputs, cu, with_grads=False)):
+                    run(fused_recurrent_kda_reference, inputs, cu, with_grads=False)):
         assert relative_error(a, b) < 2e-2
 
 
@@ -147,11 +147,11 @@ def test_causal_conv1d_fla_matches_pytorch_path():
         (y.float().square().sum() + final.float().sum()).backward()
         return [y, final] + [t.grad for t in leaves]
 
-    for a, b in zip(run_conv(causal_conv1d), run_conv(causal_conv1d_torch)):
+    for a, b in zip(run_conv(causal_conv1d), run_conv(causal_conv1d_reference)):
         assert relative_error(a, b) < 2e-2
 
     state_fla, state_torch = h0.clone(), h0.clone()
     y_fla, returned = causal_conv1d_update(x[0, :4], state_fla, weight, None, "silu")
-    y_torch, _ = causal_conv1d_update_torch(x[0, :4], state_torch, weight, None, "silu")
+    y_torch, _ = causal_conv1d_update_reference(x[0, :4], state_torch, weight, None, "silu")
     assert returned.data_ptr() == state_fla.data_ptr()
     assert relative_error(y_fla, y_torch) < 2e-2 and torch.equal(state_fla, state_torch)

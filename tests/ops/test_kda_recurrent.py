@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kimitune.ops import chunk_kda, fused_recurrent_kda, naive_recurrent_kda
+from kimitune.ops import chunk_kda, fused_recurrent_kda, recurrent_kda_reference
 
 F64 = torch.float64
 
@@ -30,7 +30,7 @@ def test_matches_reference_with_gradients(use_l2norm):
     inputs = [x.requires_grad_() for x in make_inputs(2, 37, 2, 8, 6, seed=1)]
     q, k, v, g, beta, h0 = inputs
     results = []
-    for fn in (fused_recurrent_kda, naive_recurrent_kda):
+    for fn in (fused_recurrent_kda, recurrent_kda_reference):
         o, final = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                       use_qk_l2norm_in_kernel=use_l2norm)
         loss = (o * torch.linspace(-1, 1, o.numel(), dtype=F64).view_as(o)).sum() + final.square().sum()
@@ -44,7 +44,7 @@ def test_packed_sequences_match_reference():
     cu = torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
     q, k, v, g, beta, h0 = make_inputs(1, sum(lens), 2, 8, 8, seed=2, num_states=len(lens))
     o, final = fused_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True, cu_seqlens=cu)
-    o_ref, final_ref = naive_recurrent_kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+    o_ref, final_ref = recurrent_kda_reference(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                            cu_seqlens=cu)
     torch.testing.assert_close(o, o_ref, atol=1e-12, rtol=0)
     torch.testing.assert_close(final, final_ref, atol=1e-12, rtol=0)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from triton_interpreter import interpreted, run_interpreted
 
-from kimitune.ops.conv import causal_conv1d_torch
+from kimitune.ops.conv import causal_conv1d_reference
 from kimitune.ops.conv import sequence_positions
-from kimitune.ops.short_conv import conv_silu, token_positions
+from kimitune.ops.batch_layout import BatchLayout
+from kimitune.ops.short_conv import conv_silu
 
 
 def case(T=150, D=200, W=4, dtype=torch.float32, device="cpu", seed=0):
@@ -29,7 +30,7 @@ def with_grads(fn, x, weight, grad_y, *args):
 
 
 def reference(x, weight, cu_seqlens):
-    return causal_conv1d_torch(x, weight, activation="silu", cu_seqlens=cu_seqlens)[0]
+    return causal_conv1d_reference(x, weight, activation="silu", cu_seqlens=cu_seqlens)[0]
 
 
 def assert_matches_reference(x, weight, grad_y, cu_seqlens):
@@ -101,15 +102,13 @@ def test_channels_that_do_not_split_are_refused():
         conv_silu(x, weight, parts=3)
 
 
-def test_positions_are_computed_once_per_batch_and_follow_in_place_changes():
-    cu_seqlens = torch.tensor([0, 3, 10], dtype=torch.int32)
-    first = token_positions(1, 10, cu_seqlens, cu_seqlens.device)
+def test_a_layout_makes_its_positions_once():
+    layout = BatchLayout.of(torch.tensor([0, 3, 10], dtype=torch.int32), "cpu")
+    first = layout.positions
     assert first.dtype == torch.int32 and first.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 6]
-    assert token_positions(1, 10, cu_seqlens, cu_seqlens.device) is first
-    cu_seqlens[1] = 5  # a reused buffer with the next batch's bounds
-    assert torch.equal(token_positions(1, 10, cu_seqlens, cu_seqlens.device),
-                       sequence_positions(1, 10, cu_seqlens, cu_seqlens.device).to(torch.int32))
-    assert token_positions(2, 4, None, cu_seqlens.device).tolist() == [0, 1, 2, 3] * 2
+    assert layout.positions is first
+    assert torch.equal(first, sequence_positions(1, 10, layout.cu_seqlens, "cpu").to(torch.int32))
+    assert (layout.total, layout.max_seqlen, layout.last_tokens.tolist()) == (10, 7, [2, 9])
 
 
 def test_kernels_in_the_interpreter():

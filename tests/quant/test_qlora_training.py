@@ -17,7 +17,8 @@ from rich.console import Console
 from kimitune import KimiLinearConfig, KimiLinearForCausalLM
 from kimitune.adapters import load_adapter, lora_modules
 from kimitune.config import ConfigError, load_config, parse_config
-from kimitune.quant import QuantizedWeight
+from kimitune.quant import QuantizedWeight, load_quantized
+from kimitune.train.settings import quant_spec
 from kimitune.train.trainer import Trainer
 
 pytest.importorskip("bitsandbytes")
@@ -76,7 +77,7 @@ def test_qlora_run_learns_and_saves_a_peft_adapter(base, tmp_path):
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
     on_float = KimiLinearForCausalLM.from_pretrained(base)
     load_adapter(on_float, out)
-    on_4bit = KimiLinearForCausalLM.from_pretrained(base, quantization="4bit")
+    on_4bit = load_quantized(base, "4bit")
     load_adapter(on_4bit, out)
     assert isinstance(on_4bit.model.layers[0].self_attn.q_proj.weight, QuantizedWeight)
     assert any(module.lora_B.abs().max() > 0 for module in lora_modules(on_float).values())
@@ -121,4 +122,4 @@ def test_quantised_keys_parse(tmp_path):
     config, _ = parse_config(raw)
     from kimitune.quant import QuantSpec
 
-    assert QuantSpec.from_config(config) == QuantSpec(4, "fp4", True)
+    assert quant_spec(config) == QuantSpec(4, "fp4", True)

@@ -19,6 +19,7 @@ import torch
 from quant_helpers import dequantized_copy, rel_error
 from torch import nn
 
+from kimitune.model import RunOptions
 from kimitune import KimiLinearConfig, KimiLinearForCausalLM
 from kimitune.adapters import LoraSettings, apply_lora, lora_modules, merge_lora
 from kimitune.quant import (
@@ -26,6 +27,7 @@ from kimitune.quant import (
     QuantLinear,
     QuantSpec,
     init_quantized,
+    load_quantized,
     quantize_model_,
     quantized_weights,
     weight_bytes,
@@ -84,7 +86,7 @@ def test_skip_leaves_modules_and_their_children(tiny_config):
 @pytest.mark.parametrize("kind", list(SPECS))
 def test_loaded_quantised_matches_dequantised_float_and_float(saved_tiny, kind):
     folder, float_model = saved_tiny
-    model = KimiLinearForCausalLM.from_pretrained(folder, quantization=SPECS[kind]).eval()
+    model = load_quantized(folder, SPECS[kind]).eval()
     quantised = quantized_weights(model)
     assert len(quantised) == len(quantize_model_(copy.deepcopy(float_model), SPECS[kind]))
     ids = input_ids()
@@ -119,7 +121,7 @@ def test_loaded_quantised_matches_dequantised_float_and_float(saved_tiny, kind):
 def test_loading_quantises_layer_by_layer(saved_tiny, monkeypatch):
     """When layer i is quantised, layers after it are still on the meta device (never materialised in float) and
     layers before it hold no float matrices: the device never holds two float layers."""
-    import kimitune.quant as quant
+    import kimitune.quant.build as quant
 
     folder, _ = saved_tiny
     calls = []
@@ -144,7 +146,7 @@ def test_loading_quantises_layer_by_layer(saved_tiny, monkeypatch):
 
     monkeypatch.setattr(KimiLinearForCausalLM, "__init__", remember)
     monkeypatch.setattr(quant, "quantize_model_", watching)
-    KimiLinearForCausalLM.from_pretrained(folder, quantization="8bit")
+    load_quantized(folder, "8bit")
     assert calls == [0, 1, 2, 3]
 
 
@@ -152,7 +154,7 @@ def test_loading_quantises_layer_by_layer(saved_tiny, monkeypatch):
 def test_weight_memory(saved_tiny, kind):
     """Bytes of the loaded model = the float parameters kept + each quantised matrix at its format's size."""
     folder, float_model = saved_tiny
-    model = KimiLinearForCausalLM.from_pretrained(folder, quantization=SPECS[kind])
+    model = load_quantized(folder, SPECS[kind])
     spec = SPECS[kind]
     expected = 0
     quantised = quantized_weights(model)
@@ -198,7 +200,7 @@ def test_lora_model_gradients_with_checkpointing(saved_tiny, kind):
     """LoRA (all-linear + experts) on the quantised model, gradient checkpointing on: loss and every LoRA gradient
     equal those of the same LoRA on the float model holding the dequantised weights."""
     folder, _ = saved_tiny
-    model = KimiLinearForCausalLM.from_pretrained(folder, quantization=kind)
+    model = load_quantized(folder, kind)
     reference = dequantized_copy(model)
     settings = LoraSettings(r=4, alpha=8, target_modules="all-linear", target_experts=True)
     assert apply_lora(model, settings) == apply_lora(reference, settings)
@@ -210,9 +212,8 @@ def test_lora_model_gradients_with_checkpointing(saved_tiny, kind):
     with torch.no_grad():
         for name, param in model.named_parameters():
             reference_params[name].copy_(param)
-    model.set_gradient_checkpointing(True)
     ids = input_ids()
-    loss = model(ids, labels=ids).loss
+    loss = model(ids, labels=ids, options=RunOptions(recompute_layers=model.recomputed_layers())).loss
     loss.backward()
     ref_loss = reference(ids, labels=ids).loss
     ref_loss.backward()
@@ -228,7 +229,7 @@ def test_ce_lora_on_quantised_base(saved_tiny):
     from kimitune.adapters.ce_lora import CeLoraSettings, apply_ce_lora
 
     folder, _ = saved_tiny
-    model = KimiLinearForCausalLM.from_pretrained(folder, quantization="4bit")
+    model = load_quantized(folder, "4bit")
     reference = dequantized_copy(model)
     settings = LoraSettings(r=8, alpha=16, target_modules="all-linear", target_experts=True)
     ce = CeLoraSettings(sparsity=0.5, refresh_steps=1)
@@ -250,7 +251,7 @@ def test_ce_lora_on_quantised_base(saved_tiny):
 
 def test_quantised_model_refuses_merge_and_full_save(saved_tiny, tmp_path):
     folder, _ = saved_tiny
-    model = KimiLinearForCausalLM.from_pretrained(folder, quantization="4bit")
+    model = load_quantized(folder, "4bit")
     apply_lora(model, LoraSettings(r=2, target_modules="all-linear"))
     with pytest.raises(ValueError, match="merge-lora"):
         merge_lora(model)
@@ -263,7 +264,7 @@ def test_quantised_model_refuses_merge_and_full_save(saved_tiny, tmp_path):
 def test_cuda_free_dtype_override(saved_tiny):
     """dtype= on load: unquantised tensors in that dtype, products computing in it."""
     folder, _ = saved_tiny
-    model = KimiLinearForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, quantization="8bit")
+    model = load_quantized(folder, "8bit", dtype=torch.bfloat16)
     assert model.lm_head.weight.dtype == torch.bfloat16
     assert all(w.dtype == torch.bfloat16 for w in quantized_weights(model).values())
     assert all(isinstance(w, QuantizedWeight) for w in quantized_weights(model).values())

@@ -92,3 +92,25 @@ def test_recomputed_layer_count_needs_checkpointing():
         parse_config(minimal(gradient_checkpointing=True, gradient_checkpointing_layers=0))
     config, _ = parse_config(minimal(gradient_checkpointing=True, gradient_checkpointing_layers=2))
     assert config.gradient_checkpointing_layers == 2
+
+
+def test_precision_keys_work_or_warn():
+    import torch
+
+    from kimitune.train.setup import apply_tf32
+
+    _, warnings = parse_config(minimal(fp16=True, torch_compile=True))
+    assert any("`fp16: true` has no effect" in w for w in warnings)
+    assert any("`torch_compile` has no effect in kimitune: kimitune compiles nothing" in w for w in warnings)
+    assert not parse_config(minimal(fp16=False))[1]
+    before = torch.get_float32_matmul_precision()
+    try:
+        apply_tf32(parse_config(minimal(tf32=True))[0])
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        apply_tf32(parse_config(minimal(tf32=False))[0])
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+        apply_tf32(parse_config(minimal())[0])  # unset: left as it is
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
+        torch.backends.cudnn.allow_tf32 = True

@@ -103,11 +103,11 @@ def test_kda_keep_intermediates_reaches_the_model(small_data, tmp_path, monkeypa
     from kimitune.model import KimiLinearForCausalLM
 
     flags = []
-    real = KimiLinearForCausalLM.set_kda_keep_intermediates
-    monkeypatch.setattr(KimiLinearForCausalLM, "set_kda_keep_intermediates",
-                        lambda model, keep=True: (flags.append(keep), real(model, keep))[1])
+    real = KimiLinearForCausalLM.forward
+    monkeypatch.setattr(KimiLinearForCausalLM, "forward", lambda model, *args, options=None, **kwargs: (
+        flags.append(options and options.kda_keep_intermediates), real(model, *args, options=options, **kwargs))[1])
     run(raw_config(small_data, tmp_path, max_steps=1, save_steps=None, eval_steps=None, kda_keep_intermediates=True))
-    assert flags == [True]
+    assert flags == [None, True, True, None]  # evaluation, the 2 micro-batches of the step, evaluation
 
 
 def test_resume_continues_exactly(small_data, tmp_path):

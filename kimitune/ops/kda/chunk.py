@@ -1,4 +1,5 @@
-"""Chunkwise KDA in PyTorch (WY form, chunks of 64) with a hand-written backward: the CPU training path.
+"""Chunkwise KDA in PyTorch (WY form, chunks of 64) with a hand-written backward: ``chunk_kda_reference``, the
+training path off CUDA and under ``kimitune.ops.force_reference``.
 
 Per chunk of C tokens entering with state S [K, V] (q already scaled, G the in-chunk cumulative log decay,
 Gamma = exp(G), gl = G at the chunk's last row; all exponents below are <= 0):
@@ -193,7 +194,7 @@ class ChunkKDAFunction(torch.autograd.Function):
         )
 
 
-def chunk_kda_torch(
+def chunk_kda_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

@@ -3,20 +3,19 @@ norms are in kimitune/ops/norm.py).
 
 Used for CUDA tensors: KDA (``fla.ops.kda``) and the short convolution (``fla.modules.causal_conv1d``). The wrappers
 pass tensors through untouched (no copies, no host syncs). For packed batches fla needs ``cu_seqlens`` on the GPU
-and, to build its chunk tables without a device-to-host sync, a host copy (``cu_seqlens_cpu``): pass ``cu_seqlens``
-as a CPU tensor and it is copied to the device once per tensor (cached by identity across layers, asynchronously)
-and fla gets both (like fla's own caches, this assumes a ``cu_seqlens`` tensor is not modified in place once
-used). A ``cu_seqlens`` already on the GPU is passed as is, and fla reads it back once per tensor.
+and, to build its chunk tables without a device-to-host sync, a host copy (``cu_seqlens_cpu``): both come from the
+batch's ``BatchLayout`` (ops/batch_layout.py). A layout built from bounds on the GPU only has no host copy, and fla
+reads them back.
 """
 
 from __future__ import annotations
 
 import functools
-from collections import deque
 from types import SimpleNamespace
 
 import torch
 
+from kimitune.ops.batch_layout import BatchLayout
 from kimitune.ops.conv import check_conv_inputs
 from kimitune.ops.kda.checks import check_kda_inputs
 
@@ -33,7 +32,10 @@ def _fla() -> SimpleNamespace:
         from fla.ops.kda import chunk_kda, fused_recurrent_kda
     except ImportError as error:
         raise ImportError(_INSTALL_HINT) from error
+    from fla.ops.utils.index import prepare_chunk_indices
+
     return SimpleNamespace(
+        prepare_chunk_indices=prepare_chunk_indices,
         chunk_kda=chunk_kda,
         fused_recurrent_kda=fused_recurrent_kda,
         causal_conv1d=causal_conv1d,
@@ -41,35 +43,55 @@ def _fla() -> SimpleNamespace:
     )
 
 
-# (host cu_seqlens, its device copy): the same host tensor is reused by every layer of one forward pass.
-_device_copies: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=8)
+def _cu_seqlens_args(layout: BatchLayout | None) -> dict[str, torch.Tensor | None]:
+    """fla's ``cu_seqlens`` (on the device) and ``cu_seqlens_cpu`` (the host copy, or None) for one call."""
+    if layout is None:
+        return {"cu_seqlens": None, "cu_seqlens_cpu": None}
+    return {"cu_seqlens": layout.cu_seqlens, "cu_seqlens_cpu": layout.cu_seqlens_cpu}
 
 
-def cu_seqlens_on(cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``cu_seqlens`` on ``device``: a host tensor is copied once (asynchronously) and the copy reused by every layer."""
-    if cu_seqlens.device == device:
-        return cu_seqlens
-    for host, on_device in _device_copies:
-        if host is cu_seqlens and on_device.device == device:
-            return on_device
-    on_device = cu_seqlens.to(device, non_blocking=True)
-    _device_copies.append((cu_seqlens, on_device))
-    return on_device
+FLA_CHUNK_SIZE = 64  # fla's chunk_kda default, the size its chunk tables are built for
 
 
-def _cu_seqlens_args(cu_seqlens: torch.Tensor | None, device: torch.device) -> dict[str, torch.Tensor | None]:
-    """fla's ``cu_seqlens`` (on ``device``) and ``cu_seqlens_cpu`` (host copy, or None) for one call."""
-    if cu_seqlens is None or cu_seqlens.device.type != "cpu":
-        return {"cu_seqlens": cu_seqlens, "cu_seqlens_cpu": None}
-    return {"cu_seqlens": cu_seqlens_on(cu_seqlens, device), "cu_seqlens_cpu": cu_seqlens}
+def _chunk_tables_ready(layout: BatchLayout) -> None:
+    """Builds fla's chunk table for ``layout`` on a side stream, once per layout, before chunk_kda asks for it.
+
+    fla makes the table on the host and copies it to the GPU from pageable memory, a copy that waits for every kernel
+    queued on its stream: on the compute stream, each new batch would stop the host from queuing ahead. Made here on
+    an empty side stream, the wait is for that stream alone; fla then finds the table in its cache (keyed by the very
+    tensors it is called with, passed the same way as chunk_kda passes them)."""
+    if layout.cu_seqlens_cpu is None or not layout.cu_seqlens.is_cuda or "fla_chunk_tables" in layout.__dict__:
+        return
+    # fla reads only the host bounds (and the device tensor's dtype and device): nothing to wait for on the side stream.
+    side = torch.cuda.Stream(device=layout.cu_seqlens.device)
+    debug_mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)  # the side stream's wait stalls nothing that the compute stream queued
+    try:
+        with torch.cuda.stream(side):
+            table = _fla().prepare_chunk_indices(cu_seqlens=layout.cu_seqlens, chunk_size=FLA_CHUNK_SIZE,
+                                                 cu_seqlens_cpu=layout.cu_seqlens_cpu)
+    finally:
+        torch.cuda.set_sync_debug_mode(debug_mode)
+    table.record_stream(torch.cuda.current_stream(table.device))  # copied (synchronously) there, read here
+    layout.__dict__["fla_chunk_tables"] = table  # keeps it alive with the layout; the layout is frozen otherwise
+
+
+def _checked_bounds(layout: BatchLayout | None) -> torch.Tensor | None:
+    """The bounds the input checks read: the host copy when there is one (checking it costs no sync)."""
+    if layout is None:
+        return None
+    return layout.cu_seqlens_cpu if layout.cu_seqlens_cpu is not None else layout.cu_seqlens
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
               use_qk_l2norm_in_kernel=False, cu_seqlens=None, A_log=None, dt_bias=None, keep_intermediates=False):
-    """fla's chunkwise KDA; arguments and results as ``kimitune.ops.chunk_kda`` (``A_log``: fla's
+    """fla's chunkwise KDA; arguments and results as ``kimitune.ops.chunk_kda``, ``cu_seqlens`` a ``BatchLayout``
+    or None (``A_log``: fla's
     ``use_gate_in_kernel``; ``keep_intermediates``: its ``disable_recompute``)."""
-    check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, "chunk_kda")
+    check_kda_inputs(q, k, v, g, beta, initial_state, _checked_bounds(cu_seqlens), "chunk_kda")
     gate = {} if A_log is None else {"use_gate_in_kernel": True, "A_log": A_log.view(-1), "dt_bias": dt_bias}
+    if cu_seqlens is not None:
+        _chunk_tables_ready(cu_seqlens)
     return _fla().chunk_kda(
         q, k, v, g, beta,
         scale=scale,
@@ -78,28 +100,28 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
         disable_recompute=keep_intermediates,
         **gate,
-        **_cu_seqlens_args(cu_seqlens, q.device),
+        **_cu_seqlens_args(cu_seqlens),
     )
 
 
 def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                         use_qk_l2norm_in_kernel=False, cu_seqlens=None):
     """fla's token-by-token KDA (forward only); arguments and results as ``kimitune.ops.fused_recurrent_kda``."""
-    check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens, "fused_recurrent_kda")
+    check_kda_inputs(q, k, v, g, beta, initial_state, _checked_bounds(cu_seqlens), "fused_recurrent_kda")
     return _fla().fused_recurrent_kda(
         q, k, v, g, beta,
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-        cu_seqlens=_cu_seqlens_args(cu_seqlens, q.device)["cu_seqlens"],
+        cu_seqlens=_cu_seqlens_args(cu_seqlens)["cu_seqlens"],
     )
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, output_final_state=False,
                   cu_seqlens=None):
     """fla's packed-aware causal depthwise conv; arguments and results as ``kimitune.ops.causal_conv1d``."""
-    check_conv_inputs(x, weight, bias, activation, initial_state, cu_seqlens, "causal_conv1d")
+    check_conv_inputs(x, weight, bias, activation, initial_state, _checked_bounds(cu_seqlens), "causal_conv1d")
     return _fla().causal_conv1d(
         x,
         weight=weight,
@@ -107,7 +129,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, out
         initial_state=initial_state,
         output_final_state=output_final_state,
         activation=activation,
-        **_cu_seqlens_args(cu_seqlens, x.device),
+        **_cu_seqlens_args(cu_seqlens),
     )
 
 

@@ -1,4 +1,5 @@
-"""Reference KDA: the plain per-token recurrence, slow and obviously correct.
+"""Reference KDA (``recurrent_kda_reference``; fla's ``naive_recurrent_kda``): the plain per-token recurrence, slow
+and obviously correct, which every KDA path is tested against.
 
     S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + beta_t k_t v_t^T,    o_t = S_t^T (scale * q_t)
 
@@ -17,7 +18,7 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def naive_recurrent_kda(
+def recurrent_kda_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Token-by-token KDA in PyTorch, vectorised over sequences and heads: the CPU decode path.
+"""Token-by-token KDA in PyTorch, vectorised over sequences and heads: ``fused_recurrent_kda_reference``, the decode
+path off CUDA and under ``kimitune.ops.force_reference``.
 
 Same recurrence as naive.py, but each step updates every running sequence and head at once: the schedule of
 layout.py with chunks of one token, so packed sequences of different lengths (cu_seqlens) step together and a
@@ -14,7 +15,7 @@ from kimitune.ops.kda.layout import ChunkLayout
 from kimitune.ops.kda.naive import l2norm
 
 
-def fused_recurrent_kda_torch(
+def fused_recurrent_kda_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

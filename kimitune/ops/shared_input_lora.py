@@ -1,29 +1,21 @@
-"""Adapted linears that read the same input, computed together: ``project_shared_input(x, *outputs)``.
+"""The low-rank products of linears that read one input, computed together (one node each way).
 
-A KDA layer feeds its normed input x to six linears (q, k, v, beta, the forget gate's f_a, the output gate's g_a),
-an MLA layer to two, a SwiGLU MLP to two. With LoRA on each, computed one by one, every linear runs its own
-down-projection ``x A_i^T`` and, in the backward, its own ``dz_i A_i`` and ``dz_i^T x``, and autograd adds the
-linears' input gradients pairwise: about 40 kernels per KDA layer for what is, per pass, one product with x.
-Here (``SharedInputLora``):
+    shared_input_lora(x [N, in], scaling, group_sizes, weights, lora_as, lora_bs) -> one [N, out_g] per group
 
     forward:   z = x [A_1; ...; A_n]^T                              one GEMM for every down-projection [N, n*r]
-               y_i = x W_i^T + s z_i B_i^T                           per linear, written into its output's buffer
+               y_i = x W_i^T + s z_i B_i^T                           per linear, written into its group's buffer
     backward:  dz_i = s dy_i B_i                                     into one [N, n*r] buffer
                dx = sum_i dy_i W_i + dz [A_1; ...; A_n]              one accumulating GEMM each, no separate adds
                d[A_1; ...; A_n] = dz^T x                             one GEMM
                dB_i = s dy_i^T z_i
 
-Linears listed together in a tuple write into one buffer (``(q_proj, k_proj, v_proj)`` gives the short conv's
-[..., 3 * H * K] input without a concatenation). The numbers are those of the linears one by one, up to the order of
-the sums (``tests/adapters/test_shared_input.py``).
-
-The linears join when they can: every one a ``LoraLinear`` itself (not a variant, such as CE-LoRA's), no bias, no
-dropout (each linear draws its own mask on x), one rank and scale, frozen plain weights (not quantised) in x's
-dtype, which is the adapters' compute dtype (no autocast). Otherwise each linear runs by itself: same results, the
-kernels above. A ``LoraLinear`` that can join runs alone through the same node too: its input gradient is then one
-accumulated GEMM pair, not two GEMMs and an add.
-
-Shapes: x [..., in]; each output [..., sum of its linears' out_features].
+With LoRA on each of a KDA layer's six projections, computed one by one, every linear runs its own down-projection
+and, in the backward, its own ``dz_i A_i`` and ``dz_i^T x``, and autograd adds the linears' input gradients
+pairwise: about 40 kernels per KDA layer for what is, per pass, one product with x. ``weights`` [out_i, in] are
+frozen (no gradient); ``lora_as`` [r, in] and ``lora_bs`` [out_i, r] in x's dtype; ``group_sizes`` says how many
+consecutive linears share an output buffer (q, k and v give the short conv's [N, 3 * H * K] input without a
+concatenation). The reference is the linears one by one (``kimitune.model.projections`` runs them so when they
+cannot join); the numbers agree up to the order of the sums.
 """
 
 from __future__ import annotations
@@ -31,30 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
-
-Output = nn.Module | tuple[nn.Module, ...]
-
-# False: every linear runs by itself, as when they cannot join (tests compare the two ways bit for bit).
-JOIN = True
 
 
-def project_shared_input(x: torch.Tensor, *outputs: Output) -> tuple[torch.Tensor, ...]:
-    """x [..., in] through every linear of ``outputs`` (a module, or a tuple of modules whose outputs are concatenated
-    on the last dim) -> one tensor per output, as ``tuple(m(x) or torch.cat([m(x) for m in group], -1))``.
-
-    The linears join when each says it can (``LoraLinear.joins_shared_input``) and they share one rank and scale."""
-    groups = [output if isinstance(output, tuple) else (output,) for output in outputs]
-    modules = [m for group in groups for m in group]
-    first = modules[0]
-    if all(getattr(m, "joins_shared_input", None) is not None and m.joins_shared_input(x)
-           and (m.r, m.scaling) == (first.r, first.scaling) for m in modules):
-        adapters = [m.adapter_weights(x.dtype) for m in modules]
-        widths = [sum(m.out_features for m in group) for group in groups]
-        ys = SharedInputLora.apply(x.reshape(-1, x.shape[-1]), first.scaling, [len(group) for group in groups],
-                                   *(m.weight for m in modules), *(a for a, _ in adapters), *(b for _, b in adapters))
-        return tuple(y.view(*x.shape[:-1], width) for y, width in zip(ys, widths))
-    return tuple(group[0](x) if len(group) == 1 else torch.cat([m(x) for m in group], dim=-1) for group in groups)
+def shared_input_lora(x: torch.Tensor, scaling: float, group_sizes: list[int], weights: Sequence[torch.Tensor],
+                      lora_as: Sequence[torch.Tensor], lora_bs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """See the module docstring; returns one [N, sum of the group's out_i] tensor per group."""
+    return SharedInputLora.apply(x, scaling, group_sizes, *weights, *lora_as, *lora_bs)
 
 
 def _split(tensors: Sequence, n: int) -> tuple[list, list, list]:

@@ -1,0 +1,28 @@
+"""How a forward pass runs, apart from what the model is: ``RunOptions``, given to each call.
+
+The same weights train with or without recomputed layers, with fla keeping its intermediates or not, with one loss
+implementation or another: these are the caller's choices for a pass, so they travel with the call (the trainer
+builds them once from its config) instead of being set on the built model's modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """recompute_layers: decoder layers whose activations are recomputed in the backward (torch.utils.checkpoint;
+    only with gradients and no cache; ``KimiLinearForCausalLM.recomputed_layers`` picks them). kda_keep_intermediates: on CUDA, fla's KDA keeps its chunk states and WY
+    factors for the backward instead of recomputing them (faster, more memory; ``kimitune.ops.chunk_kda``).
+    loss_impl: ``kimitune.ops.loss.linear_cross_entropy``'s implementation without logits ("fused", or "cce" to
+    measure against). router_aux_loss_coef: the load-balancing loss's weight; None: the model config's."""
+
+    recompute_layers: frozenset[int] = frozenset()
+    kda_keep_intermediates: bool = False
+    loss_impl: str = "fused"
+    router_aux_loss_coef: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "recompute_layers", frozenset(self.recompute_layers))
+

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Speed of this tree against the previous commit's (its files unpacked in .prev: `git archive REV kimitune benchmarks
+# examples | tar -x -C .prev`), in one device call, runs interleaved so that warm-up and machine drift fall on both.
+#   bash scripts/device/ab_speed.sh gpu16k      train_gpu.py's 16384-token row with checkpointing, twice each
+#   bash scripts/device/ab_speed.sh 48b         train_48b.py's bf16 8192-token row (no layer recomputed), twice each
+. scripts/device/setup.sh
+case "$1" in
+  gpu16k) run() { python3 "$1"/benchmarks/train_gpu.py --rows kimitune --seq 16384 --ckpt on --warmup 2 --steps 8 \
+                    | grep '^| kimitune'; } ;;
+  48b) export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+       run() { python3 "$1"/benchmarks/train_48b.py --bits 16 --seq 8192 --ckpt-layers 0 --warmup 2 --steps 10 \
+                 | grep -E '^\| bf16'; } ;;
+esac
+for round in 1 2; do
+  for tree in .prev .; do
+    echo "== round $round, $( [ "$tree" = . ] && echo this tree || echo previous commit )"
+    PYTHONPATH=/tmp/site:$PWD/$tree run "$tree"
+  done
+done
