@@ -180,6 +180,45 @@ def _decoder_layer(layout: TensorLayout) -> int | None:
     return int(match[1]) if match else None
 
 
+@dataclass
+class CheckedCheckpoint:
+    """A release-layout folder whose tensor headers match its config: the config, the readers by file tensor name,
+    the model built on the meta device, its layout and the file name chosen for each tensor part."""
+
+    config: KimiLinearConfig
+    files: dict[str, SafetensorsReader]
+    model: KimiLinearForCausalLM
+    layouts: list
+    chosen: dict[str, str]
+
+
+def open_checked(folder: Path) -> CheckedCheckpoint:
+    """Reads ``folder``'s config.json and safetensors headers (no tensor data) and checks that every tensor its
+    config's model needs is there with its shape; raises FileNotFoundError or ``CheckpointError`` naming the file."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no model folder at {folder} (kimitune reads local folders in the release layout: "
+                                "config.json and safetensors)")
+    config = KimiLinearConfig.from_pretrained(folder)
+    files = open_checkpoint_files(folder)
+    with torch.device("meta"):
+        model = KimiLinearForCausalLM(config)
+    layouts = checkpoint_layout(model)
+    chosen = resolve_file_names(layouts, files, folder)
+    shapes = model.state_dict(keep_vars=True)
+    wrong = []
+    for layout in layouts:
+        for part in layout.parts:
+            name = chosen[part.names[0]]
+            expected = tuple(shapes[layout.name][part.index].shape)
+            found = files[name].tensors[name].shape
+            if found != expected:
+                wrong.append(f"{name} in {files[name].path.name} is {list(found)}, expected {list(expected)}")
+    if wrong:
+        raise CheckpointError(f"{folder}: {len(wrong)} tensor(s) with the wrong shape for its config.json: "
+                              f"{_listing(wrong)}")
+    return CheckedCheckpoint(config, files, model, layouts, chosen)
+
+
 def load_pretrained(
     path: str | Path,
     dtype: torch.dtype | None = None,
@@ -192,30 +231,13 @@ def load_pretrained(
     ``on_layer_loaded(decoder_layer)`` runs on each decoder layer as soon as its tensors are in, before the next
     layer is read: ``kimitune.quant.load_quantized`` quantises there, so the device holds the quantised layers so
     far plus one layer in ``dtype``, never the whole model in ``dtype``."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no model folder at {folder}")
-    config = KimiLinearConfig.from_pretrained(folder)
+    checked = open_checked(Path(path))
+    config, files, model, layouts, chosen = (checked.config, checked.files, checked.model, checked.layouts,
+                                             checked.chosen)
     if dtype is not None:
         config.dtype = str(dtype).removeprefix("torch.")
     device = torch.device(device or "cpu")
-    files = open_checkpoint_files(folder)
-    with torch.device("meta"):
-        model = KimiLinearForCausalLM(config)
-    layouts = checkpoint_layout(model)
-    chosen = resolve_file_names(layouts, files, folder)
     meta = model.state_dict(keep_vars=True)
-    wrong = []
-    for layout in layouts:
-        for part in layout.parts:
-            name = chosen[part.names[0]]
-            expected = tuple(meta[layout.name][part.index].shape)
-            found = files[name].tensors[name].shape
-            if found != expected:
-                wrong.append(f"{name} is {list(found)}, expected {list(expected)}")
-    if wrong:
-        raise CheckpointError(f"{folder}: {len(wrong)} tensor(s) with the wrong shape for its config.json: "
-                              f"{_listing(wrong)}")
     # state_dict order: every decoder layer's tensors are contiguous, so a layer is complete when the next starts.
     for layer, layer_layouts in itertools.groupby(layouts, key=_decoder_layer):
         for layout in layer_layouts:

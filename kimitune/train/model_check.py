@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from kimitune.config import ConfigError, TrainConfig
-from kimitune.model.checkpoint import CheckpointError, checkpoint_layout, open_checkpoint_files, resolve_file_names
+from kimitune.model.checkpoint import open_checked
 from kimitune.model.configuration import KimiLinearConfig
 
 
@@ -27,30 +25,7 @@ def check_model_folder(folder: Path) -> KimiLinearConfig:
     Raises FileNotFoundError (no folder, no config.json) or a ValueError (``ModelConfigError``, ``CheckpointError``,
     ``SafetensorsError``) naming the file and what is wrong.
     """
-    from kimitune.model import KimiLinearForCausalLM
-
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no model folder at {folder} (kimitune reads local folders in the release layout: "
-                                "config.json and safetensors)")
-    config = KimiLinearConfig.from_pretrained(folder)
-    files = open_checkpoint_files(folder)
-    with torch.device("meta"):
-        model = KimiLinearForCausalLM(config)
-    layouts = checkpoint_layout(model)
-    chosen = resolve_file_names(layouts, files, folder)
-    shapes = model.state_dict(keep_vars=True)
-    wrong = []
-    for layout in layouts:
-        for part in layout.parts:
-            name = chosen[part.names[0]]
-            expected = tuple(shapes[layout.name][part.index].shape)
-            found = files[name].tensors[name].shape
-            if found != expected:
-                wrong.append(f"{name} in {files[name].path.name} is {list(found)}, expected {list(expected)}")
-    if wrong:
-        shown = "; ".join(wrong[:8]) + (f"; ... and {len(wrong) - 8} more" if len(wrong) > 8 else "")
-        raise CheckpointError(f"{folder}: {len(wrong)} tensor(s) with the wrong shape for its config.json: {shown}")
-    return config
+    return open_checked(folder).config
 
 
 def check_model_source(config: TrainConfig, resume_from: Path | None = None) -> None:
