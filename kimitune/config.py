@@ -177,8 +177,8 @@ class TrainConfig(_Strict):
         "each sample attending only to itself, instead of padding each to the longest of its batch."
     )
     pad_to_sequence_len: bool = Field(
-        default=False, description="Axolotl's key for fixed batch shapes; training does not pad to it yet (batches "
-        "are as long as their samples)."
+        default=False, description="Every batch the same shape: packed rows padded to micro_batch_size * "
+        "sequence_len tokens (the padding a sequence of its own, with no loss), padded batches to sequence_len."
     )
     train_on_inputs: bool = Field(default=False, description="Train on the tokens of every message, not only "
                                   "those of roles_to_train.")

@@ -76,6 +76,7 @@ class TrainingSetup:
                 seed=self.config.seed,
                 epoch=epoch,
                 pad_id=self.pad_id,
+                pad_to_sequence_len=self.config.pad_to_sequence_len,
             )}
         return self._epoch_cache[epoch]
 
@@ -202,6 +203,7 @@ def build_training_setup(
             seed=config.seed,
             epoch=0,
             pad_id=getattr(tokenizer, "pad_token_id", None) or 0,
+            pad_to_sequence_len=config.pad_to_sequence_len,
         )
     return TrainingSetup(
         config=config,

@@ -215,3 +215,20 @@ def test_a_run_leaves_nothing_frozen_even_after_an_earlier_freeze():
     del model
     gc.collect()
     assert alive() is None
+
+
+def test_pad_to_sequence_len_gives_every_batch_one_shape_and_the_same_losses(small_data, tmp_path, monkeypatch):
+    from kimitune.model import KimiLinearForCausalLM
+
+    shapes = []
+    real_forward = KimiLinearForCausalLM.forward
+    monkeypatch.setattr(KimiLinearForCausalLM, "forward",
+                        lambda self, input_ids, *a, **kw: (shapes.append(tuple(input_ids.shape)),
+                                                           real_forward(self, input_ids, *a, **kw))[1])
+    short = dict(max_steps=2, save_steps=None, eval_steps=None)
+    run(raw_config(small_data, tmp_path / "padded", pad_to_sequence_len=True, **short))
+    assert set(shapes) == {(1, 2 * 256)}  # micro_batch_size * sequence_len, packed
+    run(raw_config(small_data, tmp_path / "plain", **short))
+    # The padding is a sequence of its own with no loss: the steps optimise the same thing.
+    assert [loss for _, loss in losses(tmp_path / "padded")] == pytest.approx(
+        [loss for _, loss in losses(tmp_path / "plain")], rel=1e-4)
