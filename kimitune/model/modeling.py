@@ -273,7 +273,7 @@ class KimiLinearForCausalLM(nn.Module):
         if cu_seqlens is None:
             return
         if isinstance(cu_seqlens, BatchLayout):  # the caller's own layout: its tensor form is checked
-            cu_seqlens = cu_seqlens.cu_seqlens_cpu if cu_seqlens.cu_seqlens_cpu is not None else cu_seqlens.cu_seqlens
+            cu_seqlens = cu_seqlens.checked_bounds
         if cache is not None:
             raise ValueError("a cache works with unpacked batches only: pass cu_seqlens=None with a cache")
         if input_ids.shape[0] != 1:

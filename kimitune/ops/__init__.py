@@ -118,7 +118,7 @@ def causal_conv1d(
         raise ValueError(f"causal_conv1d: {x.shape[-1]} channels do not split into {parts} parts")
     layout = BatchLayout.of(cu_seqlens, x.device, x.shape[1])
     if use_kernels(x) and activation == "silu" and bias is None and initial_state is None and not output_final_state:
-        check_conv_inputs(x, weight, bias, activation, initial_state, fla._checked_bounds(layout), "causal_conv1d")
+        check_conv_inputs(x, weight, bias, activation, initial_state, None if layout is None else layout.checked_bounds, "causal_conv1d")
         return conv_silu(x, weight, layout, parts), None
     if use_kernels(x):
         y, state = fla.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, layout)

@@ -49,8 +49,10 @@ class BatchLayout:
         return cls(staged.to(device, non_blocking=True), host, total)
 
     @property
-    def num_sequences(self) -> int:
-        return self.cu_seqlens.numel() - 1
+    def checked_bounds(self) -> torch.Tensor:
+        """The bounds that input checks read: the host copy when there is one (checking it costs no sync), else the
+        device bounds."""
+        return self.cu_seqlens_cpu if self.cu_seqlens_cpu is not None else self.cu_seqlens
 
     @functools.cached_property
     def max_seqlen(self) -> int:

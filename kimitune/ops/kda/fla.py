@@ -77,10 +77,7 @@ def _chunk_tables_ready(layout: BatchLayout) -> None:
 
 
 def _checked_bounds(layout: BatchLayout | None) -> torch.Tensor | None:
-    """The bounds the input checks read: the host copy when there is one (checking it costs no sync)."""
-    if layout is None:
-        return None
-    return layout.cu_seqlens_cpu if layout.cu_seqlens_cpu is not None else layout.cu_seqlens
+    return None if layout is None else layout.checked_bounds
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
