@@ -127,3 +127,8 @@ def test_kernels_match_reference_on_cuda(packed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_three_parts_match_reference_on_cuda():
     assert_split_matches_reference(*case(T=4096, D=12288, dtype=torch.bfloat16, device="cuda"), None)
+
+
+def test_bounds_on_another_device_than_the_tensors_are_refused():
+    with pytest.raises(ValueError, match="cu_seqlens is on meta, the tensors on cpu: give it on the host or on their"):
+        BatchLayout.of(torch.tensor([0, 4], device="meta"), "cpu", total=4)
