@@ -234,6 +234,12 @@ class TrainConfig(_Strict):
         default=None, ge=1, description="How many decoder layers recompute, spread evenly over the stack (unset: "
         "all). Fewer is faster and holds more activations; `kimitune plan` suggests the fewest that fit."
     )
+    sequence_piece_len: int | None = Field(
+        default=None, ge=1, description="Long context: each recomputed decoder layer runs in pieces of this many "
+        "tokens along the sequence, recomputed one at a time in the backward (KDA and conv states and MLA latents "
+        "pass between pieces; the result is the same). Activations then grow with this length, not the sequence's. "
+        "Needs gradient_checkpointing. Unset: whole layers."
+    )
     kda_keep_intermediates: bool = Field(
         default=False, description="On a GPU, fla's KDA kernels keep their chunk states and WY factors for the "
         "backward instead of recomputing them: faster, for 18 bytes per token and KDA channel in each KDA layer not "
@@ -320,6 +326,9 @@ class TrainConfig(_Strict):
         if self.gradient_checkpointing_layers is not None and not self.recomputes_layers(sharded=True):
             raise ValueError("gradient_checkpointing_layers only applies with gradient_checkpointing: true (or "
                              "fsdp_config.activation_checkpointing: true)")
+        if self.sequence_piece_len is not None and not self.recomputes_layers(sharded=True):
+            raise ValueError("sequence_piece_len only applies with gradient_checkpointing: true (or "
+                             "fsdp_config.activation_checkpointing: true): the pieces are what recomputes")
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version: kimitune shards with FSDP2 only: set 2 (got {self.fsdp_version})")
         if self.warmup_steps is not None and self.warmup_ratio is not None:

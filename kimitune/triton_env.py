@@ -14,10 +14,13 @@ benchmarks, library use) imports kimitune before it can import fla.
 - ``FLA_CACHE_RESULTS=1``: fla-core (0.6) passes ``cache_results`` to its autotuners from this variable; its default
   is already 1, set here so that the two agree and the choice is visible in the environment.
 
+- ``FLA_CACHE_MODE=strict``: before it tunes, fla looks the exact tuning key up in the config files of
+  ``FLA_CONFIG_DIR``, which kimitune fills per GPU model with shipped and earlier-tuned configs
+  (kimitune/ops/tuned_kernels.py). A new machine then compiles only the chosen configs. Triton's own cache (above)
+  is keyed by hashes of the Triton build and of each kernel's source, so it serves only the machine that tuned.
+
 A variable the user has set is never changed, and a user who turned fla's caching off (``FLA_CACHE_RESULTS=0``)
-keeps Triton's off too. ``FLA_CACHE_MODE`` is left alone: it selects fla's lookups of pre-tuned config files
-(``FLA_CONFIG_DIR``, or ``fla/configs/<GPU>/``, which the fla-core wheel does not ship), a different mechanism from
-Triton's cache; its default ``disabled`` falls through to Triton's autotuning, which the cache above then serves.
+keeps all of it off.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
-DEFAULTS: dict[str, str] = {"TRITON_CACHE_AUTOTUNING": "1", "FLA_CACHE_RESULTS": "1"}
+DEFAULTS: dict[str, str] = {"TRITON_CACHE_AUTOTUNING": "1", "FLA_CACHE_RESULTS": "1", "FLA_CACHE_MODE": "strict"}
 
 
 def apply_triton_defaults(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:

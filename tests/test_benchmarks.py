@@ -16,6 +16,7 @@ SMOKE_RUNS = {
     "train_gpu": ["benchmarks/train_gpu.py", "--smoke", "--seq", "128", "--ckpt", "off,on", "--warmup", "1",
                   "--steps", "1"],
     "train_48b": ["benchmarks/train_48b.py", "--smoke"],
+    "train_long": ["benchmarks/train_long.py", "--smoke"],
     "train_multi_gpu": ["benchmarks/train_multi_gpu.py", "--smoke", "--gpus", "1,2", "--seq", "64", "--reshard",
                         "on,off", "--warmup", "1", "--steps", "1"],
     "decode": ["benchmarks/decode.py", "--contexts", "32,48", "--new-tokens", "3"],

@@ -13,6 +13,8 @@ but those that the messages' and parts' ``train`` / ``weight`` flags mask.
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,7 @@ def _tokenize_source(
     report = SourceReport(name=source.name, split=split)
     task = progress.add_task(source.name, total=source.num_rows())
     samples = []
+    started = time.perf_counter()
     for where, row in source.rows():
         report.rows += 1
         progress.advance(task)
@@ -112,6 +115,7 @@ def _tokenize_source(
         report.tokens += len(input_ids)
         report.trained_tokens += int(np.count_nonzero(labels != IGNORE_INDEX))
     progress.update(task, total=report.rows)
+    report.seconds = time.perf_counter() - started
     if not samples:
         problems = report.problems() or "it holds no rows"
         raise DataError(f"{source.name}: no usable rows out of {report.rows}: {problems}")

@@ -50,6 +50,11 @@ class SourceReport:
     flag_masked: Tally = field(default_factory=Tally)  # kept rows in which train/weight flags masked tokens
     flag_masked_tokens: int = 0
     ignored_keys: dict[str, Tally] = field(default_factory=dict)  # "message key 'x'" -> kept rows holding it
+    seconds: float = 0.0  # reading and tokenising the source
+
+    def tokens_per_second(self) -> float | None:
+        """Preprocessing speed: the kept tokens (before truncation's cut, the tokens tokenised) per second."""
+        return self.tokens / self.seconds if self.seconds > 0 else None
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped.setdefault(reason, Tally()).add(where)
@@ -112,6 +117,9 @@ class DataReport:
             )
         lines = [f"{key}: {path}" for key, _, path in (s.name.partition(" ") for s in self.sources) if path]
         for s in self.sources:
+            speed = s.tokens_per_second()
+            if speed is not None and not self.from_cache:
+                lines.append(f"tokenised {s.name} in {s.seconds:.1f} s: {speed:,.0f} tokens/s")
             if s.skipped:
                 lines.append(Text(f"skipped in {s.name}: {s.problems()}", style="yellow"))
             if s.truncated.count:

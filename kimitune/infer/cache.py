@@ -114,7 +114,7 @@ class GenerationCache:
         """One sequence's tokens ids [1, T] into ``cache``, in pieces of ``prefill_tokens`` (each continuing the cache
         the one before left) -> the last piece's hidden states [1, t, C]."""
         for start in range(0, ids.shape[1], self.prefill_tokens):
-            hidden, _, _ = self.model.model(ids[:, start : start + self.prefill_tokens], None, cache)
+            hidden, _ = self.model.model(ids[:, start : start + self.prefill_tokens], None, cache)
         return hidden
 
     @torch.no_grad()
@@ -149,7 +149,7 @@ class GenerationCache:
         if len(prompts) == 1:
             return cache, self._logits(self._feed(ids, cache)[:, -1])
         cu_seqlens = torch.tensor([0, *accumulate(lengths)], dtype=torch.int32)  # stays on the host
-        hidden, _, _ = self.model.model(ids, cu_seqlens, cache)
+        hidden, _ = self.model.model(ids, cu_seqlens, cache)
         for i, state in cache.states.items():
             if isinstance(state, MLAState):
                 cache.states[i] = _unpack_mla(state, lengths)
@@ -174,7 +174,7 @@ class GenerationCache:
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         if tokens.shape != (len(self.sequences),):
             raise ValueError(f"step takes one token per sequence ({len(self.sequences)}), got {tuple(tokens.shape)}")
-        hidden, _, _ = self.model.model(tokens[:, None], None, self._cache)
+        hidden, _ = self.model.model(tokens[:, None], None, self._cache)
         for sequence, token in zip(self.sequences, tokens.tolist()):
             sequence.append(token)
         return self._logits(hidden[:, -1])

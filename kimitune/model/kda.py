@@ -105,7 +105,8 @@ class KimiDeltaAttention(nn.Module):
         qkv, beta, f_a, g_a = project_shared_input(x, (self.q_proj, self.k_proj, self.v_proj), self.b_proj,
                                                    gate.f_a_proj, self.g_a_proj)
         conv_weight = self.conv1d.weight.squeeze(1)
-        decode = state is not None and T == 1 and cu_seqlens is None
+        # One token after a state, without autograd: the decode kernels (they roll the conv state in place).
+        decode = state is not None and T == 1 and cu_seqlens is None and not torch.is_grad_enabled()
         if decode:
             qkv, conv_state = causal_conv1d_update(qkv[:, 0], state.conv, conv_weight, activation="silu")
             qkv = qkv[:, None].chunk(3, dim=-1)

@@ -25,9 +25,10 @@ from torch.utils.checkpoint import checkpoint
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.model.kda import KDAForgetGate, KDAState, KimiDeltaAttention
 from kimitune.model.mla import MLAState, MultiheadLatentAttention
-from kimitune.model.moe import GroupedExperts, KimiLinearMLP, KimiLinearMoE, TopkRouter
+from kimitune.model.moe import GroupedExperts, KimiLinearMLP, KimiLinearMoE, RouterTerms, TopkRouter
 from kimitune.model.norm import GatedRMSNorm, RMSNorm
 from kimitune.model.options import RunOptions
+from kimitune.model.pieces import layer_in_pieces
 from kimitune.ops import BatchLayout
 from kimitune.ops.loss import IGNORE_INDEX, LossRows, linear_cross_entropy
 
@@ -83,16 +84,16 @@ class KimiLinearDecoderLayer(nn.Module):
         state: KDAState | MLAState | None = None,
         return_state: bool = False,
         options: RunOptions = RunOptions(),
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, KDAState | MLAState | None]:
-        """-> (h, tokens per expert [E] and unscaled balance loss (None for dense layers), new state or None)."""
+    ) -> tuple[torch.Tensor, RouterTerms | None, KDAState | MLAState | None]:
+        """-> (h, the MoE's routing terms (None for dense layers), new state or None)."""
         attention_options = {"keep_intermediates": options.kda_keep_intermediates} if self.is_kda else {}
         attn_out, new_state = self.self_attn(self.input_layernorm(h), layout, state, return_state, **attention_options)
         h = h + attn_out
         mlp_in = self.post_attention_layernorm(h)
         if not self.is_moe:
-            return h + self.mlp(mlp_in), None, None, new_state
+            return h + self.mlp(mlp_in), None, new_state
         moe = self.mlp(mlp_in)
-        return h + moe.hidden, moe.tokens_per_expert, moe.balance, new_state
+        return h + moe.hidden, moe.router, new_state
 
 
 class KimiLinearModel(nn.Module):
@@ -112,23 +113,24 @@ class KimiLinearModel(nn.Module):
         layout: BatchLayout | None = None,
         cache: KimiLinearCache | None = None,
         options: RunOptions = RunOptions(),
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """-> (hidden [B, T, C], tokens per expert and balance loss of each MoE layer)."""
+    ) -> tuple[torch.Tensor, list[RouterTerms]]:
+        """-> (hidden [B, T, C], the routing terms of each MoE layer)."""
         h = self.embed_tokens(input_ids)
-        tokens_per_expert, balances = [], []
+        routers = []
         recompute = options.recompute_layers if torch.is_grad_enabled() and cache is None else frozenset()
+        piece_len = options.sequence_piece_len
         for i, layer in enumerate(self.layers):
-            if i in recompute:
-                h, counts, balance, _ = checkpoint(layer, h, layout, None, False, options, use_reentrant=False)
+            if i in recompute and piece_len and h.shape[1] > piece_len:
+                h, router = layer_in_pieces(layer, h, layout, piece_len, options)
+            elif i in recompute:
+                h, router, _ = checkpoint(layer, h, layout, None, False, options, use_reentrant=False)
             elif cache is not None:
-                h, counts, balance, cache.states[i] = layer(h, layout, cache.states.get(i), True, options)
+                h, router, cache.states[i] = layer(h, layout, cache.states.get(i), True, options)
             else:
-                h, counts, balance, _ = layer(h, layout, options=options)
-            if counts is not None:
-                tokens_per_expert.append(counts)
-            if balance is not None:
-                balances.append(balance)
-        return self.norm(h), tokens_per_expert, balances
+                h, router, _ = layer(h, layout, options=options)
+            if router is not None:
+                routers.append(router)
+        return self.norm(h), routers
 
 
 def checkpointed_layer_indices(num_layers: int, count: int) -> list[int]:
@@ -236,7 +238,7 @@ class KimiLinearForCausalLM(nn.Module):
         # Started before the layers, so that the loss finds its rows without waiting for the GPU (LossRows).
         fused_loss = targets is not None and not return_logits and options.loss_impl == "fused"
         loss_rows = LossRows(targets) if fused_loss else None
-        hidden, tokens_per_expert, balances = self.model(input_ids, layout, cache, options)
+        hidden, routers = self.model(input_ids, layout, cache, options)
         out = KimiLinearOutput(cache=cache)
         if return_logits:
             out.logits = self.lm_head(hidden)
@@ -252,12 +254,12 @@ class KimiLinearForCausalLM(nn.Module):
                 hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets, reduction=loss_reduction,
                 impl=options.loss_impl, loss_rows=loss_rows,
             )
-        if tokens_per_expert:
-            out.router_stats = torch.stack(tokens_per_expert)
+        if routers:
+            out.router_stats = torch.stack([router.tokens_per_expert for router in routers])
         aux_coef = self.config.router_aux_loss_coef if options.router_aux_loss_coef is None \
             else options.router_aux_loss_coef
-        if balances and aux_coef > 0:
-            out.aux_loss = aux_coef * torch.stack(balances).mean()
+        if routers and aux_coef > 0:
+            out.aux_loss = aux_coef * torch.stack([router.balance() for router in routers]).mean()
         return out
 
     def _check_inputs(self, input_ids, labels, cu_seqlens, cache, return_logits, loss_reduction) -> None:

@@ -123,12 +123,34 @@ class GroupedExperts(nn.Module):
 
 
 @dataclass
+class RouterTerms:
+    """What the load-balancing loss needs of N routed tokens, in sums, so that the terms of pieces of a batch add up
+    to the whole batch's (model/pieces.py): tokens_per_expert [E] int64 (the token copies routed to each expert),
+    score_sum [E] float32 (each token's scores normalised to sum to one, summed over the tokens), num_tokens N and
+    top_k."""
+
+    tokens_per_expert: torch.Tensor
+    score_sum: torch.Tensor
+    num_tokens: int
+    top_k: int
+
+    def __add__(self, other: RouterTerms) -> RouterTerms:
+        return RouterTerms(self.tokens_per_expert + other.tokens_per_expert, self.score_sum + other.score_sum,
+                           self.num_tokens + other.num_tokens, self.top_k)
+
+    def balance(self) -> torch.Tensor:
+        """The unscaled load-balancing loss sum_e f_e * P_e (the module docstring), a float32 scalar."""
+        num_experts = self.tokens_per_expert.shape[0]
+        fraction = self.tokens_per_expert.float() * (num_experts / (self.top_k * self.num_tokens))
+        return (fraction * (self.score_sum / self.num_tokens)).sum()
+
+
+@dataclass
 class MoEOutput:
-    """hidden [B, T, C]; tokens_per_expert [E] int64; balance: the unscaled load-balancing loss (a scalar)."""
+    """hidden [B, T, C]; router: the routing's ``RouterTerms``."""
 
     hidden: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    balance: torch.Tensor
+    router: RouterTerms
 
 
 class KimiLinearMoE(nn.Module):
@@ -161,10 +183,10 @@ class KimiLinearMoE(nn.Module):
         y = combine_rows(expert_out, order, inverse, self.top_k)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        return MoEOutput(y.view(shape).to(x.dtype), counts, self._balance(routing, counts))
+        return MoEOutput(y.view(shape).to(x.dtype), router_terms(routing, counts, self.top_k))
 
-    def _balance(self, routing: Routing, counts: torch.Tensor) -> torch.Tensor:
-        num_tokens = routing.scores.shape[0]
-        fraction = counts.float() * (self.num_experts / (self.top_k * num_tokens))
-        probability = (routing.scores / routing.scores.sum(-1, keepdim=True)).mean(0)
-        return (fraction * probability).sum()
+
+def router_terms(routing: Routing, counts: torch.Tensor, top_k: int) -> RouterTerms:
+    """The ``RouterTerms`` of one routing decision; ``counts`` [E]: the copies routed to each expert."""
+    normalised = routing.scores / routing.scores.sum(-1, keepdim=True)
+    return RouterTerms(counts, normalised.sum(0), routing.scores.shape[0], top_k)

@@ -16,12 +16,15 @@ class RunOptions:
     only with gradients and no cache; ``KimiLinearForCausalLM.recomputed_layers`` picks them). kda_keep_intermediates: on CUDA, fla's KDA keeps its chunk states and WY
     factors for the backward instead of recomputing them (faster, more memory; ``kimitune.ops.chunk_kda``).
     loss_impl: ``kimitune.ops.loss.linear_cross_entropy``'s implementation without logits ("fused", or "cce" to
-    measure against). router_aux_loss_coef: the load-balancing loss's weight; None: the model config's."""
+    measure against). router_aux_loss_coef: the load-balancing loss's weight; None: the model config's.
+    sequence_piece_len: the recomputed layers run in pieces of this many tokens along the sequence (model/pieces.py:
+    the long-context step); None: whole."""
 
     recompute_layers: frozenset[int] = frozenset()
     kda_keep_intermediates: bool = False
     loss_impl: str = "fused"
     router_aux_loss_coef: float | None = None
+    sequence_piece_len: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recompute_layers", frozenset(self.recompute_layers))

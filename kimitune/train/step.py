@@ -26,7 +26,7 @@ from torch import nn
 
 from kimitune.data.packing import Batch
 from kimitune.model import RunOptions
-from kimitune.ops import BatchLayout
+from kimitune.ops import BatchLayout, tuned_kernels
 from kimitune.train import distributed
 
 
@@ -84,6 +84,7 @@ class TrainStep:
         counter = lambda value: torch.tensor(value, dtype=torch.int64, device=self.device)  # noqa: E731
         self._skipped, self._bad_in_a_row = counter(skipped), counter(bad_in_a_row)
         self._longest_bad_run = counter(bad_in_a_row)
+        self._first_step_done = False
 
     def _autocast(self):
         if self.autocast_bf16:
@@ -117,6 +118,9 @@ class TrainStep:
         self._skipped += bad
         self._bad_in_a_row.mul_(bad).add_(bad)  # +1 after a bad step, 0 after a good one
         torch.maximum(self._longest_bad_run, self._bad_in_a_row, out=self._longest_bad_run)
+        if not self._first_step_done:  # the first step tuned fla's kernels: keep the choices for the next process
+            self._first_step_done = True
+            tuned_kernels.save_tuned_configs()
         return StepStats(step_loss, grad_norm, finite)
 
     def _update(self, finite: torch.Tensor) -> None:
@@ -136,4 +140,5 @@ class TrainStep:
         for the longest bad run."""
         skipped, bad_in_a_row, longest = torch.stack([self._skipped, self._bad_in_a_row, self._longest_bad_run]).tolist()
         self._longest_bad_run.copy_(self._bad_in_a_row)
+        tuned_kernels.save_tuned_configs()  # an evaluation or a new shape may have tuned more
         return StepCounters(skipped, bad_in_a_row, longest)

@@ -9,7 +9,7 @@ from model_helpers import assert_close_to_scale, micro_config, perturb_
 from kimitune import KimiLinearForCausalLM
 from kimitune.model import KimiLinearCache, RunOptions, modeling
 from kimitune.model.modeling import checkpointed_layer_indices
-from kimitune.model.moe import KimiLinearMoE, Routing
+from kimitune.model.moe import KimiLinearMoE, Routing, router_terms
 
 LENGTHS = [5, 7, 4]
 
@@ -180,11 +180,15 @@ def test_router_stats_count_every_routed_copy(micro_model):
 
 def test_balance_loss_formula():
     """sum_e f_e * P_e with f_e = E / (k N) * count_e and P_e the mean normalised score (E=4, k=2, N=4)."""
-    moe = KimiLinearMoE(micro_config(num_experts=4, num_expert_group=1, router_aux_loss_coef=0.1))
     uniform = Routing(weights=None, experts=None, scores=torch.full((4, 4), 0.5))
-    assert moe._balance(uniform, torch.tensor([2, 2, 2, 2])).item() == pytest.approx(1.0)
+    assert router_terms(uniform, torch.tensor([2, 2, 2, 2]), 2).balance().item() == pytest.approx(1.0)
     skewed = Routing(weights=None, experts=None, scores=torch.tensor([[0.7, 0.1, 0.1, 0.1]]).expand(4, 4))
-    assert moe._balance(skewed, torch.tensor([8, 0, 0, 0])).item() == pytest.approx(4 / (2 * 4) * 8 * 0.7)
+    terms = router_terms(skewed, torch.tensor([8, 0, 0, 0]), 2)
+    assert terms.balance().item() == pytest.approx(4 / (2 * 4) * 8 * 0.7)
+    # terms of two halves of the tokens add up to the whole's
+    halves = router_terms(Routing(None, None, skewed.scores[:1]), torch.tensor([2, 0, 0, 0]), 2) + \
+        router_terms(Routing(None, None, skewed.scores[1:]), torch.tensor([6, 0, 0, 0]), 2)
+    assert halves.balance().item() == pytest.approx(terms.balance().item())
 
 
 def test_aux_loss_is_off_by_default_and_differentiable_when_on():

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import torch
 
+from kimitune.ops import tuned_kernels
 from kimitune.ops.batch_layout import BatchLayout
 from kimitune.ops.conv import check_conv_inputs
 from kimitune.ops.kda.checks import check_kda_inputs
@@ -27,6 +28,8 @@ _INSTALL_HINT = (
 
 @functools.cache
 def _fla() -> SimpleNamespace:
+    if torch.cuda.is_available():  # before fla's import, which reads FLA_CACHE_MODE
+        tuned_kernels.use_tuned_configs(torch.cuda.get_device_name())
     try:
         from fla.modules.causal_conv1d import causal_conv1d, causal_conv1d_update
         from fla.ops.kda import chunk_kda, fused_recurrent_kda

@@ -1,0 +1,189 @@
+"""fla-core's autotuned launch configs, kept across processes and shipped for the GPUs kimitune is measured on.
+
+fla-core's Triton kernels are autotuned per tuning key (the kernel's ``key`` arguments: head counts, head sizes,
+block sizes, flags, and the dtypes of its tensors): every candidate config is compiled and timed, minutes on a new
+machine. Before it tunes, fla (0.6) looks the key up in ``$FLA_CONFIG_DIR/<kernel>.json``; with
+``FLA_CACHE_MODE=strict`` (kimitune's default, kimitune/triton_env.py) only the exact key matches, never a config
+tuned for other sizes, and a key that is not found is tuned as before.
+
+kimitune points ``FLA_CONFIG_DIR`` at one folder per GPU model and fla version in the user's cache,
+``$KIMITUNE_CACHE_DIR/tuned_kernels/<GPU>/fla-<version>`` (default ``$XDG_CACHE_HOME/kimitune``, else
+``~/.cache/kimitune``) (`use_tuned_configs`,
+called before fla is imported), seeds it with the configs shipped in ``kimitune/ops/tuned/<GPU>/fla-<version>/``,
+and adds what this process tuned (`save_tuned_configs`, called after a training step). A folder the user names in
+``FLA_CONFIG_DIR`` is used as it is, and ``FLA_CACHE_MODE=disabled`` turns all of this off.
+
+File format (fla's ``KernelConfigFile``): ``{"kernel_name", "triton_version", "autotune_entries": {md5 of the
+key's JSON: {"autotune_key": [...], "config": {"kwargs", "num_warps", "num_stages", "num_ctas", "maxnreg"}}}}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SHIPPED = Path(__file__).with_name("tuned")
+
+_config_dir: Path | None = None  # the folder this process reads and writes, once use_tuned_configs has run
+
+
+def gpu_folder_name(device_name: str) -> str:
+    """fla's name for a GPU model (``sanitize_gpu_name``): ``'NVIDIA H200'`` -> ``'NVIDIA_H200'``."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", device_name).strip("_") or "unknown_gpu"
+
+
+def key_hash(autotune_key: Any) -> str:
+    """fla's ``AutotuneKey.key_hash``: the md5 of the key as compact JSON with sorted keys (tuples as lists)."""
+    return hashlib.md5(json.dumps(autotune_key, separators=(",", ":"), sort_keys=True).encode()).hexdigest()
+
+
+def user_cache_root() -> Path:
+    if os.environ.get("KIMITUNE_CACHE_DIR"):
+        return Path(os.environ["KIMITUNE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kimitune"
+
+
+def folder_for(device_name: str, fla_version: str, root: Path) -> Path:
+    """``root/tuned_kernels/<GPU>/fla-<version>`` (or the same under the shipped folder, without tuned_kernels)."""
+    return root / gpu_folder_name(device_name) / f"fla-{fla_version}"
+
+
+def serialize_config(config: Any) -> dict[str, Any] | None:
+    """A Triton ``Config`` as fla's loader reads it; None for one that cannot be written (a pre-hook)."""
+    if getattr(config, "pre_hook", None) is not None:
+        return None
+    return {
+        "kwargs": dict(config.kwargs),
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+        "num_ctas": getattr(config, "num_ctas", 1),
+        "maxnreg": getattr(config, "maxnreg", None),
+    }
+
+
+def entries_of(autotuner: Any) -> dict[str, dict[str, Any]]:
+    """The autotune entries of one autotuner's in-memory results (``autotuner.cache``: tuning key -> Config)."""
+    entries = {}
+    for key, config in autotuner.cache.items():
+        serialized = serialize_config(config)
+        try:
+            digest = key_hash(list(key))
+        except TypeError:  # a key value that is not JSON: fla could not look it up either
+            continue
+        if serialized is not None:
+            entries[digest] = {"autotune_key": list(key), "config": serialized}
+    return entries
+
+
+def read_entries(path: Path) -> dict[str, dict[str, Any]]:
+    """The entries of one config file; a missing file has none, and a malformed one is reported and has none (it
+    is rewritten on the next save)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        entries = data["autotune_entries"]
+        if not isinstance(entries, dict):
+            raise TypeError("autotune_entries is not an object")
+        return entries
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("ignoring the malformed kernel config file %s: %s", path, error)
+        return {}
+
+
+def merge_entries(path: Path, kernel_name: str, entries: dict[str, dict[str, Any]], triton_version: str | None) -> int:
+    """Adds the entries that ``path`` lacks (those it has stay: the first tuning of a key is kept) and rewrites it
+    atomically, so a reader never sees half a file and concurrent writers (ranks) lose no more than an entry.
+    Returns how many were added."""
+    known = read_entries(path)
+    new = {digest: entry for digest, entry in entries.items() if digest not in known}
+    if not new:
+        return 0
+    data = {"kernel_name": kernel_name, "triton_version": triton_version, "autotune_entries": {**known, **new}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(handle, "w") as file:
+        json.dump(data, file, indent=1, sort_keys=True)
+    os.replace(temporary, path)
+    return len(new)
+
+
+def seed_from(shipped: Path, folder: Path) -> int:
+    """Merges every shipped ``<kernel>.json`` of ``shipped`` into ``folder``; returns the entries added."""
+    if not shipped.is_dir():
+        return 0
+    added = 0
+    for file in sorted(shipped.glob("*.json")):
+        data = json.loads(file.read_text())
+        added += merge_entries(folder / file.name, data.get("kernel_name") or file.stem, data["autotune_entries"],
+                               data.get("triton_version"))
+    return added
+
+
+def use_tuned_configs(device_name: str, fla_version: str | None = None) -> Path | None:
+    """Points fla at this GPU's kernel config folder (shipped configs merged in); returns the folder, or None where
+    the user chose otherwise (their own ``FLA_CONFIG_DIR``, or caching off). Must run before fla is imported: fla
+    reads ``FLA_CACHE_MODE`` then (``FLA_CONFIG_DIR`` at every lookup)."""
+    global _config_dir
+    if "FLA_CONFIG_DIR" in os.environ or os.environ.get("FLA_CACHE_MODE", "disabled") == "disabled":
+        return None
+    try:
+        version = fla_version or metadata.version("fla-core")
+    except metadata.PackageNotFoundError:  # fla is missing: its import will say so
+        return None
+    folder = folder_for(device_name, version, user_cache_root() / "tuned_kernels")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        seed_from(folder_for(device_name, version, SHIPPED), folder)
+    except OSError as error:  # a read-only home: fla tunes as it would without kimitune
+        logger.warning("kernel configs are not kept across processes: %s", error)
+        return None
+    os.environ["FLA_CONFIG_DIR"] = str(folder)
+    _config_dir = folder
+    return folder
+
+
+def live_autotuners() -> list[Any]:
+    """fla's autotuners in the imported fla modules (those with ``kernel_name``: fla's ``CachedAutotuner``)."""
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "fla" or name.startswith("fla.")):
+            continue
+        for value in list(vars(module).values()):
+            for _ in range(4):  # triton.heuristics wraps the autotuner, which wraps the jitted function (``.fn``)
+                if hasattr(value, "kernel_name") and isinstance(getattr(value, "cache", None), dict):
+                    found[id(value)] = value
+                value = getattr(value, "fn", None)
+                if value is None:
+                    break
+    return list(found.values())
+
+
+def save_tuned_configs(autotuners: list[Any] | None = None, folder: Path | None = None) -> int:
+    """Writes what this process's autotuners chose that the folder lacks; returns how many entries were added.
+    Cheap when there is nothing new (no file is written), so it can run after every few steps."""
+    folder = folder or _config_dir
+    if folder is None:
+        return 0
+    triton_version = sys.modules["triton"].__version__ if "triton" in sys.modules else None
+    added = 0
+    for autotuner in live_autotuners() if autotuners is None else autotuners:
+        entries = entries_of(autotuner)
+        if entries:
+            try:
+                added += merge_entries(folder / f"{autotuner.kernel_name}.json", autotuner.kernel_name, entries,
+                                       triton_version)
+            except OSError as error:
+                logger.warning("could not keep the kernel configs in %s: %s", folder, error)
+                return added
+    return added

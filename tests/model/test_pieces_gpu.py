@@ -1,0 +1,66 @@
+"""On a CUDA GPU with fla-core: layers in pieces (model/pieces.py) against whole layers in bf16 (fla's KDA with
+carried states, flash attention's varlen kernel with a first sequence's prefix), and that attention op alone
+against its masked reference.
+
+Run on the device: python -m pytest -q tests/model/test_pieces_gpu.py -m gpu
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kimitune import KimiLinearForCausalLM
+from kimitune.model import RunOptions
+from kimitune.ops.attention import packed_causal_attention, packed_causal_attention_reference
+
+from model_helpers import micro_config, perturb_
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (and fla-core)"),
+]
+
+
+def relative(got, ref):
+    return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
+
+
+def test_varlen_attention_with_a_prefix_matches_the_mask():
+    torch.manual_seed(0)
+    H, D, P = 4, 64, 40
+    cu = torch.tensor([0, 30, 31, 90, 128], dtype=torch.int32)
+    q = torch.randn(1, H, 128, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, H, P + 128, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, H, P + 128, D // 2, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    got = packed_causal_attention(q, k, v, cu, 0.125)
+    ref = packed_causal_attention_reference(q.float(), k.float(), v.float(), cu.cuda(), 0.125)
+    assert relative(got, ref) < 1e-2
+    grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert relative(a, b) < 2e-2, name
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_pieces_equal_the_whole_layers_in_bf16(packed):
+    torch.manual_seed(0)
+    config = micro_config(hidden_size=128, kda_num_heads=2, kda_head_dim=64, num_attention_heads=2, head_dim=64,
+                          qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, kv_lora_rank=64)
+    model = perturb_(KimiLinearForCausalLM(config)).cuda().bfloat16()
+    if packed:
+        bounds = [0, 100, 230, 231, 512, 700]
+        input_ids, cu = torch.randint(0, 250, (1, 700), device="cuda"), torch.tensor(bounds, dtype=torch.int32)
+    else:
+        input_ids, cu = torch.randint(0, 250, (2, 300), device="cuda"), None
+    results = []
+    for piece in (None, 128):
+        model.zero_grad(set_to_none=True)
+        options = RunOptions(recompute_layers=model.recomputed_layers(), sequence_piece_len=piece)
+        out = model(input_ids, labels=input_ids, cu_seqlens=cu, return_logits=False, options=options)
+        out.loss.backward()
+        results.append((out.loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    (loss, grads), (loss_p, grads_p) = results
+    assert abs(loss_p - loss).item() <= 1e-2 * loss.abs().item()
+    worst = max((relative(grads_p[n], grads[n]), n) for n in grads if grads[n].norm() > 0)
+    assert worst[0] < 5e-2, worst
