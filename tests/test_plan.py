@@ -390,3 +390,35 @@ def test_the_plan_table_fits_80_columns_and_counts_a_small_model_in_millions():
     assert result.exit_code == 0, result.output
     assert "1.35M params" in result.output and "0.00B" not in result.output  # the tiny model's 1,348,268
     assert max(len(line) for line in result.output.splitlines()) <= 80  # a log file's width (rich's default)
+
+
+def test_layers_in_pieces_hold_one_piece_of_a_layer_and_what_passes_between_pieces():
+    """sequence_piece_len: the rebuilt layer is counted for one piece (plus an MLA piece's keys over the whole row),
+    the layer inputs and the KDA states and MLA latents for the whole row."""
+    cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    long = dict(gradient_checkpointing=True, sequence_len=262144, load_in_8bit=True)
+    whole, pieces = (predict_peak_memory(train_config(**long, **extra), cfg)
+                     for extra in ({}, {"sequence_piece_len": 16384}))
+    items = lambda plan: {item.part: item.bytes for item in plan.items}  # noqa: E731
+    assert items(pieces)[Part.CHECKPOINT_INPUTS] == items(whole)[Part.CHECKPOINT_INPUTS] == 27 * 2 * 2304 * 262144
+    mla_layers = sum(1 for i in range(27) if not cfg.is_kda_layer(i))
+    kda_cuts = (27 - mla_layers) * 15 * (4 * 32 * 128 * 128 + 2 * 3 * 4096 * 4)
+    assert items(pieces)[Part.PIECE_STATES] == mla_layers * 2 * (512 + 64) * 262144 + kda_cuts
+    assert Part.PIECE_STATES not in items(whole)
+    assert items(pieces)[Part.REBUILT_LAYER] < items(whole)[Part.REBUILT_LAYER] / 4
+    assert pieces.peak_allocated < whole.peak_allocated - 40 * GIB
+    assert pieces.settings["sequence_piece_len"] == 16384
+    # a piece as long as the row is the whole layer
+    same = predict_peak_memory(train_config(**long, sequence_piece_len=262144), cfg)
+    assert same.peak_allocated == whole.peak_allocated
+
+
+def test_a_long_row_that_does_not_fit_is_told_to_run_in_pieces():
+    """On an H200-sized GPU (130 GiB): the 48B in 8-bit at 262,144 tokens fits only in pieces; the longest piece
+    that fits (the fastest) is named."""
+    cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    train = train_config(gradient_checkpointing=True, sequence_len=262144, load_in_8bit=True)
+    assert not predict_peak_memory(train, cfg).fits(130 * GIB)
+    pieced = [s for s in suggest_settings(train, cfg, 130 * GIB) if "sequence_piece_len" in s.change]
+    assert pieced[0].plan.fits(130 * GIB) and pieced[0].change["sequence_piece_len"] == 65536
+    assert not predict_peak_memory(train.model_copy(update={"sequence_piece_len": 131072}), cfg).fits(130 * GIB)

@@ -27,7 +27,7 @@ from kimitune.config import TrainConfig
 from kimitune.data import IGNORE_INDEX, Sample, make_batches
 from kimitune.infer.generate import generate, stop_token_ids
 from kimitune.infer.sampling import SamplingSettings
-from kimitune.model import KimiLinearForCausalLM
+from kimitune.model import KimiLinearForCausalLM, RunOptions
 
 EXTRA_TOKENS = 8
 
@@ -64,24 +64,26 @@ class EvalReport:
 
 
 @torch.no_grad()
-def summed_loss(model: KimiLinearForCausalLM, batches: list, autocast=None) -> tuple[torch.Tensor, int]:
+def summed_loss(model: KimiLinearForCausalLM, batches: list, autocast=None,
+                options: RunOptions | None = None) -> tuple[torch.Tensor, int]:
     """(summed token loss over every label token of ``batches`` as a float32 tensor, their number); the model is
-    put in eval mode."""
+    put in eval mode. ``options``: how the passes run (``sequence_piece_len`` bounds a long sample's memory)."""
     model.eval()
     device = model.lm_head.weight.device
     total, count = torch.zeros((), device=device), 0
     for batch in batches:
         with autocast or contextlib.nullcontext():
             out = model(batch.input_ids.to(device), labels=batch.labels.to(device), cu_seqlens=batch.cu_seqlens,
-                        return_logits=False, loss_reduction="sum")
+                        return_logits=False, loss_reduction="sum", options=options)
         total += out.loss.float()
         count += batch.num_label_tokens
     return total, count
 
 
-def mean_loss(model: KimiLinearForCausalLM, batches: list, autocast=None) -> tuple[float, int]:
+def mean_loss(model: KimiLinearForCausalLM, batches: list, autocast=None,
+              options: RunOptions | None = None) -> tuple[float, int]:
     """(mean loss over every label token of ``batches``, their number); the model is put in eval mode."""
-    total, count = summed_loss(model, batches, autocast)
+    total, count = summed_loss(model, batches, autocast, options)
     return (total / max(count, 1)).item(), count
 
 
@@ -91,7 +93,7 @@ def eval_loss(
     """(mean loss over the label tokens, their number), batched as the config batches training data."""
     batches = make_batches(samples, sequence_len=config.sequence_len, micro_batch_size=config.micro_batch_size,
                            sample_packing=config.sample_packing, seed=config.seed, epoch=0, pad_id=pad_id)
-    return mean_loss(model, batches)
+    return mean_loss(model, batches, options=RunOptions(sequence_piece_len=config.sequence_piece_len))
 
 
 def reply_spans(sample: Sample) -> list[tuple[int, int]]:

@@ -119,8 +119,10 @@ class KimiLinearModel(nn.Module):
         routers = []
         recompute = options.recompute_layers if torch.is_grad_enabled() and cache is None else frozenset()
         piece_len = options.sequence_piece_len
+        # In pieces: the recomputed layers, and every layer of a pass without gradients (evaluation)
+        in_pieces = bool(piece_len) and h.shape[1] > piece_len and cache is None
         for i, layer in enumerate(self.layers):
-            if i in recompute and piece_len and h.shape[1] > piece_len:
+            if in_pieces and (i in recompute or not torch.is_grad_enabled()):
                 h, router = layer_in_pieces(layer, h, layout, piece_len, options)
             elif i in recompute:
                 h, router, _ = checkpoint(layer, h, layout, None, False, options, use_reentrant=False)

@@ -17,8 +17,8 @@ class RunOptions:
     factors for the backward instead of recomputing them (faster, more memory; ``kimitune.ops.chunk_kda``).
     loss_impl: ``kimitune.ops.loss.linear_cross_entropy``'s implementation without logits ("fused", or "cce" to
     measure against). router_aux_loss_coef: the load-balancing loss's weight; None: the model config's.
-    sequence_piece_len: the recomputed layers run in pieces of this many tokens along the sequence (model/pieces.py:
-    the long-context step); None: whole."""
+    sequence_piece_len: the recomputed layers (and every layer of a pass without gradients) run in pieces of this
+    many tokens along the sequence (model/pieces.py: the long-context step); None: whole."""
 
     recompute_layers: frozenset[int] = frozenset()
     kda_keep_intermediates: bool = False

@@ -98,9 +98,11 @@ def _router_tensors(router: RouterTerms | None) -> tuple[torch.Tensor | None, to
 def layer_in_pieces(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | None, piece_len: int,
                     options: RunOptions) -> tuple[torch.Tensor, RouterTerms | None]:
     """``layer``'s output for ``h`` [B, T, C] computed in pieces (the module docstring); each piece recomputes in
-    the backward."""
+    the backward. Without gradients the pieces only bound the working memory (long evaluations)."""
     B, T, _ = h.shape
     pieces = split_into_pieces(layout, T, piece_len, h.device)
+    # Without gradients (evaluation) nothing is saved, so nothing needs recomputing
+    run = checkpoint if torch.is_grad_enabled() else lambda fn, *args, use_reentrant: fn(*args)
     packed = layout is not None
     outputs, router = [], None
     conv = recurrent = None  # KDA: the carried states of the sequence that goes on
@@ -110,7 +112,7 @@ def layer_in_pieces(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | Non
         sequences = 1 if not packed else piece.layout.cu_seqlens_cpu.numel() - 1
         return_state = piece.carries if packed else index < len(pieces) - 1
         if layer.is_kda:
-            out, counts, score_sum, conv_out, recurrent_out = checkpoint(
+            out, counts, score_sum, conv_out, recurrent_out = run(
                 _run_kda_piece, layer, h_piece, piece.layout,
                 _first_continues(conv if piece.continues else None, sequences, packed),
                 _first_continues(recurrent if piece.continues else None, sequences, packed),
@@ -119,7 +121,7 @@ def layer_in_pieces(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | Non
         else:
             begin = piece.first_start if packed else 0
             prefix = [(i, max(begin - s, 0)) for i, (s, e) in enumerate(spans) if e > begin] if piece.continues else []
-            out, counts, score_sum, latent_out, k_shared_out = checkpoint(
+            out, counts, score_sum, latent_out, k_shared_out = run(
                 _run_mla_piece, layer, h_piece, piece.layout, [latents[i][:, a:] for i, a in prefix],
                 [k_shared[i][:, a:] for i, a in prefix], True, options, use_reentrant=False)
             latents.append(latent_out)

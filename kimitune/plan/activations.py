@@ -219,3 +219,23 @@ def forward_working_set(shape: LayerShapes, b: int) -> int:
     if isinstance(ff, MoEShape):
         return ff.top_k * b * (shape.hidden_size + 3 * ff.intermediate)
     return b * ff.intermediate
+
+
+def piece_states(shape: LayerShapes, b: int, tokens: int, piece_len: int) -> int:
+    """What a layer computed in pieces (model/pieces.py) keeps between them for the backward, in bytes for a row of
+    ``tokens``: a KDA layer's float32 recurrent state [H, K, V] and short-conv state [3HK, 4] at every cut, an MLA
+    layer's latents and shared keys for every token."""
+    attention = shape.attention
+    if isinstance(attention, KDAShape):
+        cuts = -(-tokens // piece_len) - 1
+        return cuts * (FLOAT32 * attention.heads * attention.head_dim ** 2 + b * 3 * attention.channels * 4)
+    return b * attention.latent_and_shared_key * tokens
+
+
+def piece_attention_keys(shape: LayerShapes, b: int, tokens: int) -> int:
+    """An MLA piece recomputed in the backward attends over every earlier token of its row: the keys and values
+    expanded from their latents, [H, S, qk + v] with S up to ``tokens``, and their gradients (0 for KDA)."""
+    attention = shape.attention
+    if isinstance(attention, KDAShape):
+        return 0
+    return 2 * b * attention.heads * (attention.qk_head_dim + attention.v_head_dim) * tokens

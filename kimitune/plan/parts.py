@@ -25,6 +25,7 @@ class Part(Enum):
     CHECKPOINT_INPUTS = "layer inputs (checkpointing)"
     WHOLE_LAYERS = "activations of layers not recomputed"
     REBUILT_LAYER = "one layer rebuilt in the backward"
+    PIECE_STATES = "states between pieces"
     ACTIVATIONS = "activations"
     LOSS = "loss"
     TRANSIENT = "largest transient"

@@ -77,7 +77,7 @@ def predict_peak_memory(
         items = fsdp_items(items, train, shapes, gpus, quant is not None)
     recomputed = recomputed_layers(train, len(shapes.layers), gpus)
     items += _activations(train, shapes, kernels, recomputed, T, loss)
-    items += _transients(shapes, recomputed, T, quant, items[-1].bytes)
+    items += _transients(shapes, recomputed, T, pieced_tokens(train, T) if recomputed else T, quant, items[-1].bytes)
 
     peak = sum(item.bytes for item in items)
     overhead = ALLOCATOR_OVERHEAD * (peak - items[0].bytes) + CUDA_CONTEXT
@@ -85,7 +85,7 @@ def predict_peak_memory(
         "tokens": T, "gpus": gpus, "gradient_checkpointing": train.gradient_checkpointing,
         "recomputed_layers": len(recomputed), "adapter": train.adapter,
         "quantisation": quant, "loss": loss, "autocast": autocast, "packed": packed, "fused_kernels": fused,
-        "kda_keep_intermediates": train.kda_keep_intermediates,
+        "kda_keep_intermediates": train.kda_keep_intermediates, "sequence_piece_len": train.sequence_piece_len,
     }
     return MemoryPlan(items, T, peak, peak + overhead, settings)
 
@@ -142,21 +142,29 @@ def _activations(train: TrainConfig, shapes: ModelShapes, kernels: Kernels, reco
                  + (activations.full_finetune_inputs(layer, b) if train.adapter is None else 0)
                  for layer in shapes.layers]
     items = []
+    P = pieced_tokens(train, T)
     if recomputed:
         whole = [per_layer[i] for i in range(len(per_layer)) if i not in recomputed]
         # The backward reaches a recomputed layer j still holding the whole layers below it: the peak is the
         # largest such sum with j's rebuilt activations and its forward working set (the recomputation runs inside
-        # the backward), or all whole layers at the backward's start.
-        rebuilt = max(sum(per_layer[i] for i in range(j) if i not in recomputed) + per_layer[j]
-                      + activations.forward_working_set(shapes.layers[j], b) for j in recomputed)
+        # the backward; of one piece when the layers run in pieces, whose MLA pieces attend over every earlier
+        # token), or all whole layers at the backward's start.
+        rebuilt = max(sum(per_layer[i] for i in range(j) if i not in recomputed) * T
+                      + (per_layer[j] + activations.forward_working_set(shapes.layers[j], b)) * P
+                      + (activations.piece_attention_keys(shapes.layers[j], b, T) if P < T else 0)
+                      for j in recomputed)
         items.append(MemoryItem(Part.CHECKPOINT_INPUTS, len(recomputed) * b * C * T,
                                 f"{len(recomputed)} x {b}C per token"))
+        if P < T:
+            kept = sum(activations.piece_states(shapes.layers[j], b, T, P) for j in recomputed)
+            items.append(MemoryItem(Part.PIECE_STATES, kept, "KDA states at each cut, MLA latents"))
         if whole:
             items.append(MemoryItem(Part.WHOLE_LAYERS, sum(whole) * T,
                                     f"{sum(whole) / 1024:.0f} KiB per token over {len(whole)} layers"))
-        items.append(MemoryItem(Part.REBUILT_LAYER, max(0, rebuilt - sum(whole)) * T,
-                                f"largest recomputed layer: {max(per_layer[j] for j in recomputed) / 1024:.0f} "
-                                "KiB per token, and its forward working set"))
+        note = f"largest recomputed layer: {max(per_layer[j] for j in recomputed) / 1024:.0f} KiB per token"
+        note += f" over one piece of {P} tokens" if P < T else ""
+        items.append(MemoryItem(Part.REBUILT_LAYER, max(0, rebuilt - sum(whole) * T),
+                                note + ", and its forward working set"))
     else:
         items.append(MemoryItem(Part.ACTIVATIONS, sum(per_layer) * T,
                                 f"{sum(per_layer) / 1024:.0f} KiB per token over {len(per_layer)} layers"))
@@ -169,13 +177,20 @@ def _activations(train: TrainConfig, shapes: ModelShapes, kernels: Kernels, reco
     return items
 
 
-def _transients(shapes: ModelShapes, recomputed: set[int], T: int, quant: str | None,
+def pieced_tokens(train: TrainConfig, T: int) -> int:
+    """The tokens one recomputed layer works on at a time: ``sequence_piece_len`` when set and shorter than the row's
+    ``T``, else ``T``."""
+    return min(train.sequence_piece_len or T, T)
+
+
+def _transients(shapes: ModelShapes, recomputed: set[int], T: int, P: int, quant: str | None,
                 loss_bytes: float) -> list[MemoryItem]:
-    """Memory held for a moment at the peak: one layer's backward gradient buffers, or the last layer's forward
-    working set at the forward's end (without recomputation, over every layer's activations, before the loss)."""
+    """Memory held for a moment at the peak: one layer's backward gradient buffers (those of its MoE for one piece
+    of ``P`` tokens, the gradients of its input and output for all ``T``), or the last layer's forward working set
+    at the forward's end (without recomputation, over every layer's activations, before the loss)."""
     b = ACTIVATION_BYTES
     top_k = max((layer.feed_forward.top_k for layer in shapes.layers if layer.is_moe), default=0)
-    transient = b * shapes.hidden_size * (top_k + 2) * T
+    transient = b * shapes.hidden_size * (top_k * P + 2 * T)
     note = "one layer's backward gradient buffers"
     if not recomputed:
         working = activations.forward_working_set(shapes.layers[-1], b) * T - loss_bytes

@@ -84,12 +84,19 @@ class KDAShape:
 
 @dataclass(frozen=True)
 class MLAShape:
-    """An MLA layer: ``heads``, query/key width per head (nope + rope) and value width per head."""
+    """An MLA layer: ``heads``, query/key width per head (nope + rope), value width per head and the latent's width
+    (kv_lora_rank)."""
 
     heads: int
     qk_head_dim: int
     nope_head_dim: int
     v_head_dim: int
+    latent_dim: int
+
+    @property
+    def latent_and_shared_key(self) -> int:
+        """What one token of the latents an MLA layer carries holds: its latent and its shared (rope) key."""
+        return self.latent_dim + self.qk_head_dim - self.nope_head_dim
 
 
 @dataclass(frozen=True)
@@ -301,7 +308,7 @@ def _attention_shape(attention: nn.Module) -> KDAShape | MLAShape:
     if isinstance(attention, KimiDeltaAttention):
         return KDAShape(attention.num_heads, attention.head_dim)
     return MLAShape(attention.num_heads, attention.nope_dim + attention.rope_dim, attention.nope_dim,
-                    attention.v_dim)
+                    attention.v_dim, attention.kv_lora_rank)
 
 
 def _mlp_shape(mlp: nn.Module) -> MLPShape:

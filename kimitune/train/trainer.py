@@ -28,6 +28,7 @@ import torch
 from rich.console import Console
 
 from kimitune.config import FsdpConfig, TrainConfig
+from kimitune.model import RunOptions
 from kimitune.train import distributed
 from kimitune.train.checkpointing import (
     TrainerState,
@@ -325,10 +326,11 @@ class Trainer:
         from kimitune.infer.evaluate import summed_loss
 
         mine = distributed.shard_of(setup.eval_batches, world)
-        total, count = summed_loss(setup.model, mine, autocast)
+        options = RunOptions(sequence_piece_len=self.config.sequence_piece_len)  # a long sample's memory bound
+        total, count = summed_loss(setup.model, mine, autocast, options)
         spare = distributed.forward_passes_per_rank(len(setup.eval_batches), world) - len(mine)
         if spare:  # FSDP needs as many forward passes on every rank: repeat one batch, discard its loss
-            summed_loss(setup.model, setup.eval_batches[:1] * spare, autocast)
+            summed_loss(setup.model, setup.eval_batches[:1] * spare, autocast, options)
         total, count = world.sum(total, count)
         return total / max(count, 1)
 

@@ -114,3 +114,13 @@ def test_precision_keys_work_or_warn():
     finally:
         torch.set_float32_matmul_precision(before)
         torch.backends.cudnn.allow_tf32 = True
+
+
+def test_the_long_context_example_parses():
+    import yaml
+
+    from kimitune.config import parse_config
+
+    root = Path(__file__).resolve().parents[2]
+    config, _ = parse_config(yaml.safe_load((root / "examples/kimi-48b-lora-long.yaml").read_text()))
+    assert config.sequence_len == 262144 and config.sequence_piece_len == 16384 and config.gradient_checkpointing

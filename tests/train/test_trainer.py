@@ -99,6 +99,20 @@ def test_recomputing_some_layers_trains_as_without(small_data, tmp_path):
         run(raw_config(small_data, tmp_path / "bad", gradient_checkpointing=True, gradient_checkpointing_layers=99))
 
 
+def test_layers_in_pieces_train_and_evaluate_as_whole_layers(small_data, tmp_path):
+    """sequence_piece_len: 50 cuts the packed rows (up to 512 tokens) into pieces, sequences across the cuts."""
+    common = dict(max_steps=3, save_steps=None, eval_steps=3, gradient_checkpointing=True)
+    run(raw_config(small_data, tmp_path / "whole", **common))
+    run(raw_config(small_data, tmp_path / "pieces", sequence_piece_len=50, **common))
+    assert [loss for _, loss in losses(tmp_path / "pieces")] == \
+        pytest.approx([loss for _, loss in losses(tmp_path / "whole")], rel=1e-5)
+    evals = [[r["eval_loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+              if "eval_loss" in r] for name in ("whole", "pieces")]
+    assert len(evals[0]) == 2 and evals[1] == pytest.approx(evals[0], rel=1e-5)
+    with pytest.raises(ValueError, match="sequence_piece_len only applies with gradient_checkpointing"):
+        run(raw_config(small_data, tmp_path / "bad", sequence_piece_len=50))
+
+
 def test_kda_keep_intermediates_reaches_the_model(small_data, tmp_path, monkeypatch):
     from kimitune.model import KimiLinearForCausalLM
 
@@ -107,7 +121,7 @@ def test_kda_keep_intermediates_reaches_the_model(small_data, tmp_path, monkeypa
     monkeypatch.setattr(KimiLinearForCausalLM, "forward", lambda model, *args, options=None, **kwargs: (
         flags.append(options and options.kda_keep_intermediates), real(model, *args, options=options, **kwargs))[1])
     run(raw_config(small_data, tmp_path, max_steps=1, save_steps=None, eval_steps=None, kda_keep_intermediates=True))
-    assert flags == [None, True, True, None]  # evaluation, the 2 micro-batches of the step, evaluation
+    assert flags == [False, True, True, False]  # evaluation, the 2 micro-batches of the step, evaluation
 
 
 def test_resume_continues_exactly(small_data, tmp_path):
