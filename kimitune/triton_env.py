@@ -13,11 +13,9 @@ benchmarks, library use) imports kimitune before it can import fla.
 - ``TRITON_CACHE_AUTOTUNING=1``: every ``triton.autotune`` autotuner caches to disk, whatever its decorator passed.
 - ``FLA_CACHE_RESULTS=1``: fla-core (0.6) passes ``cache_results`` to its autotuners from this variable; its default
   is already 1, set here so that the two agree and the choice is visible in the environment.
-
-- ``FLA_CACHE_MODE=strict``: before it tunes, fla looks the exact tuning key up in the config files of
-  ``FLA_CONFIG_DIR``, which kimitune fills per GPU model with shipped and earlier-tuned configs
-  (kimitune/ops/tuned_kernels.py). A new machine then compiles only the chosen configs. Triton's own cache (above)
-  is keyed by hashes of the Triton build and of each kernel's source, so it serves only the machine that tuned.
+- Across machines: kimitune/ops/tuned_kernels.py seeds the autotuners with shipped and earlier-tuned configs; the
+  Triton cache above is keyed by hashes of the Triton build and each kernel's source, so it serves only the
+  machine that tuned.
 
 A variable the user has set is never changed, and a user who turned fla's caching off (``FLA_CACHE_RESULTS=0``)
 keeps all of it off.
@@ -28,7 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
-DEFAULTS: dict[str, str] = {"TRITON_CACHE_AUTOTUNING": "1", "FLA_CACHE_RESULTS": "1", "FLA_CACHE_MODE": "strict"}
+DEFAULTS: dict[str, str] = {"TRITON_CACHE_AUTOTUNING": "1", "FLA_CACHE_RESULTS": "1"}
 
 
 def apply_triton_defaults(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:

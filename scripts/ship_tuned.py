@@ -1,12 +1,16 @@
-"""Adds the kernel configs tuned on a device machine (scripts/device/tune_kernels.sh's tuned.tgz) to the ones
-kimitune ships (kimitune/ops/tuned/<GPU>/fla-<version>/); entries already shipped stay.
+"""Adds the kernel configs tuned on a device machine to the ones kimitune ships (kimitune/ops/tuned/<GPU>/fla-<version>/);
+entries already shipped stay. From a process's saved configs (scripts/device/tune_kernels.sh's tuned.tgz), or from
+the log of a process run with TRITON_PRINT_AUTOTUNING=1 (Triton prints each tuning's kernel, key and chosen config).
 
     python scripts/ship_tuned.py /work/.device/.../tuned.tgz
+    python scripts/ship_tuned.py --log NVIDIA_H200 0.6.0 /work/.device/.../qs-1.log ...
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import sys
 import tarfile
 import tempfile
@@ -28,5 +32,30 @@ def main(archive: str) -> None:
             print(f"{gpu}/{version}/{file.name}: {added} added")
 
 
+TUNING = re.compile(r"Triton autotuning for function (\w+),\s*with key as (\(.*?\)),\s*finished after [\d.]+s,\s*"
+                    r"best config selected: (.*?);", re.S)
+LAUNCH = ("num_warps", "num_ctas", "num_stages", "maxnreg")
+
+
+def from_logs(gpu: str, version: str, logs: list[str]) -> None:
+    """The tunings Triton printed: ``BT: 32, num_warps: 8, num_ctas: 1, num_stages: 3, maxnreg: None``."""
+    found: dict[str, dict] = {}
+    for log in logs:
+        for name, key, chosen in TUNING.findall(Path(log).read_text()):
+            values = {k.strip(): ast.literal_eval(v.strip()) for k, v in (part.split(":") for part in chosen.split(","))}
+            config = {"kwargs": {k: v for k, v in values.items() if k not in LAUNCH}, "num_warps": values["num_warps"],
+                      "num_stages": values["num_stages"], "num_ctas": values.get("num_ctas", 1),
+                      "maxnreg": values.get("maxnreg")}
+            key = list(ast.literal_eval(key))
+            found.setdefault(name, {})[tuned_kernels.key_hash(key)] = {"autotune_key": key, "config": config}
+    for name, entries in sorted(found.items()):
+        added = tuned_kernels.merge_entries(tuned_kernels.SHIPPED / gpu / f"fla-{version}" / f"{name}.json", name,
+                                            entries, None)
+        print(f"{gpu}/fla-{version}/{name}.json: {added} added")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--log":
+        from_logs(sys.argv[2], sys.argv[3], sys.argv[4:])
+    else:
+        main(sys.argv[1])

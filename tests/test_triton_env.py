@@ -25,16 +25,14 @@ def environment_after_import(**env: str) -> dict[str, str | None]:
 
 
 def test_defaults_are_set_when_kimitune_is_imported():
-    assert environment_after_import() == {"TRITON_CACHE_AUTOTUNING": "1", "FLA_CACHE_RESULTS": "1",
-                                          "FLA_CACHE_MODE": "strict"}
+    assert environment_after_import() == {"TRITON_CACHE_AUTOTUNING": "1", "FLA_CACHE_RESULTS": "1"}
 
 
 @pytest.mark.parametrize("given, expected", [
-    ({"TRITON_CACHE_AUTOTUNING": "0"},
-     {"TRITON_CACHE_AUTOTUNING": "0", "FLA_CACHE_RESULTS": "1", "FLA_CACHE_MODE": "strict"}),
-    ({"FLA_CACHE_RESULTS": "1", "TRITON_CACHE_AUTOTUNING": "", "FLA_CACHE_MODE": "disabled"},
-     {"TRITON_CACHE_AUTOTUNING": "", "FLA_CACHE_RESULTS": "1", "FLA_CACHE_MODE": "disabled"}),
-    ({"FLA_CACHE_RESULTS": "0"}, {"TRITON_CACHE_AUTOTUNING": None, "FLA_CACHE_RESULTS": "0", "FLA_CACHE_MODE": None}),
+    ({"TRITON_CACHE_AUTOTUNING": "0"}, {"TRITON_CACHE_AUTOTUNING": "0", "FLA_CACHE_RESULTS": "1"}),
+    ({"FLA_CACHE_RESULTS": "1", "TRITON_CACHE_AUTOTUNING": ""},
+     {"TRITON_CACHE_AUTOTUNING": "", "FLA_CACHE_RESULTS": "1"}),
+    ({"FLA_CACHE_RESULTS": "0"}, {"TRITON_CACHE_AUTOTUNING": None, "FLA_CACHE_RESULTS": "0"}),
 ])
 def test_the_users_values_are_kept(given, expected):
     assert environment_after_import(**given) == expected
@@ -42,6 +40,6 @@ def test_the_users_values_are_kept(given, expected):
 
 def test_apply_returns_what_it_set():
     environ = {"TRITON_CACHE_AUTOTUNING": "0"}
-    assert apply_triton_defaults(environ) == {"FLA_CACHE_RESULTS": "1", "FLA_CACHE_MODE": "strict"}
-    assert environ == {"TRITON_CACHE_AUTOTUNING": "0", "FLA_CACHE_RESULTS": "1", "FLA_CACHE_MODE": "strict"}
+    assert apply_triton_defaults(environ) == {"FLA_CACHE_RESULTS": "1"}
+    assert environ == {"TRITON_CACHE_AUTOTUNING": "0", "FLA_CACHE_RESULTS": "1"}
     assert apply_triton_defaults(environ) == {}

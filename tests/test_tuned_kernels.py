@@ -1,6 +1,6 @@
-"""The store of fla's tuned kernel configs (kimitune/ops/tuned_kernels.py), with stand-ins for fla's autotuners.
+"""The store of fla's tuned kernel configs (kimitune/ops/tuned_kernels.py), with stand-ins for Triton's autotuners.
 
-That fla reads these files back and skips its tuning is tested on a GPU (tests/test_tuned_kernels_gpu.py)."""
+That the seeded autotuners then skip their tuning is tested on a GPU (tests/ops/test_tuned_kernels_gpu.py)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,17 @@ class Config:  # the attributes of triton.Config that are written
         self.pre_hook = pre_hook
 
 
-class Autotuner:  # fla's CachedAutotuner: a kernel name and the tuned results of this process
-    def __init__(self, kernel_name, cache, fn=None):
-        self.kernel_name, self.cache, self.fn = kernel_name, cache, fn
+class Jitted:  # triton.jit's function: its name
+    def __init__(self, name):
+        self.__name__ = name
+
+
+class Autotuner:  # Triton's Autotuner (fla's CachedAutotuner adds kernel_name): candidates, keys, chosen configs
+    def __init__(self, kernel_name, cache, fn=None, configs=None, fla=True):
+        self.cache, self.fn, self.keys = cache, fn or Jitted(kernel_name), ["H"]
+        self.configs = list(configs if configs is not None else cache.values())
+        if fla:
+            self.kernel_name = kernel_name
 
 
 class Heuristics:  # triton.heuristics wraps the autotuner
@@ -78,22 +86,22 @@ def test_a_malformed_file_is_reported_and_replaced(tmp_path, caplog):
 
 
 def test_fla_modules_autotuners_are_found_under_heuristics(monkeypatch):
-    inner = Autotuner("wrapped", {}, fn=types.SimpleNamespace())
-    plain = Autotuner("plain", {})
+    inner = Autotuner("wrapped", {})
+    plain = Autotuner("plain", {}, fla=False)
     module = types.ModuleType("fla.ops.fake")
     module.kernel, module.other, module.number = Heuristics(inner), plain, 3
     monkeypatch.setitem(sys.modules, "fla.ops.fake", module)
     monkeypatch.setitem(sys.modules, "flash_other", types.SimpleNamespace(kernel=Autotuner("not fla", {})))
-    names = {tuner.kernel_name for tuner in tuned_kernels.live_autotuners()}
+    names = {tuned_kernels.kernel_name(tuner) for tuner in tuned_kernels.live_autotuners()}
     assert {"wrapped", "plain"} <= names and "not fla" not in names
 
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    for name in ("FLA_CONFIG_DIR", "FLA_CACHE_MODE"):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("FLA_CACHE_RESULTS", raising=False)
     monkeypatch.setenv("KIMITUNE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(tuned_kernels, "_config_dir", None)
+    monkeypatch.setattr(tuned_kernels, "_seeded", set())
     return tmp_path
 
 
@@ -104,27 +112,40 @@ def shipped_folder(root: Path, entries: dict) -> Path:
     return folder
 
 
-def test_use_tuned_configs_points_fla_at_the_seeded_user_folder(clean_env, monkeypatch):
-    monkeypatch.setenv("FLA_CACHE_MODE", "strict")
+def test_use_tuned_configs_seeds_the_user_folder_from_the_shipped_one(clean_env, monkeypatch):
     monkeypatch.setattr(tuned_kernels, "SHIPPED", clean_env / "shipped")
     shipped_folder(clean_env / "shipped", {"a": {"autotune_key": [1], "config": {"kwargs": {}}}})
     folder = tuned_kernels.use_tuned_configs("NVIDIA H200", "0.6.0")
     assert folder == clean_env / "cache" / "tuned_kernels" / "NVIDIA_H200" / "fla-0.6.0"
-    assert tuned_kernels.os.environ["FLA_CONFIG_DIR"] == str(folder)
     assert set(json.loads((folder / "k.json").read_text())["autotune_entries"]) == {"a"}
     # this process's own tuning is written there, beside the shipped entries
     assert tuned_kernels.save_tuned_configs([Autotuner("k", {(5,): Config({"B": 1})})]) == 1
     assert len(json.loads((folder / "k.json").read_text())["autotune_entries"]) == 2
 
 
-@pytest.mark.parametrize("env", [{"FLA_CACHE_MODE": "disabled"}, {}, {"FLA_CACHE_MODE": "strict",
-                                                                     "FLA_CONFIG_DIR": "/theirs"}])
-def test_the_users_choice_is_kept(clean_env, monkeypatch, env):
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+def test_caching_off_keeps_nothing(clean_env, monkeypatch):
+    monkeypatch.setenv("FLA_CACHE_RESULTS", "0")
     assert tuned_kernels.use_tuned_configs("NVIDIA H200", "0.6.0") is None
-    assert tuned_kernels.os.environ.get("FLA_CONFIG_DIR") == env.get("FLA_CONFIG_DIR")
     assert tuned_kernels.save_tuned_configs([Autotuner("k", {(5,): Config({"B": 1})})]) == 0
+    assert tuned_kernels.seed_autotuners([Autotuner("k", {})]) == 0
+
+
+@pytest.mark.parametrize("fla", [True, False], ids=["fla's autotuner", "triton.autotune"])
+def test_a_new_process_is_seeded_with_the_candidates_that_were_chosen(clean_env, fla):
+    """Saved by one process, the chosen configs fill the next one's autotuners: the candidate objects themselves,
+    for the exact keys; a config that is not a candidate (another fla version) and keys already tuned stay out."""
+    folder = clean_env / "configs"
+    small, large = Config({"BT": 16}, num_warps=2), Config({"BT": 64}, num_warps=8)
+    first = Autotuner("kernel", {(32, "torch.bfloat16"): large, (4, "torch.float32"): small}, fla=fla)
+    assert tuned_kernels.save_tuned_configs([first], folder) == 2
+    fresh = [Config({"BT": 16}, num_warps=2), Config({"BT": 64}, num_warps=8)]  # the next process's objects
+    already = Config({"BT": 64}, num_warps=8)
+    second = Autotuner("kernel", {(4, "torch.float32"): already}, configs=fresh, fla=fla)
+    assert tuned_kernels.seed_autotuners([second], folder) == 1
+    assert second.cache[(32, "torch.bfloat16")] is fresh[1] and second.cache[(4, "torch.float32")] is already
+    assert tuned_kernels.seed_autotuners([second], folder) == 0  # each autotuner once
+    other = Autotuner("kernel", {}, configs=[Config({"BT": 32})], fla=fla)
+    assert tuned_kernels.seed_autotuners([other], folder) == 0 and other.cache == {}
 
 
 def test_shipped_configs_parse():

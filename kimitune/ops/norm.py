@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from kimitune.ops import tuned_kernels
 from kimitune.ops.reference_switch import use_kernels
 
 
@@ -33,6 +34,7 @@ def _fla_modules() -> SimpleNamespace | None:
         from fla.modules.norm.layernorm import rms_norm
     except ImportError:
         return None
+    tuned_kernels.seed_after_import()  # this GPU's kept configs, before the kernels' first launch
     return SimpleNamespace(rms_norm=rms_norm, rms_norm_gated=rms_norm_gated, swiglu=swiglu)
 
 

@@ -2,19 +2,20 @@
 
 fla-core's Triton kernels are autotuned per tuning key (the kernel's ``key`` arguments: head counts, head sizes,
 block sizes, flags, and the dtypes of its tensors): every candidate config is compiled and timed, minutes on a new
-machine. Before it tunes, fla (0.6) looks the key up in ``$FLA_CONFIG_DIR/<kernel>.json``; with
-``FLA_CACHE_MODE=strict`` (kimitune's default, kimitune/triton_env.py) only the exact key matches, never a config
-tuned for other sizes, and a key that is not found is tuned as before.
-
-kimitune points ``FLA_CONFIG_DIR`` at one folder per GPU model and fla version in the user's cache,
+machine. An autotuner tunes a key only when its in-memory results (``autotuner.cache``: key -> chosen config) lack
+it, so kimitune fills those results before the first launch (`seed_autotuners`, run by the ops right after they
+import fla's kernels) from one folder per GPU model and fla version in the user's cache,
 ``$KIMITUNE_CACHE_DIR/tuned_kernels/<GPU>/fla-<version>`` (default ``$XDG_CACHE_HOME/kimitune``, else
-``~/.cache/kimitune``) (`use_tuned_configs`,
-called before fla is imported), seeds it with the configs shipped in ``kimitune/ops/tuned/<GPU>/fla-<version>/``,
-and adds what this process tuned (`save_tuned_configs`, called after a training step). A folder the user names in
-``FLA_CONFIG_DIR`` is used as it is, and ``FLA_CACHE_MODE=disabled`` turns all of this off.
+``~/.cache/kimitune``), which starts as a copy of the configs shipped in ``kimitune/ops/tuned/<GPU>/fla-<version>/``
+(`use_tuned_configs`), and adds what a process tuned (`save_tuned_configs`, after a training step). Only the exact
+key is seeded, and only with one of the kernel's own candidates: never a config chosen for other sizes. Triton's own
+autotune cache (kimitune/triton_env.py) is keyed by hashes of the Triton build and the kernel's source, so it serves
+only the machine that tuned; fla's config files (``FLA_CACHE_MODE``) reach only fla's own autotuner class, not the
+plain ``triton.autotune`` of its norm and SwiGLU kernels. ``FLA_CACHE_RESULTS=0`` turns all of this off.
 
-File format (fla's ``KernelConfigFile``): ``{"kernel_name", "triton_version", "autotune_entries": {md5 of the
-key's JSON: {"autotune_key": [...], "config": {"kwargs", "num_warps", "num_stages", "num_ctas", "maxnreg"}}}}``.
+File format (fla's ``KernelConfigFile``, one per kernel): ``{"kernel_name", "triton_version", "autotune_entries":
+{md5 of the key's JSON: {"autotune_key": [...], "config": {"kwargs", "num_warps", "num_stages", "num_ctas",
+"maxnreg"}}}}``.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def read_entries(path: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def merge_entries(path: Path, kernel_name: str, entries: dict[str, dict[str, Any]], triton_version: str | None) -> int:
+def merge_entries(path: Path, name: str, entries: dict[str, dict[str, Any]], triton_version: str | None) -> int:
     """Adds the entries that ``path`` lacks (those it has stay: the first tuning of a key is kept) and rewrites it
     atomically, so a reader never sees half a file and concurrent writers (ranks) lose no more than an entry.
     Returns how many were added."""
@@ -109,7 +110,7 @@ def merge_entries(path: Path, kernel_name: str, entries: dict[str, dict[str, Any
     new = {digest: entry for digest, entry in entries.items() if digest not in known}
     if not new:
         return 0
-    data = {"kernel_name": kernel_name, "triton_version": triton_version, "autotune_entries": {**known, **new}}
+    data = {"kernel_name": name, "triton_version": triton_version, "autotune_entries": {**known, **new}}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(handle, "w") as file:
@@ -131,11 +132,10 @@ def seed_from(shipped: Path, folder: Path) -> int:
 
 
 def use_tuned_configs(device_name: str, fla_version: str | None = None) -> Path | None:
-    """Points fla at this GPU's kernel config folder (shipped configs merged in); returns the folder, or None where
-    the user chose otherwise (their own ``FLA_CONFIG_DIR``, or caching off). Must run before fla is imported: fla
-    reads ``FLA_CACHE_MODE`` then (``FLA_CONFIG_DIR`` at every lookup)."""
+    """This GPU's kernel config folder, the shipped configs merged in, as the folder this process seeds from and
+    saves to; None where the user turned caching off (``FLA_CACHE_RESULTS=0``) or the cache cannot be written."""
     global _config_dir
-    if "FLA_CONFIG_DIR" in os.environ or os.environ.get("FLA_CACHE_MODE", "disabled") == "disabled":
+    if os.environ.get("FLA_CACHE_RESULTS") == "0":
         return None
     try:
         version = fla_version or metadata.version("fla-core")
@@ -148,20 +148,76 @@ def use_tuned_configs(device_name: str, fla_version: str | None = None) -> Path 
     except OSError as error:  # a read-only home: fla tunes as it would without kimitune
         logger.warning("kernel configs are not kept across processes: %s", error)
         return None
-    os.environ["FLA_CONFIG_DIR"] = str(folder)
     _config_dir = folder
     return folder
 
 
+def kernel_name(autotuner: Any) -> str:
+    """The kernel's name: fla's ``CachedAutotuner.kernel_name``, else the jitted function's."""
+    name = getattr(autotuner, "kernel_name", None)
+    if name:
+        return name
+    fn = autotuner.fn
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn.__name__
+
+
+def _is_autotuner(value: Any) -> bool:
+    return isinstance(getattr(value, "cache", None), dict) and isinstance(getattr(value, "configs", None), list) \
+        and hasattr(value, "keys") and hasattr(value, "fn")
+
+
+def seed_autotuners(autotuners: list[Any] | None = None, folder: Path | None = None) -> int:
+    """Fills the autotuners' in-memory results with the stored configs for their keys (each autotuner once; a key
+    it already has stays); returns how many keys were seeded. A stored config must be one of the kernel's
+    candidates (the same kwargs, warps, stages and CTAs), and that candidate itself is used."""
+    folder = folder or _config_dir
+    if folder is None:
+        return 0
+    seeded = 0
+    for autotuner in live_autotuners() if autotuners is None else autotuners:
+        if id(autotuner) in _seeded:
+            continue
+        _seeded.add(id(autotuner))
+        candidates = {json.dumps(serialize_config(c), sort_keys=True): c for c in autotuner.configs}
+        for entry in read_entries(folder / f"{kernel_name(autotuner)}.json").values():
+            key = tuple(entry.get("autotune_key") or ())
+            config = candidates.get(json.dumps(entry.get("config"), sort_keys=True))
+            if key and config is not None and key not in autotuner.cache:
+                autotuner.cache[key] = config
+                seeded += 1
+    return seeded
+
+
+_seeded: set[int] = set()  # ids of the autotuners seed_autotuners has filled
+_prepared = False
+
+
+def seed_after_import() -> int:
+    """What an op runs right after importing fla's kernels (before their first launch): on CUDA, this GPU's folder
+    (`use_tuned_configs`, once per process), then `seed_autotuners`. Returns the keys seeded."""
+    global _prepared
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    if not _prepared:
+        _prepared = True
+        use_tuned_configs(torch.cuda.get_device_name())
+    return seed_autotuners()
+
+
 def live_autotuners() -> list[Any]:
-    """fla's autotuners in the imported fla modules (those with ``kernel_name``: fla's ``CachedAutotuner``)."""
+    """The autotuners of the imported fla modules (fla's ``CachedAutotuner`` and plain ``triton.autotune``), found
+    under the ``triton.heuristics`` that may wrap them."""
     found = {}
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "fla" or name.startswith("fla.")):
             continue
         for value in list(vars(module).values()):
             for _ in range(4):  # triton.heuristics wraps the autotuner, which wraps the jitted function (``.fn``)
-                if hasattr(value, "kernel_name") and isinstance(getattr(value, "cache", None), dict):
+                if _is_autotuner(value):
                     found[id(value)] = value
                 value = getattr(value, "fn", None)
                 if value is None:
@@ -181,8 +237,8 @@ def save_tuned_configs(autotuners: list[Any] | None = None, folder: Path | None 
         entries = entries_of(autotuner)
         if entries:
             try:
-                added += merge_entries(folder / f"{autotuner.kernel_name}.json", autotuner.kernel_name, entries,
-                                       triton_version)
+                name = kernel_name(autotuner)
+                added += merge_entries(folder / f"{name}.json", name, entries, triton_version)
             except OSError as error:
                 logger.warning("could not keep the kernel configs in %s: %s", folder, error)
                 return added

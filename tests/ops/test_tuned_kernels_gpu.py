@@ -1,5 +1,5 @@
-"""On a CUDA GPU with fla-core: fla's tuning, saved by kimitune in one process, is read back by a new process on
-an empty Triton cache (as on a new machine), which then tunes nothing.
+"""On a CUDA GPU with fla-core: fla's tuning (its own autotuner class and plain triton.autotune), saved by kimitune
+in one process, seeds a new process on an empty Triton cache (as on a new machine), which then tunes nothing.
 
 Run on the device: python -m pytest -q tests/ops/test_tuned_kernels_gpu.py -m gpu
 """
@@ -25,9 +25,12 @@ ROOT = Path(__file__).resolve().parents[2]
 STEP = """
 import torch, kimitune
 from kimitune.ops import tuned_kernels
-tuned_kernels.use_tuned_configs(torch.cuda.get_device_name())  # as kimitune's fla wrapper does before fla's import
-from fla.modules.norm.l2norm import l2norm_fwd
-l2norm_fwd(torch.randn(4096, 96, device="cuda", dtype=torch.bfloat16))  # a width no shipped config has
+from kimitune.ops.norm import swiglu  # kimitune's op: fla's plain triton.autotune kernel
+gate, up = torch.randn(2, 4096, 96, device="cuda", dtype=torch.bfloat16).unbind(0)  # a width nothing ships
+swiglu(gate, up)
+from fla.modules.norm.l2norm import l2norm_fwd  # fla's CachedAutotuner
+tuned_kernels.seed_after_import()
+l2norm_fwd(torch.randn(4096, 96, device="cuda", dtype=torch.bfloat16))
 torch.cuda.synchronize()
 print("saved", tuned_kernels.save_tuned_configs())
 """
@@ -35,7 +38,7 @@ print("saved", tuned_kernels.save_tuned_configs())
 
 def run_step(cache: Path, triton_cache: Path) -> str:
     python_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and "one_config" not in p]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLA_", "TRITON_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLA_", "TRITON_", "KIMITUNE_"))}
     env |= {"KIMITUNE_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(triton_cache), "TRITON_PRINT_AUTOTUNING": "1",
             "PYTHONPATH": os.pathsep.join([str(ROOT), *python_path])}
     done = subprocess.run([sys.executable, "-c", STEP], env=env, capture_output=True, text=True, timeout=600)
@@ -72,10 +75,12 @@ def test_shipped_configs_match_this_gpus_candidates():
                                       tuned_kernels.SHIPPED)
     if not folder.is_dir():
         pytest.skip(f"no configs shipped for {folder}")
-    import fla.ops.kda  # noqa: F401  (imports the kernels)
-    import fla.modules.causal_conv1d  # noqa: F401
+    import fla.modules.activations  # noqa: F401  (imports the kernels)
+    import fla.modules.norm.fused_norm_gate  # noqa: F401
+    import fla.modules.norm.layernorm  # noqa: F401
+    import fla.ops.kda  # noqa: F401
 
-    tuners = {t.kernel_name: t for t in tuned_kernels.live_autotuners()}
+    tuners = {tuned_kernels.kernel_name(t): t for t in tuned_kernels.live_autotuners()}
     for file in folder.glob("*.json"):
         data = json.loads(file.read_text())
         if file.stem not in tuners:

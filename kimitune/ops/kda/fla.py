@@ -28,14 +28,14 @@ _INSTALL_HINT = (
 
 @functools.cache
 def _fla() -> SimpleNamespace:
-    if torch.cuda.is_available():  # before fla's import, which reads FLA_CACHE_MODE
-        tuned_kernels.use_tuned_configs(torch.cuda.get_device_name())
     try:
         from fla.modules.causal_conv1d import causal_conv1d, causal_conv1d_update
         from fla.ops.kda import chunk_kda, fused_recurrent_kda
     except ImportError as error:
         raise ImportError(_INSTALL_HINT) from error
     from fla.ops.utils.index import prepare_chunk_indices
+
+    tuned_kernels.seed_after_import()  # this GPU's kept configs, before the kernels' first launch
 
     return SimpleNamespace(
         prepare_chunk_indices=prepare_chunk_indices,
