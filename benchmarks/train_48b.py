@@ -142,11 +142,11 @@ def build(cfg: KimiLinearConfig, spec: QuantSpec | None, device: str, dtype: tor
 
 
 def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str, options: RunOptions,
-            profile: bool = False) -> dict:
+            profile: bool = False, offload: bool = False) -> dict:
     cuda = device == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    train_step = TrainStep(model, optimizer, device, options=options, max_grad_norm=1.0)
+    train_step = TrainStep(model, optimizer, device, options=options, max_grad_norm=1.0, offload_activations=offload)
     ids = torch.randint(0, cfg.vocab_size, (1, seq), generator=torch.Generator().manual_seed(1))
     batch = Batch(input_ids=ids, labels=ids, cu_seqlens=None, num_tokens=seq, num_label_tokens=seq - 1)
     if cuda:

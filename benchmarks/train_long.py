@@ -10,7 +10,7 @@ names the longest that fitted. ``--cap-gib`` caps the process's GPU memory (``se
 on a smaller card.
 
     python benchmarks/train_long.py --bits 16 --seq 32768,65536,131072,262144           # H200, bf16 weights
-    python benchmarks/train_long.py --bits 8 --seq 65536,131072,262144 --cap-gib 80     # what an 80 GB card fits
+    python benchmarks/train_long.py --bits 8 --seq 65536,131072,262144 --cap-gib 80 --offload  # an 80 GB card
     python benchmarks/train_long.py --bits 4 --seq 1048576 --steps 3                    # 1M tokens, NF4 weights
     python benchmarks/train_long.py --smoke                                             # the CPU: the script only
 """
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, choices=(16, 8, 4), default=16)
     parser.add_argument("--seq", default="32768,65536,131072,262144", help="comma-separated lengths, shortest first")
     parser.add_argument("--piece", type=int, default=16384, help="sequence_piece_len: tokens per piece")
+    parser.add_argument("--offload", action="store_true", help="activation_offloading: saved tensors on the host")
     parser.add_argument("--cap-gib", type=float, default=None, help="cap the GPU memory this process may use")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
@@ -56,18 +57,19 @@ def main() -> None:
     options = RunOptions(recompute_layers=model.recomputed_layers(), sequence_piece_len=piece)
     rows, longest = [], None
     for seq in seqs:
-        result = run_seq(model, cfg, seq, args.warmup, args.steps, device, options)
-        result.update(bits=args.bits, seq=seq, piece=piece, cap_gib=args.cap_gib)
+        result = run_seq(model, cfg, seq, args.warmup, args.steps, device, options, offload=args.offload)
+        result.update(bits=args.bits, seq=seq, piece=piece, cap_gib=args.cap_gib, offload=args.offload)
         rows.append(result)
         print(json.dumps(result), flush=True)
         if result.get("oom"):
             break
         longest = seq
-    print("\n| bits | seq | piece | cap GiB | tokens/s | MFU | peak allocated GiB | losses |\n" + "|---" * 8 + "|")
+    print("\n| bits | seq | piece | offload | cap GiB | tokens/s | MFU | peak allocated GiB | losses |\n" + "|---" * 9 + "|")
     for r in rows:
         speed = "OOM" if r.get("oom") else f"{r['tokens_per_s']:.0f}"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
-        print(f"| {r['bits']} | {r['seq']} | {r['piece']} | {r['cap_gib'] or '-'} | {speed} | {mfu} | "
+        print(f"| {r['bits']} | {r['seq']} | {r['piece']} | {'yes' if r['offload'] else 'no'} | {r['cap_gib'] or '-'} | "
+              f"{speed} | {mfu} | "
               f"{r.get('peak_allocated_gib', float('nan')):.1f} | {r.get('losses', '-')} |")
     print(f"longest that fitted: {longest}")
     if args.json:

@@ -234,6 +234,12 @@ class TrainConfig(_Strict):
         default=None, ge=1, description="How many decoder layers recompute, spread evenly over the stack (unset: "
         "all). Fewer is faster and holds more activations; `kimitune plan` suggests the fewest that fit."
     )
+    activation_offloading: bool = Field(
+        default=False, description="Keep what the forward saves for the backward (with gradient_checkpointing: "
+        "each recomputed layer's input and the states between pieces) in pinned CPU memory, copied out while the "
+        "forward computes and back when the backward needs it: GPU memory for host memory and PCIe traffic. "
+        "`gradient_checkpointing: offload` (Axolotl's) sets both."
+    )
     sequence_piece_len: int | None = Field(
         default=None, ge=1, description="Long context: each recomputed decoder layer runs in pieces of this many "
         "tokens along the sequence, recomputed one at a time in the backward (KDA and conv states and MLA latents "
@@ -299,6 +305,17 @@ class TrainConfig(_Strict):
         default_factory=list, description="Axolotl plugins; the cut-cross-entropy one is built in, Liger's has no "
         "effect, others are refused."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _gradient_checkpointing_offload(cls, raw: Any) -> Any:
+        """Axolotl's ``gradient_checkpointing: offload``: recomputed layers whose saved inputs wait on the host."""
+        if isinstance(raw, dict) and raw.get("gradient_checkpointing") == "offload":
+            if raw.get("activation_offloading") is False:
+                raise ValueError("gradient_checkpointing: offload offloads activations; activation_offloading: false "
+                                 "says not to")
+            raw = {**raw, "gradient_checkpointing": True, "activation_offloading": True}
+        return raw
 
     @model_validator(mode="after")
     def _check_consistency(self) -> TrainConfig:

@@ -422,3 +422,20 @@ def test_a_long_row_that_does_not_fit_is_told_to_run_in_pieces():
     pieced = [s for s in suggest_settings(train, cfg, 130 * GIB) if "sequence_piece_len" in s.change]
     assert pieced[0].plan.fits(130 * GIB) and pieced[0].change["sequence_piece_len"] == 65536
     assert not predict_peak_memory(train.model_copy(update={"sequence_piece_len": 131072}), cfg).fits(130 * GIB)
+
+
+def test_offloaded_activations_wait_on_the_host_and_come_back_one_layer_at_a_time():
+    cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    long = dict(gradient_checkpointing=True, sequence_len=262144, load_in_8bit=True, sequence_piece_len=16384)
+    kept, offloaded = (predict_peak_memory(train_config(**long, activation_offloading=offload), cfg)
+                       for offload in (False, True))
+    on_host = {item.part for item in offloaded.items if item.on_host}
+    assert on_host == {Part.CHECKPOINT_INPUTS, Part.PIECE_STATES}
+    moved = sum(item.bytes for item in kept.items if item.part in on_host)
+    back = next(item.bytes for item in offloaded.items if item.part is Part.BROUGHT_BACK)
+    assert back == pytest.approx(moved / 27)
+    assert offloaded.peak_allocated == pytest.approx(kept.peak_allocated - moved + back)
+    # what an 80 GB card needs at this length: pieces and offloading
+    train = train_config(gradient_checkpointing=True, sequence_len=262144, load_in_8bit=True)
+    pieced = [s for s in suggest_settings(train, cfg, 80 * GIB) if "sequence_piece_len" in s.change]
+    assert pieced[0].change.get("activation_offloading") is True and pieced[0].plan.fits(80 * GIB)

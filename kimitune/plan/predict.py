@@ -76,7 +76,7 @@ def predict_peak_memory(
     if gpus > 1:
         items = fsdp_items(items, train, shapes, gpus, quant is not None)
     recomputed = recomputed_layers(train, len(shapes.layers), gpus)
-    items += _activations(train, shapes, kernels, recomputed, T, loss)
+    items += _offloaded(train, shapes, _activations(train, shapes, kernels, recomputed, T, loss), T)
     items += _transients(shapes, recomputed, T, pieced_tokens(train, T) if recomputed else T, quant, items[-1].bytes)
 
     peak = sum(item.bytes for item in items)
@@ -86,6 +86,7 @@ def predict_peak_memory(
         "recomputed_layers": len(recomputed), "adapter": train.adapter,
         "quantisation": quant, "loss": loss, "autocast": autocast, "packed": packed, "fused_kernels": fused,
         "kda_keep_intermediates": train.kda_keep_intermediates, "sequence_piece_len": train.sequence_piece_len,
+        "activation_offloading": train.activation_offloading,
     }
     return MemoryPlan(items, T, peak, peak + overhead, settings)
 
@@ -175,6 +176,23 @@ def _activations(train: TrainConfig, shapes: ModelShapes, kernels: Kernels, reco
             "cce": "cut cross-entropy: final hidden states", "full": "full logits: bf16 + fp32 + gradient"}[loss]
     items.append(MemoryItem(Part.LOSS, kept * T, note + "; the final norm's input"))
     return items
+
+
+OFFLOADED_PARTS = (Part.CHECKPOINT_INPUTS, Part.PIECE_STATES, Part.WHOLE_LAYERS, Part.ACTIVATIONS)
+
+
+def _offloaded(train: TrainConfig, shapes: ModelShapes, items: list[MemoryItem], T: int) -> list[MemoryItem]:
+    """With ``activation_offloading`` (kimitune/train/offload.py), what the forward saves waits in pinned host
+    memory, and the backward brings one layer's share back at a time (its input and its states between pieces)."""
+    if not train.activation_offloading:
+        return items
+    moved, layers = [], len(shapes.layers)
+    for item in items:
+        if item.part in OFFLOADED_PARTS:
+            moved.append(MemoryItem(item.part, 0.0, f"{item.bytes / GIB:.1f} GiB in pinned host memory", on_host=True))
+    back = sum(item.bytes for item in items if item.part in OFFLOADED_PARTS) / layers
+    kept = [item for item in items if item.part not in OFFLOADED_PARTS]
+    return moved + [MemoryItem(Part.BROUGHT_BACK, back, "one layer's share of the offloaded tensors")] + kept
 
 
 def pieced_tokens(train: TrainConfig, T: int) -> int:

@@ -56,17 +56,26 @@ def _candidates(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: f
             every_layer["gradient_checkpointing_layers"] = None
         candidates.append(every_layer)
     rows = train.micro_batch_size * train.sequence_len
-    if rows > 4096:  # long rows: every layer recomputed in pieces, the longest piece that fits (the fastest)
-        piece = 1 << (min(rows - 1, 65536).bit_length() - 1)
-        while piece >= 1024 and piece < (train.sequence_piece_len or rows):
-            change = {"gradient_checkpointing": True, "gradient_checkpointing_layers": None,
-                      "sequence_piece_len": piece}
-            change = {k: v for k, v in change.items() if k != "gradient_checkpointing_layers"
-                      or train.gradient_checkpointing_layers is not None}
-            if predict_peak_memory(train.model_copy(update=change), model_config, gpus=gpus, **kwargs).fits(gpu_bytes):
-                candidates.append(change)
+    if rows > 4096:  # long rows: every layer recomputed in pieces, the longest piece that fits (the fastest), else
+        for offload in (False, True):  # the same with the saved tensors offloaded to the host
+            if offload and train.activation_offloading:
                 break
-            piece //= 2
+            found = None
+            # shorter pieces than now; with offloading the present length too (offloading alone may do)
+            longest = min(rows - 1, 65536, (train.sequence_piece_len or rows) - (0 if offload else 1))
+            piece = 1 << (longest.bit_length() - 1)
+            while found is None and piece >= 1024:
+                change: dict[str, Any] = {"gradient_checkpointing": True, "sequence_piece_len": piece}
+                if train.gradient_checkpointing_layers is not None:
+                    change["gradient_checkpointing_layers"] = None
+                if offload:
+                    change["activation_offloading"] = True
+                plan = predict_peak_memory(train.model_copy(update=change), model_config, gpus=gpus, **kwargs)
+                found = change if plan.fits(gpu_bytes) else None
+                piece //= 2
+            if found is not None:
+                candidates.append(found)
+                break
     if train.adapter is None:
         candidates.append({"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True})
     elif not (train.load_in_8bit or train.load_in_4bit):

@@ -28,6 +28,7 @@ from kimitune.data.packing import Batch
 from kimitune.model import RunOptions
 from kimitune.ops import BatchLayout, tuned_kernels
 from kimitune.train import distributed
+from kimitune.train.offload import HostOffload
 
 
 @dataclass
@@ -69,16 +70,19 @@ class TrainStep:
 
     ``max_grad_norm`` None or 0: no clipping (the norm is still computed and reported). ``autocast_bf16``: the
     forwards run under CUDA bf16 autocast. ``world``: the ranks the loss is summed over (None: one process).
-    ``skipped`` / ``bad_in_a_row``: counters to continue from (a resumed run's).
+    ``skipped`` / ``bad_in_a_row``: counters to continue from (a resumed run's). ``offload_activations``: what the
+    forwards save for the backward waits in pinned host memory (``kimitune.train.offload``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, *,
                  options: RunOptions = RunOptions(), max_grad_norm: float | None = None, autocast_bf16: bool = False,
-                 world: distributed.World | None = None, skipped: int = 0, bad_in_a_row: int = 0) -> None:
+                 world: distributed.World | None = None, skipped: int = 0, bad_in_a_row: int = 0,
+                 offload_activations: bool = False) -> None:
         self.model, self.optimizer, self.device, self.options = model, optimizer, torch.device(device), options
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_norm = max_grad_norm if max_grad_norm else float("inf")
         self.autocast_bf16 = autocast_bf16
+        self.offload = HostOffload() if offload_activations else None
         self.world = world
         self.device_skip = skips_on_device(optimizer)
         counter = lambda value: torch.tensor(value, dtype=torch.int64, device=self.device)  # noqa: E731
@@ -99,7 +103,7 @@ class TrainStep:
         for batch in micro_batches:
             input_ids = to_device(batch.input_ids, self.device)
             layout = BatchLayout.of(batch.cu_seqlens, self.device, input_ids.shape[1])
-            with self._autocast():
+            with self._autocast(), self.offload or contextlib.nullcontext():
                 out = self.model(input_ids, labels=to_device(batch.labels, self.device), cu_seqlens=layout,
                                  return_logits=False, loss_reduction="sum", options=self.options)
             loss = out.loss / denominator

@@ -215,6 +215,7 @@ class Trainer:
             model, optimizer, device, options=run_options(config, model, sharded=distributed.is_sharded(model)),
             max_grad_norm=config.max_grad_norm, autocast_bf16=setup.autocast_bf16, world=world,
             skipped=state.skipped_steps, bad_in_a_row=state.bad_steps_in_a_row,
+            offload_activations=config.activation_offloading,
         )
 
         def save(step_state: TrainerState) -> Path:

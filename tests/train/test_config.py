@@ -124,3 +124,15 @@ def test_the_long_context_example_parses():
     root = Path(__file__).resolve().parents[2]
     config, _ = parse_config(yaml.safe_load((root / "examples/kimi-48b-lora-long.yaml").read_text()))
     assert config.sequence_len == 262144 and config.sequence_piece_len == 16384 and config.gradient_checkpointing
+
+
+def test_gradient_checkpointing_offload_is_axolotls_offloaded_checkpointing():
+    from kimitune.config import parse_config
+
+    base = {"init_from_config": "unused", "datasets": [{"path": "d.jsonl", "type": "chat_template"}]}
+    config, _ = parse_config(base | {"gradient_checkpointing": "offload"})
+    assert config.gradient_checkpointing is True and config.activation_offloading is True
+    config, _ = parse_config(base | {"activation_offloading": True})
+    assert config.activation_offloading and not config.gradient_checkpointing
+    with pytest.raises(Exception, match="activation_offloading: false says not to"):
+        parse_config(base | {"gradient_checkpointing": "offload", "activation_offloading": False})
