@@ -109,6 +109,8 @@ class TrainConfig(_Strict):
     # Quantised frozen weights (kimitune.quant): every linear and the experts; embeddings, norms, router, head kept.
     load_in_8bit: bool = Field(default=False, description="Frozen weights in int8, one scale per row (LLM.int8).")
     load_in_4bit: bool = Field(default=False, description="Frozen weights in 4-bit, blocks of 64 (QLoRA).")
+    load_in_fp8: bool = Field(default=False, description="Frozen weights in float8 e4m3, one scale per row (the "
+                              "FP8 of Hopper GPUs; the products dequantise to bf16 for now, as 8-bit's do).")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="The 4-bit number format.")
     bnb_4bit_use_double_quant: bool = Field(default=False, description="Also quantise the 4-bit block scales.")
     bf16: bool | Literal["auto"] = Field(
@@ -321,14 +323,15 @@ class TrainConfig(_Strict):
     def _check_consistency(self) -> TrainConfig:
         if (self.base_model is None) == (self.init_from_config is None):
             raise ValueError("set exactly one of base_model (a checkpoint) or init_from_config (random weights)")
-        if self.load_in_8bit and self.load_in_4bit:
-            raise ValueError("load_in_8bit and load_in_4bit are exclusive")
+        chosen = [key for key in ("load_in_8bit", "load_in_4bit", "load_in_fp8") if getattr(self, key)]
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)} are exclusive")
         if self.adapter == "qlora" and not self.load_in_4bit:
             raise ValueError("adapter: qlora is LoRA on a 4-bit base: set load_in_4bit: true (for an 8-bit base use "
                              "adapter: lora with load_in_8bit: true)")
-        if (self.load_in_4bit or self.load_in_8bit) and self.adapter is None:
+        if self.quantizes_weights and self.adapter is None:
             raise ValueError("quantised weights are frozen, so full fine-tuning (adapter unset) cannot train them: "
-                             "set adapter: lora / qlora, or drop load_in_8bit / load_in_4bit")
+                             f"set adapter: lora / qlora, or drop {chosen[0]}")
         bnb_keys = sorted(k for k in self.model_fields_set if k.startswith("bnb_4bit_"))
         if bnb_keys and not self.load_in_4bit:
             raise ValueError(f"{', '.join(bnb_keys)} only apply with load_in_4bit: true")
@@ -355,6 +358,11 @@ class TrainConfig(_Strict):
         if self.save_steps is not None and self.saves_per_epoch is not None:
             raise ValueError("set save_steps or saves_per_epoch, not both")
         return self
+
+    @property
+    def quantizes_weights(self) -> bool:
+        """Whether the frozen weights are stored quantised (load_in_8bit, load_in_4bit or load_in_fp8)."""
+        return self.load_in_8bit or self.load_in_4bit or self.load_in_fp8
 
     def recomputes_layers(self, sharded: bool) -> bool:
         """Whether the run recomputes decoder layers in the backward (``gradient_checkpointing_layers`` of them, or

@@ -15,6 +15,7 @@ class Part(Enum):
     FROZEN_BF16 = "frozen weights, bf16"
     FROZEN_INT8 = "frozen weights, int8"
     FROZEN_4BIT = "frozen weights, 4-bit"
+    FROZEN_FP8 = "frozen weights, fp8 e4m3"
     MASTER_WEIGHTS = "weights (fp32 master)"
     AUTOCAST_COPIES = "bf16 weight copies (autocast)"
     LORA_WEIGHTS = "LoRA weights (fp32)"
@@ -36,7 +37,7 @@ class Part(Enum):
     @property
     def quantised(self) -> bool:
         """Quantised weights: buffers, which FSDP2 replicates on every GPU rather than shards."""
-        return self in (Part.FROZEN_INT8, Part.FROZEN_4BIT)
+        return self in (Part.FROZEN_INT8, Part.FROZEN_4BIT, Part.FROZEN_FP8)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def predict_peak_memory(
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     packed = train.sample_packing if packed is None else packed
-    quant = "int8" if train.load_in_8bit else ("int4" if train.load_in_4bit else None)
+    quant = "int8" if train.load_in_8bit else "fp8" if train.load_in_fp8 else "int4" if train.load_in_4bit else None
     shapes = model_shapes(train, model_config)
     T = train.micro_batch_size * train.sequence_len
     kernels = Kernels(fused_norms=fused, packed=packed, kda_keep_intermediates=train.kda_keep_intermediates)
@@ -103,9 +103,9 @@ def _weights(train: TrainConfig, shapes: ModelShapes, quant: str | None) -> list
         kept = total - q_params
         kept_bytes = shapes.frozen_bytes - (shapes.quantizable_bytes if quant else 0)
         items = [MemoryItem(Part.FROZEN_BF16, float(kept_bytes), f"{format_count(kept)} params")]
-        if quant == "int8":
-            items.append(MemoryItem(Part.FROZEN_INT8, q_params + 4.0 * shapes.quantizable_rows,
-                                    "+ fp32 scale per row"))
+        if quant in ("int8", "fp8"):
+            items.append(MemoryItem(Part.FROZEN_INT8 if quant == "int8" else Part.FROZEN_FP8,
+                                    q_params + 4.0 * shapes.quantizable_rows, "+ fp32 scale per row"))
         elif quant == "int4":
             double = train.bnb_4bit_use_double_quant
             per_block = (1 + 4 / 256) if double else 4

@@ -78,7 +78,7 @@ def _candidates(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: f
                 break
     if train.adapter is None:
         candidates.append({"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True})
-    elif not (train.load_in_8bit or train.load_in_4bit):
+    elif not train.quantizes_weights:
         candidates += [{"load_in_8bit": True}, {"load_in_4bit": True}]
     if train.adapter is not None and train.lora_target_experts:
         candidates.append({"lora_target_experts": False})

@@ -1,4 +1,5 @@
-"""Quantised frozen weights (``load_in_8bit`` / ``load_in_4bit``, QLoRA): int8 per row or NF4/FP4 per block.
+"""Quantised frozen weights (``load_in_8bit`` / ``load_in_fp8`` / ``load_in_4bit``, QLoRA): int8 or float8 e4m3 per
+row, or NF4/FP4 per block.
 
     weight.py    QuantizedWeight: a frozen [out, in] or [E, out, in] weight held quantised (buffers only)
     formats.py   the int8 and 4-bit (bitsandbytes) formats: quantise / dequantise plain tensors

@@ -29,29 +29,33 @@ EXPERT_STACKS = ("gate_up_proj", "down_proj")
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How frozen weights are stored: ``bits`` 8 (int8 per row) or 4 (``quant_type`` nf4 | fp4, blockwise,
-    ``double_quant`` also quantises the block scales: 0.5 instead of 4 bytes per 64 weights)."""
+    """How frozen weights are stored: ``bits`` 8 (int8 per row, or float8 e4m3 per row with ``float8``) or 4
+    (``quant_type`` nf4 | fp4, blockwise, ``double_quant`` also quantises the block scales: 0.5 instead of 4 bytes
+    per 64 weights)."""
 
     bits: int
     quant_type: str = "nf4"
     double_quant: bool = False
+    float8: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (8, 4):
             raise ValueError(f"quantisation bits must be 8 or 4, got {self.bits!r}")
         if self.quant_type not in FOUR_BIT_TYPES:
             raise ValueError(f"4-bit quant_type must be one of {FOUR_BIT_TYPES}, got {self.quant_type!r}")
+        if self.float8 and self.bits != 8:
+            raise ValueError("float8 weights have 8 bits")
 
     @classmethod
     def parse(cls, value: QuantSpec | str | int) -> QuantSpec:
-        """A spec, 8 / 4, or '8bit' / 'int8' / '4bit' / 'nf4' / 'fp4'."""
+        """A spec, 8 / 4, or '8bit' / 'int8' / 'fp8' / '4bit' / 'nf4' / 'fp4'."""
         if isinstance(value, QuantSpec):
             return value
-        names = {"8bit": cls(8), "int8": cls(8), "8": cls(8), "4bit": cls(4), "nf4": cls(4), "4": cls(4),
-                 "fp4": cls(4, "fp4")}
+        names = {"8bit": cls(8), "int8": cls(8), "8": cls(8), "fp8": cls(8, float8=True), "4bit": cls(4),
+                 "nf4": cls(4), "4": cls(4), "fp4": cls(4, "fp4")}
         spec = names.get(str(value).lower())
         if spec is None:
-            raise ValueError(f"quantization must be '8bit', '4bit', 'nf4' or 'fp4' (or 8 / 4), got {value!r}")
+            raise ValueError(f"quantization must be '8bit', 'fp8', '4bit', 'nf4' or 'fp4' (or 8 / 4), got {value!r}")
         return spec
 
 
@@ -91,7 +95,8 @@ def quantize_model_(
         raise ValueError("quantize_model_ replaces linear layers inside a module: pass the module that holds it "
                          "(or use QuantLinear.from_linear)")
     spec = QuantSpec.parse(spec)
-    args = dict(bits=spec.bits, quant_type=spec.quant_type, double_quant=spec.double_quant, dtype=dtype)
+    args = dict(bits=spec.bits, quant_type=spec.quant_type, double_quant=spec.double_quant, dtype=dtype,
+                float8=spec.float8)
     skip = ALWAYS_SKIP + tuple(skip)
     done = []
     for name, module in list(model.named_modules()):

@@ -12,6 +12,13 @@ for a stack), the numbers ``bitsandbytes.functional.int8_vectorwise_quant`` give
 Written in torch rather than calling bitsandbytes because its CUDA kernel takes float16 only, and our weights are
 bf16 (a detour through float16 would add a rounding and clip values above 65504).
 
+fp8: float8 e4m3 (OCP's E4M3FN: 3 mantissa bits, finite up to 448) with one float32 scale per output row, the
+format of Hopper's FP8 matrix products (issue 24):
+
+    scale[..., r] = max_j |W[..., r, j]| / 448             float32 [..., out]
+    q[..., r, j]  = e4m3(W[..., r, j] / scale[r])           float8_e4m3fn [..., out, in] (stored as uint8 bits)
+    W ~= q * scale                                          relative error <= 2^-4 (half an ulp of 3 bits)
+
 4-bit: QLoRA's NF4 (or FP4) (Dettmers et al. 2023) in bitsandbytes' blockwise format, through
 ``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit`` (CPU and CUDA kernels). ``W`` is read flat in
 blocks of ``BLOCKSIZE`` = 64 consecutive entries; each block keeps its absmax and every entry the index of the
@@ -37,6 +44,7 @@ import torch
 BLOCKSIZE = 64  # bitsandbytes' 4-bit block (QLoRA's); the only one its CPU and CUDA kernels share
 DOUBLE_QUANT_BLOCKSIZE = 256  # bitsandbytes' block for the absmax values themselves (compress_statistics)
 FOUR_BIT_TYPES = ("nf4", "fp4")
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 _INT8_CHUNK_BYTES = 1 << 28  # float32 temporaries of int8 quantisation, per chunk of experts (256 MiB)
 
 
@@ -80,6 +88,30 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     of the whole weight is made."""
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     return torch.mul(q, (scale / 127.0).unsqueeze(-1), out=out)
+
+
+@torch.no_grad()
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [..., out, in] -> (q float8_e4m3fn [..., out, in], scale float32 [..., out]), on W's device, a few
+    experts at a time (float32 temporaries near 256 MiB)."""
+    q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
+    scale = torch.empty(weight.shape[:-1], dtype=torch.float32, device=weight.device)
+    flat_w, flat_q = weight.reshape(-1, *weight.shape[-2:]), q.view(-1, *q.shape[-2:])
+    flat_s = scale.view(-1, scale.shape[-1])
+    step = max(1, _INT8_CHUNK_BYTES // (4 * weight.shape[-2] * weight.shape[-1]))
+    for start in range(0, flat_w.shape[0], step):
+        part = flat_w[start:start + step].float()
+        row_scale = part.abs().amax(-1) / FP8_MAX
+        row_scale = torch.where(row_scale > 0, row_scale, torch.ones_like(row_scale))  # all-zero rows stay zero
+        flat_q[start:start + step] = (part / row_scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        flat_s[start:start + step] = row_scale
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(q float8_e4m3fn [..., out, in], scale float32 [..., out]) -> W [..., out, in] in ``dtype`` (computed in
+    float32, rounded once)."""
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)
 
 
 @torch.no_grad()

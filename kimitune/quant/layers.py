@@ -30,10 +30,10 @@ class QuantLinear(nn.Linear):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, bits: int, quant_type: str = "nf4", double_quant: bool = False,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, float8: bool = False,
     ) -> QuantLinear:
         """Quantises ``linear``'s weight on its device (the bias stays as it is, frozen)."""
-        weight = QuantizedWeight.quantize(linear.weight.detach(), bits, quant_type, double_quant, dtype)
+        weight = QuantizedWeight.quantize(linear.weight.detach(), bits, quant_type, double_quant, dtype, float8)
         bias = linear.bias
         if bias is not None:
             bias.requires_grad_(False)

@@ -17,7 +17,7 @@ from torch import nn
 
 from kimitune.quant import formats
 
-FORMATS = ("int8", "nf4", "fp4")
+FORMATS = ("int8", "fp8", "nf4", "fp4")
 
 
 def _bits_of(tensor: torch.Tensor) -> torch.Tensor:
@@ -25,9 +25,10 @@ def _bits_of(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class QuantizedWeight(nn.Module):
-    """A frozen weight of ``shape`` in ``format`` ('int8', 'nf4' or 'fp4'); dequantises to ``dtype``.
+    """A frozen weight of ``shape`` in ``format`` ('int8', 'fp8', 'nf4' or 'fp4'); dequantises to ``dtype``.
 
-    Buffers: int8: ``data`` int8 [*shape], ``scale`` [*shape[:-1]] (float32 bits). 4-bit: ``data`` uint8
+    Buffers: int8: ``data`` int8 [*shape], ``scale`` [*shape[:-1]] (float32 bits). fp8: ``data`` [*shape] (the
+    float8_e4m3fn bits as uint8: a cast of the model must not touch them), ``scale`` as int8's. 4-bit: ``data`` uint8
     [numel / 2], ``absmax``, ``code`` and with double quantisation ``absmax2``, ``code2``, ``offset``
     (``formats.py`` has their shapes).
     """
@@ -47,11 +48,14 @@ class QuantizedWeight(nn.Module):
     @torch.no_grad()
     def quantize(
         cls, weight: torch.Tensor, bits: int, quant_type: str = "nf4", double_quant: bool = False,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, float8: bool = False,
     ) -> QuantizedWeight:
         """Quantises ``weight`` [out, in] or [E, out, in] on its device; ``dtype`` (default: the weight's) is the
-        dtype ``dequantize`` returns."""
+        dtype ``dequantize`` returns. 8 bits: int8, or float8 e4m3 with ``float8``."""
         dtype = dtype or weight.dtype
+        if bits == 8 and float8:
+            data, scale = formats.quantize_fp8(weight)
+            return cls(weight.shape, "fp8", dtype, {"data": data.view(torch.uint8), "scale": scale})
         if bits == 8:
             data, scale = formats.quantize_int8(weight)
             return cls(weight.shape, "int8", dtype, {"data": data, "scale": scale})
@@ -69,7 +73,7 @@ class QuantizedWeight(nn.Module):
 
     @property
     def bits(self) -> int:
-        return 8 if self.format == "int8" else 4
+        return 8 if self.format in ("int8", "fp8") else 4
 
     @property
     def double_quant(self) -> bool:
@@ -95,6 +99,8 @@ class QuantizedWeight(nn.Module):
         dtype = dtype or self.dtype
         if self.format == "int8":
             return formats.dequantize_int8(self.data, self.scale.view(torch.float32), dtype)  # scale: float bits
+        if self.format == "fp8":
+            return formats.dequantize_fp8(self.data.view(torch.float8_e4m3fn), self.scale.view(torch.float32), dtype)
         tensors = {n: b.view(torch.float32) if n in self.float_buffers else b for n, b in self._buffers.items()}
         return formats.dequantize_4bit(tensors, self.shape, self.format, dtype)
 

@@ -35,9 +35,12 @@ def ce_lora_settings(config: TrainConfig) -> CeLoraSettings:
 
 
 def quant_spec(config: TrainConfig) -> QuantSpec | None:
-    """load_in_8bit / load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant; None for float weights."""
+    """load_in_8bit / load_in_fp8 / load_in_4bit, bnb_4bit_quant_type, bnb_4bit_use_double_quant; None for float
+    weights."""
     if config.load_in_8bit:
         return QuantSpec(8)
+    if config.load_in_fp8:
+        return QuantSpec(8, float8=True)
     if config.load_in_4bit:
         return QuantSpec(4, config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant)
     return None

@@ -124,8 +124,8 @@ class TrainingSetup:
 
 
 def _build_model(config: TrainConfig, device: torch.device, dtype: torch.dtype, weights_from: str | None):
-    """The model in ``dtype`` on ``device``; with load_in_8bit / load_in_4bit its frozen linears and experts are
-    quantised layer by layer while it is built (``kimitune.quant``), computing in ``dtype``."""
+    """The model in ``dtype`` on ``device``; with load_in_8bit / load_in_fp8 / load_in_4bit its frozen linears and
+    experts are quantised layer by layer while it is built (``kimitune.quant``), computing in ``dtype``."""
     from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
     from kimitune.quant import init_quantized, load_quantized
     from kimitune.train.settings import quant_spec
@@ -145,7 +145,7 @@ def _build_model(config: TrainConfig, device: torch.device, dtype: torch.dtype, 
 def builds_on_meta(config: TrainConfig) -> bool:
     """Whether a sharded run can build this model without weights on ranks > 0 (rank 0 then sends them): not with
     quantised weights or CE-LoRA, whose buffers are computed from the weights as the model is built."""
-    return not (config.load_in_8bit or config.load_in_4bit or config.adapter == "ce_lora")
+    return not (config.quantizes_weights or config.adapter == "ce_lora")
 
 
 def build_training_setup(
