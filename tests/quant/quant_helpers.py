@@ -56,3 +56,16 @@ def saved_tensor_bytes(fn) -> tuple[object, list[int]]:
 
 def is_quantized_weight(obj) -> bool:
     return isinstance(obj, QuantizedWeight)
+
+
+def assert_same_forward_and_input_gradient(quantised, reference, x: torch.Tensor) -> torch.Tensor:
+    """``quantised(x)`` and ``reference(x)`` (float maths on the dequantised weights) agree, and so do the input
+    gradients they give; returns the quantised output."""
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = quantised(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    return y.detach()

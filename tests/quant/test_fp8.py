@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from quant_helpers import dequantized_copy, rel_error
+from quant_helpers import assert_same_forward_and_input_gradient, dequantized_copy, rel_error
 from rich.console import Console
 from torch import nn
 
@@ -67,14 +67,8 @@ def test_fp8_linear_forward_backward_is_the_dequantised_layer():
     quant = QuantLinear.from_linear(linear, 8, float8=True)
     deq = quant.weight.dequantize()
     x = torch.randn(2, 5, 128, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    y, y_ref = quant(x), F.linear(x_ref, deq, linear.bias.detach())
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-    assert rel_error(y - linear.bias, linear(x) - linear.bias) < 0.03
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    y_ref.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    y = assert_same_forward_and_input_gradient(quant, lambda x: F.linear(x, deq, linear.bias.detach()), x)
+    assert rel_error(y - linear.bias, linear(x.detach()) - linear.bias) < 0.03
 
 
 def test_fp8_expert_stacks_forward_backward():
@@ -89,17 +83,15 @@ def test_fp8_expert_stacks_forward_backward():
     experts = holder.experts
     assert experts.gate_up_proj.format == "fp8"
     offsets = torch.tensor([3, 0, 5, 4]).cumsum(0).to(torch.int32)
+    gate_up, down = experts.gate_up_proj.dequantize(), experts.down_proj.dequantize()
+
+    def reference(x):
+        g, u = grouped_linear(x, gate_up, offsets).chunk(2, dim=-1)
+        return grouped_linear(F.silu(g) * u, down, offsets)
+
     x = torch.randn(12, 128, requires_grad=True)
-    y = experts(x, offsets)
-    x_ref = x.detach().clone().requires_grad_(True)
-    g, u = grouped_linear(x_ref, experts.gate_up_proj.dequantize(), offsets).chunk(2, dim=-1)
-    y_ref = grouped_linear(F.silu(g) * u, experts.down_proj.dequantize(), offsets)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    y = assert_same_forward_and_input_gradient(lambda x: experts(x, offsets), reference, x)
     assert rel_error(y, float_experts(x.detach(), offsets)) < 0.06
-    grad = torch.randn_like(y)
-    y.backward(grad)
-    y_ref.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_a_quantised_model_computes_what_its_dequantised_copy_does():

@@ -14,7 +14,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from quant_helpers import WEIGHT_REL_ERROR, dequantized_copy, rel_error, saved_tensor_bytes
+from quant_helpers import (
+    WEIGHT_REL_ERROR,
+    assert_same_forward_and_input_gradient,
+    dequantized_copy,
+    rel_error,
+    saved_tensor_bytes,
+)
 from torch import nn
 
 from kimitune.adapters import LoraSettings, apply_lora
@@ -152,14 +158,7 @@ def test_lora_on_quantised_linear(bits):
     assert isinstance(lora_q.weight, QuantizedWeight)
     assert "weight.data" in dict(lora_q.named_buffers())  # the base keeps its name: <linear>.weight.*
 
-    x = torch.randn(7, 128, requires_grad=True)
-    x_f = x.detach().clone().requires_grad_(True)
-    out_q, out_f = lora_q(x), lora_f(x_f)
-    torch.testing.assert_close(out_q, out_f, rtol=1e-5, atol=1e-6)
-    grad = torch.randn_like(out_q)
-    out_q.backward(grad)
-    out_f.backward(grad)
-    torch.testing.assert_close(x.grad, x_f.grad, rtol=1e-5, atol=1e-6)
+    assert_same_forward_and_input_gradient(lora_q, lora_f, torch.randn(7, 128, requires_grad=True))
     torch.testing.assert_close(lora_q.lora_A.grad, lora_f.lora_A.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lora_q.lora_B.grad, lora_f.lora_B.grad, rtol=1e-5, atol=1e-6)
 
