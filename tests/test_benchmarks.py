@@ -17,6 +17,7 @@ SMOKE_RUNS = {
                   "--steps", "1"],
     "train_48b": ["benchmarks/train_48b.py", "--smoke"],
     "train_long": ["benchmarks/train_long.py", "--smoke"],
+    "long_data": ["benchmarks/long_data.py", "--words", "2000"],
     "train_multi_gpu": ["benchmarks/train_multi_gpu.py", "--smoke", "--gpus", "1,2", "--seq", "64", "--reshard",
                         "on,off", "--warmup", "1", "--steps", "1"],
     "decode": ["benchmarks/decode.py", "--contexts", "32,48", "--new-tokens", "3"],

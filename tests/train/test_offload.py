@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "adapters"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from test_step import lora_model, packed_batch  # noqa: E402
 
 from kimitune.model import RunOptions  # noqa: E402
@@ -63,3 +64,27 @@ def test_offloaded_steps_equal_the_plain_ones_and_hold_less_on_the_gpu():
             assert held < 3 * 64 * 2**20, held  # the last output and copies in flight, not 8 saved inputs
         else:
             assert held >= 8 * 64 * 2**20, held
+
+
+def test_what_offloading_moves_is_every_recomputed_layers_input():
+    """torch.utils.checkpoint saves a recomputed region's inputs through the saved-tensor hooks (and nothing of what
+    it computes inside), so the hooks see every piece of every layer's input: what the offload moves to the host."""
+    from kimitune import KimiLinearForCausalLM
+    from model_helpers import micro_config
+
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(micro_config())
+    ids = torch.randint(0, 250, (1, 30))
+    seen = []
+
+    def pack(tensor):
+        seen.append(tuple(tensor.shape))
+        return tensor
+
+    options = RunOptions(recompute_layers=model.recomputed_layers(), sequence_piece_len=8)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, labels=ids, return_logits=False, options=options).loss.backward()
+    hidden = model.config.hidden_size
+    pieces = [(1, n, hidden) for n in (8, 8, 8, 6)]
+    for shape in pieces:
+        assert seen.count(shape) >= model.config.num_hidden_layers, (shape, seen)
