@@ -248,6 +248,12 @@ class TrainConfig(_Strict):
         "pass between pieces; the result is the same). Activations then grow with this length, not the sequence's. "
         "Needs gradient_checkpointing. Unset: whole layers."
     )
+    recompute_segment_layers: int = Field(
+        default=1, ge=1, description="Two levels of recomputation for the longest rows: runs of this many decoder "
+        "layers are recomputed together from their first input, the only one kept (1 / N of the layer inputs, plus "
+        "one segment's while the backward rebuilds it), for one more forward pass of every layer. Needs every layer "
+        "recomputed (gradient_checkpointing: true, gradient_checkpointing_layers unset). 1: each layer keeps its input."
+    )
     kda_keep_intermediates: bool = Field(
         default=False, description="On a GPU, fla's KDA kernels keep their chunk states and WY factors for the "
         "backward instead of recomputing them: faster, for 18 bytes per token and KDA channel in each KDA layer not "
@@ -349,6 +355,10 @@ class TrainConfig(_Strict):
         if self.sequence_piece_len is not None and not self.recomputes_layers(sharded=True):
             raise ValueError("sequence_piece_len only applies with gradient_checkpointing: true (or "
                              "fsdp_config.activation_checkpointing: true): the pieces are what recomputes")
+        if self.recompute_segment_layers > 1 and (not self.recomputes_layers(sharded=True)
+                                                  or self.gradient_checkpointing_layers is not None):
+            raise ValueError("recompute_segment_layers needs every decoder layer recomputed: gradient_checkpointing: "
+                             "true (or fsdp_config.activation_checkpointing: true) without gradient_checkpointing_layers")
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version: kimitune shards with FSDP2 only: set 2 (got {self.fsdp_version})")
         if self.warmup_steps is not None and self.warmup_ratio is not None:

@@ -439,3 +439,30 @@ def test_offloaded_activations_wait_on_the_host_and_come_back_one_layer_at_a_tim
     train = train_config(gradient_checkpointing=True, sequence_len=262144, load_in_8bit=True)
     pieced = [s for s in suggest_settings(train, cfg, 80 * GIB) if "sequence_piece_len" in s.change]
     assert pieced[0].change.get("activation_offloading") is True and pieced[0].plan.fits(80 * GIB)
+
+
+def test_segments_keep_one_input_per_segment_and_rebuild_one_segment():
+    cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    long = dict(gradient_checkpointing=True, sequence_len=1048576, load_in_4bit=True, adapter="qlora",
+                sequence_piece_len=16384)
+    plans = {k: predict_peak_memory(train_config(**long, recompute_segment_layers=k), cfg) for k in (1, 4)}
+    items = {k: {item.part: item.bytes for item in plan.items} for k, plan in plans.items()}
+    row = 2 * 2304 * 1048576
+    assert items[1][Part.CHECKPOINT_INPUTS] == 27 * row and Part.SEGMENT_INPUTS not in items[1]
+    assert items[4][Part.CHECKPOINT_INPUTS] == 7 * row and items[4][Part.SEGMENT_INPUTS] == 3 * row
+    assert items[4][Part.PIECE_STATES] < items[1][Part.PIECE_STATES]
+    # offloaded, the kept inputs go to the host; the segment being rebuilt is on the GPU
+    offloaded = predict_peak_memory(train_config(**long, recompute_segment_layers=4, activation_offloading=True), cfg)
+    on_host = {item.part for item in offloaded.items if item.on_host}
+    assert Part.CHECKPOINT_INPUTS in on_host and Part.SEGMENT_INPUTS not in on_host
+    with pytest.raises(Exception, match="recompute_segment_layers needs every decoder layer recomputed"):
+        train_config(sequence_len=4096, recompute_segment_layers=2)
+    # a million tokens on an H200-sized GPU: the plan's way there (the host memory it takes is not checked)
+    train = train_config(gradient_checkpointing=True, sequence_len=1048576, load_in_4bit=True, adapter="qlora")
+    found = next(s for s in suggest_settings(train, cfg, 139 * GIB) if "sequence_piece_len" in s.change)
+    assert found.change["activation_offloading"] is True and found.plan.fits(139 * GIB)
+    # segments are the next tier: on a GPU where offloading alone does not fit
+    tight = predict_peak_memory(train.model_copy(update=found.change), cfg).device_total - GIB
+    segmented = next(s for s in suggest_settings(train, cfg, tight) if "sequence_piece_len" in s.change)
+    assert segmented.change.get("recompute_segment_layers", 1) > 1 or \
+        segmented.change["sequence_piece_len"] < found.change["sequence_piece_len"]

@@ -116,12 +116,30 @@ class KimiLinearModel(nn.Module):
     ) -> tuple[torch.Tensor, list[RouterTerms]]:
         """-> (hidden [B, T, C], the routing terms of each MoE layer)."""
         h = self.embed_tokens(input_ids)
-        routers = []
         recompute = options.recompute_layers if torch.is_grad_enabled() and cache is None else frozenset()
+        segment = options.segment_layers
+        if segment > 1 and recompute:
+            if len(recompute) < len(self.layers):
+                raise ValueError("segment_layers needs every decoder layer recomputed")
+            routers = []
+            for start in range(0, len(self.layers), segment):  # only each segment's input is kept
+                h, more = checkpoint(self._run_layers, h, layout, None, options, recompute, start,
+                                     min(start + segment, len(self.layers)), use_reentrant=False)
+                routers += more
+        else:
+            h, routers = self._run_layers(h, layout, cache, options, recompute, 0, len(self.layers))
+        return self.norm(h), routers
+
+    def _run_layers(self, h: torch.Tensor, layout: BatchLayout | None, cache: KimiLinearCache | None,
+                    options: RunOptions, recompute: frozenset[int], start: int,
+                    end: int) -> tuple[torch.Tensor, list[RouterTerms]]:
+        """Decoder layers start .. end - 1 on h [B, T, C] -> (h, their routing terms)."""
+        routers = []
         piece_len = options.sequence_piece_len
         # In pieces: the recomputed layers, and every layer of a pass without gradients (evaluation)
         in_pieces = bool(piece_len) and h.shape[1] > piece_len and cache is None
-        for i, layer in enumerate(self.layers):
+        for i in range(start, end):
+            layer = self.layers[i]
             if in_pieces and (i in recompute or not torch.is_grad_enabled()):
                 h, router = layer_in_pieces(layer, h, layout, piece_len, options)
             elif i in recompute:
@@ -132,7 +150,7 @@ class KimiLinearModel(nn.Module):
                 h, router, _ = layer(h, layout, options=options)
             if router is not None:
                 routers.append(router)
-        return self.norm(h), routers
+        return h, routers
 
 
 def checkpointed_layer_indices(num_layers: int, count: int) -> list[int]:

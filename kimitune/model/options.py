@@ -18,13 +18,17 @@ class RunOptions:
     loss_impl: ``kimitune.ops.loss.linear_cross_entropy``'s implementation without logits ("fused", or "cce" to
     measure against). router_aux_loss_coef: the load-balancing loss's weight; None: the model config's.
     sequence_piece_len: the recomputed layers (and every layer of a pass without gradients) run in pieces of this
-    many tokens along the sequence (model/pieces.py: the long-context step); None: whole."""
+    many tokens along the sequence (model/pieces.py: the long-context step); None: whole. segment_layers: with every
+    layer recomputed, runs of this many layers are recomputed together from their first input, which alone is kept
+    (two levels of recomputation: one more forward of each segment, 1 / segment_layers of the layer inputs kept, plus
+    one segment's while it is rebuilt); 1: every layer keeps its input."""
 
     recompute_layers: frozenset[int] = frozenset()
     kda_keep_intermediates: bool = False
     loss_impl: str = "fused"
     router_aux_loss_coef: float | None = None
     sequence_piece_len: int | None = None
+    segment_layers: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recompute_layers", frozenset(self.recompute_layers))

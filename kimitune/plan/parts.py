@@ -27,6 +27,7 @@ class Part(Enum):
     WHOLE_LAYERS = "activations of layers not recomputed"
     REBUILT_LAYER = "one layer rebuilt in the backward"
     PIECE_STATES = "states between pieces"
+    SEGMENT_INPUTS = "one segment's inputs, rebuilt"
     BROUGHT_BACK = "offloaded, back for one layer"
     ACTIVATIONS = "activations"
     LOSS = "loss"

@@ -154,10 +154,19 @@ def _activations(train: TrainConfig, shapes: ModelShapes, kernels: Kernels, reco
                       + (per_layer[j] + activations.forward_working_set(shapes.layers[j], b)) * P
                       + (activations.piece_attention_keys(shapes.layers[j], b, T) if P < T else 0)
                       for j in recomputed)
-        items.append(MemoryItem(Part.CHECKPOINT_INPUTS, len(recomputed) * b * C * T,
-                                f"{len(recomputed)} x {b}C per token"))
+        k = train.recompute_segment_layers
+        # With segments of k layers, one input per segment is kept, and the backward rebuilds one segment's k - 1
+        # others (and their states between pieces) at a time.
+        groups = [range(s, min(s + k, len(shapes.layers))) for s in range(0, len(shapes.layers), k)] if k > 1 \
+            else [sorted(recomputed)]
+        kept_inputs = len(groups) if k > 1 else len(recomputed)
+        items.append(MemoryItem(Part.CHECKPOINT_INPUTS, kept_inputs * b * C * T,
+                                f"{kept_inputs} x {b}C per token" + (f": one per {k} layers" if k > 1 else "")))
+        if k > 1:
+            items.append(MemoryItem(Part.SEGMENT_INPUTS, (max(map(len, groups)) - 1) * b * C * T,
+                                    f"{max(map(len, groups)) - 1} x {b}C per token"))
         if P < T:
-            kept = sum(activations.piece_states(shapes.layers[j], b, T, P) for j in recomputed)
+            kept = max(sum(activations.piece_states(shapes.layers[j], b, T, P) for j in group) for group in groups)
             items.append(MemoryItem(Part.PIECE_STATES, kept, "KDA states at each cut, MLA latents"))
         if whole:
             items.append(MemoryItem(Part.WHOLE_LAYERS, sum(whole) * T,

@@ -56,26 +56,10 @@ def _candidates(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: f
             every_layer["gradient_checkpointing_layers"] = None
         candidates.append(every_layer)
     rows = train.micro_batch_size * train.sequence_len
-    if rows > 4096:  # long rows: every layer recomputed in pieces, the longest piece that fits (the fastest), else
-        for offload in (False, True):  # the same with the saved tensors offloaded to the host
-            if offload and train.activation_offloading:
-                break
-            found = None
-            # shorter pieces than now; with offloading the present length too (offloading alone may do)
-            longest = min(rows - 1, 65536, (train.sequence_piece_len or rows) - (0 if offload else 1))
-            piece = 1 << (longest.bit_length() - 1)
-            while found is None and piece >= 1024:
-                change: dict[str, Any] = {"gradient_checkpointing": True, "sequence_piece_len": piece}
-                if train.gradient_checkpointing_layers is not None:
-                    change["gradient_checkpointing_layers"] = None
-                if offload:
-                    change["activation_offloading"] = True
-                plan = predict_peak_memory(train.model_copy(update=change), model_config, gpus=gpus, **kwargs)
-                found = change if plan.fits(gpu_bytes) else None
-                piece //= 2
-            if found is not None:
-                candidates.append(found)
-                break
+    if rows > 4096:
+        pieced = _long_row_change(train, model_config, gpu_bytes, gpus, rows, **kwargs)
+        if pieced is not None:
+            candidates.append(pieced)
     if train.adapter is None:
         candidates.append({"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True})
     elif not train.quantizes_weights:
@@ -102,6 +86,30 @@ def _candidates(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: f
     if not train.gradient_checkpointing:
         candidates += [{GPUS: n, "gradient_checkpointing": True} for n in more_gpus]
     return candidates
+
+
+def _long_row_change(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: float, gpus: int, rows: int,
+                     **kwargs: Any) -> dict[str, Any] | None:
+    """For long rows: every layer recomputed in pieces, the longest piece that fits (the fastest); failing that,
+    the same with the saved tensors offloaded to the host; failing that, also recomputed in segments of layers
+    (the fewest layers per segment that fit). None when nothing of these fits."""
+    tiers: list[dict[str, Any]] = [{}, {"activation_offloading": True}]
+    tiers += [{"activation_offloading": True, "recompute_segment_layers": k} for k in (2, 3, 4, 6, 9)
+              if k > train.recompute_segment_layers]
+    for tier in tiers:
+        if tier.get("activation_offloading") and train.activation_offloading and len(tier) == 1:
+            continue  # already offloading: nothing new in this tier
+        # shorter pieces than now; with offloading or segments the present length too (they alone may do)
+        longest = min(rows - 1, 65536, (train.sequence_piece_len or rows) - (1 if not tier else 0))
+        piece = 1 << (longest.bit_length() - 1)
+        while piece >= 1024:
+            change: dict[str, Any] = {"gradient_checkpointing": True, "sequence_piece_len": piece, **tier}
+            if train.gradient_checkpointing_layers is not None:
+                change["gradient_checkpointing_layers"] = None
+            if predict_peak_memory(train.model_copy(update=change), model_config, gpus=gpus, **kwargs).fits(gpu_bytes):
+                return change
+            piece //= 2
+    return None
 
 
 def suggest_settings(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: float, gpus: int = 1,

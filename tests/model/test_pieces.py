@@ -89,3 +89,40 @@ def test_piece_layouts():
         (0, 4, False, True), (4, 8, True, True), (8, 11, True, False)]
     with pytest.raises(ValueError, match="at least 1"):
         split_into_pieces(None, 11, 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("segment", [2, 3])
+def test_segments_of_recomputed_layers_equal_single_layers(segment):
+    """recompute_segment_layers: runs of layers recomputed from one kept input (3 does not divide the 4 layers),
+    with and without pieces inside."""
+    model = build(lora=True, aux=0.01)
+    input_ids = torch.randint(0, 250, (1, PACKED_BOUNDS[-1]), generator=torch.Generator().manual_seed(2))
+    cu_seqlens = torch.tensor(PACKED_BOUNDS, dtype=torch.int32)
+    everything = model.recomputed_layers()
+    reference = step(model, input_ids, cu_seqlens, RunOptions(recompute_layers=everything))
+    for piece in (None, 6):
+        got = step(model, input_ids, cu_seqlens, RunOptions(recompute_layers=everything, segment_layers=segment,
+                                                            sequence_piece_len=piece))
+        assert_close_to_scale(got[0], reference[0], TOLERANCE, "loss")
+        assert_close_to_scale(got[1], reference[1], TOLERANCE, "aux loss")
+        assert torch.equal(got[2], reference[2])
+        for key in reference[3]:
+            assert_close_to_scale(got[3][key], reference[3][key], TOLERANCE, key)
+    with pytest.raises(ValueError, match="needs every decoder layer recomputed"):
+        step(model, input_ids, cu_seqlens, RunOptions(recompute_layers=model.recomputed_layers(2), segment_layers=2))
+
+
+def test_a_segment_keeps_only_its_first_input():
+    """What the forward saves: one input per segment (pieces of it), not one per layer."""
+    model = build(lora=False, aux=0.0)
+    ids = torch.randint(0, 250, (1, 30))
+    counts = {}
+    for segment in (1, 2, 4):
+        seen = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: (seen.append(tuple(t.shape)), t)[1], lambda t: t):
+            options = RunOptions(recompute_layers=model.recomputed_layers(), segment_layers=segment)
+            out = model(ids, labels=ids, return_logits=False, options=options)
+        counts[segment] = seen.count((1, 30, model.config.hidden_size))
+        del out
+    # per layer (1), per segment of 2, one for all 4 (the final norm's input and the loss's are there each time)
+    assert counts[1] - counts[2] == 2 and counts[2] - counts[4] == 1
