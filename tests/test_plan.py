@@ -415,13 +415,13 @@ def test_layers_in_pieces_hold_one_piece_of_a_layer_and_what_passes_between_piec
 
 def test_a_long_row_that_does_not_fit_is_told_to_run_in_pieces():
     """On an H200-sized GPU (130 GiB): the 48B in 8-bit at 262,144 tokens fits only in pieces; the longest piece
-    that fits (the fastest) is named."""
+    tried (65,536: longer ones gain little speed) that fits is named."""
     cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
     train = train_config(gradient_checkpointing=True, sequence_len=262144, load_in_8bit=True)
     assert not predict_peak_memory(train, cfg).fits(130 * GIB)
     pieced = [s for s in suggest_settings(train, cfg, 130 * GIB) if "sequence_piece_len" in s.change]
     assert pieced[0].plan.fits(130 * GIB) and pieced[0].change["sequence_piece_len"] == 65536
-    assert not predict_peak_memory(train.model_copy(update={"sequence_piece_len": 131072}), cfg).fits(130 * GIB)
+    assert predict_peak_memory(train.model_copy(update={"sequence_piece_len": 131072}), cfg).fits(130 * GIB)
 
 
 def test_offloaded_activations_wait_on_the_host_and_come_back_one_layer_at_a_time():

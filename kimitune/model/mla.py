@@ -28,6 +28,7 @@ from kimitune.model.projections import project_shared_input
 from kimitune.model.norm import RMSNorm
 from kimitune.ops.attention import causal_attention, packed_causal_attention
 from kimitune.ops.batch_layout import BatchLayout
+from kimitune.ops.prefix_attention import prefix_attention
 
 LATENT_NORM_EPS = 1e-6
 
@@ -50,6 +51,16 @@ class MLAState:
     latent: torch.Tensor
     k_shared: torch.Tensor
     valid: torch.Tensor | None = None
+
+
+@dataclass
+class MLAPrefix:
+    """The earlier tokens of a long row computed in pieces (model/pieces.py), as the pieces' own latents: a list of
+    (latent [B, S_j, kv_lora_rank], shared key [B, S_j, qk_rope_head_dim]). Every query of the row (packed: of the
+    piece's first sequence, the one that began earlier) sees them all; they are expanded into keys and values one
+    block at a time (``kimitune.ops.prefix_attention``). The layer then returns its input's own latents."""
+
+    blocks: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class MultiheadLatentAttention(nn.Module):
@@ -87,15 +98,20 @@ class MultiheadLatentAttention(nn.Module):
         self,
         x: torch.Tensor,
         cu_seqlens: BatchLayout | torch.Tensor | None = None,
-        state: MLAState | None = None,
+        state: MLAState | MLAPrefix | None = None,
         return_state: bool = False,
     ) -> tuple[torch.Tensor, MLAState | None]:
-        """x [B, T, C] -> (y [B, T, C], the latents including this input when ``return_state`` else None)."""
+        """x [B, T, C] -> (y [B, T, C], the latents including this input when ``return_state`` else None; after an
+        ``MLAPrefix``, this input's own latents)."""
         B, T, _ = x.shape
         q, kv_a = self._query_and_latent(x)
         q = q.view(B, T, self.num_heads, -1).transpose(1, 2)
         latent, k_shared = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
+        if isinstance(state, MLAPrefix):
+            out = self._attention_after_prefix(q, latent, k_shared, state, BatchLayout.of(cu_seqlens, x.device, T))
+            y = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            return y, (MLAState(latent, k_shared) if return_state else None)
         valid = None
         if state is not None:
             latent = torch.cat([state.latent, latent.to(state.latent.dtype)], dim=1)
@@ -109,6 +125,34 @@ class MultiheadLatentAttention(nn.Module):
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         return y, (MLAState(latent, k_shared, valid) if return_state else None)
 
+    def _expand(self, latent: torch.Tensor, k_shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent [B, S, rank], k_shared [B, S, rope] -> per-head keys [B, H, S, nope + rope] and values
+        [B, H, S, v] through kv_b_proj."""
+        B, S, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(B, S, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k_shared_heads = k_shared[:, None].expand(B, self.num_heads, S, self.rope_dim).to(k_nope.dtype)
+        return torch.cat([k_nope, k_shared_heads], dim=-1), v
+
+    def _attention_after_prefix(self, q: torch.Tensor, latent: torch.Tensor, k_shared: torch.Tensor,
+                                prefix: MLAPrefix, layout: BatchLayout | None) -> torch.Tensor:
+        """The T queries over their own tokens (causal; packed: each sequence its own) and, for those that continue
+        an earlier sequence (unpacked: all; packed: the first sequence's), over the prefix -> [B, H, T, v]."""
+        k, v = self._expand(latent, k_shared)
+        q = q.to(k.dtype)
+        params = [p for p in self.kv_b_proj.parameters() if p.requires_grad]
+        if layout is None:
+            return prefix_attention(q, k, v, prefix.blocks, self._expand, params, self.scaling)
+        bounds = layout.cu_seqlens_cpu if layout.cu_seqlens_cpu is not None else layout.cu_seqlens.cpu()
+        first = int(bounds[1])
+        out = prefix_attention(q[:, :, :first], k[:, :, :first], v[:, :, :first], prefix.blocks, self._expand,
+                               params, self.scaling)
+        if first == q.shape[2]:
+            return out
+        rest = BatchLayout.of((bounds[1:] - first).to(torch.int32), q.device, q.shape[2] - first)
+        tail = packed_causal_attention(q[:, :, first:], k[:, :, first:], v[:, :, first:], rest, self.scaling)
+        return torch.cat([out, tail], dim=2)
+
     def _expanded_attention(self, q: torch.Tensor, latent: torch.Tensor, k_shared: torch.Tensor,
                             valid: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
                             return_state: bool) -> torch.Tensor:
@@ -119,10 +163,7 @@ class MultiheadLatentAttention(nn.Module):
         """
         B, _, T, _ = q.shape
         S = latent.shape[1]
-        kv = self.kv_b_proj(latent).view(B, S, self.num_heads, self.nope_dim + self.v_dim).transpose(1, 2)
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k_shared_heads = k_shared[:, None].expand(B, self.num_heads, S, self.rope_dim).to(k_nope.dtype)
-        k = torch.cat([k_nope, k_shared_heads], dim=-1)
+        k, v = self._expand(latent, k_shared)
         q = q.to(k.dtype)
         if cu_seqlens is not None:
             return packed_causal_attention(q, k, v, cu_seqlens, self.scaling)

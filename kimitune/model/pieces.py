@@ -5,7 +5,8 @@ tokens each, the last piece shorter), each piece recomputed in the backward (tor
 piece's activations are alive at a time, and what passes from piece to piece is small:
 
 - a KDA layer's short-conv state [N, D, W] and recurrent state [N, H, K, V] (the ops take them as initial states);
-- an MLA layer's normalised latents: each piece attends over the latents of the earlier pieces of its sequences;
+- an MLA layer's normalised latents: each piece attends over the latents of the earlier pieces of its sequences,
+  expanded into keys and values one block (an earlier piece) at a time (``kimitune.ops.prefix_attention``);
 - MoE and MLP blocks are token-wise, so the pieces tile them too; their routing terms add up (``RouterTerms``).
 
 The result equals the whole layer's, loss and every gradient (the states carry gradients back to earlier pieces),
@@ -24,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kimitune.model.kda import KDAState
-from kimitune.model.mla import MLAState
+from kimitune.model.mla import MLAPrefix
 from kimitune.model.moe import RouterTerms
 from kimitune.model.options import RunOptions
 from kimitune.ops import BatchLayout
@@ -83,11 +84,9 @@ def _run_kda_piece(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | None
 
 def _run_mla_piece(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | None, latents: list[torch.Tensor],
                    k_shared: list[torch.Tensor], return_state: bool, options: RunOptions):
-    prefix = sum(t.shape[1] for t in latents)
-    state = MLAState(torch.cat(latents, dim=1), torch.cat(k_shared, dim=1)) if latents else None
+    state = MLAPrefix(list(zip(latents, k_shared))) if latents else None
     out, router, new_state = layer(h, layout, state, return_state, options)
-    own = (new_state.latent[:, prefix:].clone(), new_state.k_shared[:, prefix:].clone()) if return_state \
-        else (None, None)  # copies: a view would keep the whole concatenation alive
+    own = (new_state.latent, new_state.k_shared) if return_state else (None, None)  # this piece's own latents
     return (out, *_router_tensors(router), *own)
 
 

@@ -233,8 +233,9 @@ def piece_states(shape: LayerShapes, b: int, tokens: int, piece_len: int) -> int
 
 
 def piece_attention_keys(shape: LayerShapes, b: int, tokens: int) -> int:
-    """An MLA piece recomputed in the backward attends over every earlier token of its row: the keys and values
-    expanded from their latents, [H, S, qk + v] with S up to ``tokens``, and their gradients (0 for KDA)."""
+    """An MLA piece recomputed in the backward attends over the earlier tokens of its row one block (an earlier
+    piece of ``tokens``) at a time: that block's keys and values expanded from their latents, [H, S, qk + v], and
+    their gradients (0 for KDA; kimitune.ops.prefix_attention)."""
     attention = shape.attention
     if isinstance(attention, KDAShape):
         return 0

@@ -148,11 +148,11 @@ def _activations(train: TrainConfig, shapes: ModelShapes, kernels: Kernels, reco
         whole = [per_layer[i] for i in range(len(per_layer)) if i not in recomputed]
         # The backward reaches a recomputed layer j still holding the whole layers below it: the peak is the
         # largest such sum with j's rebuilt activations and its forward working set (the recomputation runs inside
-        # the backward; of one piece when the layers run in pieces, whose MLA pieces attend over every earlier
-        # token), or all whole layers at the backward's start.
+        # the backward; of one piece when the layers run in pieces, whose MLA pieces attend over the earlier
+        # pieces one at a time), or all whole layers at the backward's start.
         rebuilt = max(sum(per_layer[i] for i in range(j) if i not in recomputed) * T
                       + (per_layer[j] + activations.forward_working_set(shapes.layers[j], b)) * P
-                      + (activations.piece_attention_keys(shapes.layers[j], b, T) if P < T else 0)
+                      + (activations.piece_attention_keys(shapes.layers[j], b, P) if P < T else 0)
                       for j in recomputed)
         k = train.recompute_segment_layers
         # With segments of k layers, one input per segment is kept, and the backward rebuilds one segment's k - 1
