@@ -109,8 +109,9 @@ class TrainConfig(_Strict):
     # Quantised frozen weights (kimitune.quant): every linear and the experts; embeddings, norms, router, head kept.
     load_in_8bit: bool = Field(default=False, description="Frozen weights in int8, one scale per row (LLM.int8).")
     load_in_4bit: bool = Field(default=False, description="Frozen weights in 4-bit, blocks of 64 (QLoRA).")
-    load_in_fp8: bool = Field(default=False, description="Frozen weights in float8 e4m3, one scale per row (the "
-                              "FP8 of Hopper GPUs; the products dequantise to bf16 for now, as 8-bit's do).")
+    load_in_fp8: bool = Field(default=False, description="Frozen weights in float8 e4m3, one scale per row: on a "
+                              "GPU the linear layers multiply in FP8 (forward and input gradient), the expert "
+                              "stacks dequantise to bf16 as 8-bit's do.")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="The 4-bit number format.")
     bnb_4bit_use_double_quant: bool = Field(default=False, description="Also quantise the 4-bit block scales.")
     bf16: bool | Literal["auto"] = Field(

@@ -108,6 +108,14 @@ def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations x [N, K] -> (e4m3 [N, K], float32 scale [N, 1]), one scale per row, as ``torch._scaled_mm``
+    takes them (rows of zeros: scale 1)."""
+    scale = x.float().abs().amax(-1, keepdim=True) / FP8_MAX
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(q float8_e4m3fn [..., out, in], scale float32 [..., out]) -> W [..., out, in] in ``dtype`` (computed in
     float32, rounded once)."""

@@ -15,6 +15,14 @@ those cover linear layers only (not the stacked experts' grouped matmul), ``Line
 float16 with int8 matmuls on CUDA and has no CPU training path, and ``matmul_4bit`` keeps its own backward.
 One explicit dequantise-then-matmul runs the same on CPU (float32) and CUDA (bf16) for both layer kinds.
 
+An fp8 weight of a linear layer on CUDA multiplies in FP8 instead (``Fp8LinearFunction``, Hopper's FP8 tensor cores
+through ``torch._scaled_mm``): the input is scaled to e4m3 per row on the fly, and the weight's e4m3 values and row
+scales are used as stored. The backward is FP8 too and exact in the weight: dX = dY W = (dY diag(s)) W_q, so the output
+gradient's columns are multiplied by the weight's row scales, that product is scaled to e4m3 per row, and it meets
+the stored W_q (transposed into the layout ``_scaled_mm`` takes). Only the activations and gradients are rounded to
+e4m3 (about 2% per product). ``kimitune.ops.force_reference`` (or a width that is not a multiple of 16, or the CPU)
+takes the dequantising path; the expert stacks always do (a grouped FP8 product is not yet measured faster).
+
 The compute dtype is autocast's inside an autocast region, else the weight's ``dtype`` (the model's dtype when
 it was quantised: bf16 on a GPU, float32 on the CPU); results come back in that dtype, input gradients in the
 input's dtype.
@@ -27,6 +35,8 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from kimitune.ops.grouped_mm import grouped_linear
+from kimitune.ops.reference_switch import use_kernels
+from kimitune.quant.formats import quantize_rows_fp8
 from kimitune.quant.weight import QuantizedWeight
 
 
@@ -64,6 +74,51 @@ class DequantLinearFunction(Function):
         return grad_x, None, grad_bias, None
 
 
+class Fp8LinearFunction(Function):
+    """``x W^T + b`` for an fp8 ``W`` [out, in] as FP8 products, forward and input gradient (the module docstring);
+    saves nothing of ``x`` or ``W``. ``x`` [..., in]; results in ``dtype``."""
+
+    @staticmethod
+    def forward(ctx, x, weight: QuantizedWeight, bias, dtype: torch.dtype):
+        ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        flat = x.reshape(-1, x.shape[-1])
+        x_q, x_scale = quantize_rows_fp8(flat)
+        w_q, w_scale = _fp8_parts(weight)
+        y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale[None, :], out_dtype=dtype)
+        if bias is not None:
+            y = y + bias.to(dtype)
+        return y.view(*x.shape[:-1], -1)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_x = grad_bias = None
+        flat = grad_output.reshape(-1, grad_output.shape[-1])
+        if ctx.needs_input_grad[0]:
+            w_q, w_scale = _fp8_parts(ctx.weight)
+            g_q, g_scale = quantize_rows_fp8(flat.float() * w_scale[None, :])  # dY diag(s): W's scales moved over
+            ones = torch.ones(1, w_q.shape[1], dtype=torch.float32, device=w_q.device)
+            # b must be column-major: W_q^T stored row-major, transposed back
+            grad_x = torch._scaled_mm(g_q, w_q.t().contiguous().t(), scale_a=g_scale, scale_b=ones,
+                                      out_dtype=ctx.dtype)
+            grad_x = grad_x.view(*grad_output.shape[:-1], -1).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = flat.sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, None
+
+
+def _fp8_parts(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+    """An fp8 weight's e4m3 values [out, in] and float32 row scales [out] (views of its stored bits)."""
+    return weight.data.view(torch.float8_e4m3fn), weight.scale.view(torch.float32)
+
+
+def fp8_products_apply(x: torch.Tensor, weight: QuantizedWeight) -> bool:
+    """Whether ``frozen_linear`` multiplies in FP8: an fp8 matrix, CUDA kernels allowed, widths multiples of 16
+    (``_scaled_mm``'s rule)."""
+    return weight.format == "fp8" and weight.ndim == 2 and use_kernels(x) and \
+        weight.shape[0] % 16 == 0 and weight.shape[1] % 16 == 0
+
+
 class DequantGroupedLinearFunction(Function):
     """``grouped_linear(x, W, offsets)`` with the stack ``W`` dequantised on the fly; saves only ``offsets``."""
 
@@ -90,7 +145,8 @@ def frozen_linear(
 ) -> torch.Tensor:
     """``x W^T + b`` for a float or quantised ``weight`` [out, in]; x [..., in] -> [..., out]."""
     if isinstance(weight, QuantizedWeight):
-        return DequantLinearFunction.apply(x, weight, bias, compute_dtype(x, weight))
+        function = Fp8LinearFunction if fp8_products_apply(x, weight) else DequantLinearFunction
+        return function.apply(x, weight, bias, compute_dtype(x, weight))
     return F.linear(x, weight, bias)
 
 
