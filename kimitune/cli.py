@@ -190,24 +190,28 @@ def plan(
     json_output: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
     gpus: int = typer.Option(1, help="GPUs the run uses (torchrun --nproc_per_node): above 1, the memory of one "
                              "GPU under FSDP2 as fsdp_config says."),
+    host_memory: str = typer.Option(None, help="The host memory what is offloaded may take (activation_offloading, "
+                                    "fsdp_config.offload_params), per GPU's process: unset, not checked."),
 ) -> None:
     from kimitune.plan import load_model_config, parse_memory, plan_json, predict_peak_memory, suggest_settings
 
     cfg = _load(config, ctx.args)
     try:
         gpu = parse_memory(gpu_memory)
+        host = None if host_memory is None else parse_memory(host_memory)
         model_config = load_model_config(cfg)
         memory = predict_peak_memory(cfg, model_config, gpus=gpus)
-        suggestions = [] if memory.fits(gpu) else suggest_settings(cfg, model_config, gpu, gpus=gpus)
+        suggestions = [] if memory.fits(gpu, host) else suggest_settings(cfg, model_config, gpu, gpus=gpus,
+                                                                          host_bytes=host)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         _fail(err)
     if json_output:
-        typer.echo(plan_json(memory, gpu, suggestions))
+        typer.echo(plan_json(memory, gpu, suggestions, host))
         return
-    _print_plan(memory, gpu, suggestions)
+    _print_plan(memory, gpu, suggestions, host)
 
 
-def _print_plan(memory, gpu: float, suggestions) -> None:
+def _print_plan(memory, gpu: float, suggestions, host: float | None = None) -> None:
     from rich.table import Table
 
     gib = 2**30
@@ -223,10 +227,13 @@ def _print_plan(memory, gpu: float, suggestions) -> None:
                   "torch.cuda.max_memory_allocated")
     table.add_row("[bold]device total[/]", f"[bold]{memory.device_total_gib:.2f}[/]",
                   "+ allocator overhead and CUDA context")
+    if memory.host_total:
+        table.add_row("[bold]pinned host memory[/]", f"[bold]{memory.host_total / gib:.2f}[/]", "what is offloaded")
     console.print(table)
-    fits = memory.fits(gpu)
+    fits = memory.fits(gpu, host)
     verdict = "[green]fits[/]" if fits else "[red]does not fit[/]"
-    console.print(f"{verdict} in {gpu / gib:.1f} GiB", highlight=False)
+    within = f" and {host / gib:.1f} GiB of host memory" if host is not None else ""
+    console.print(f"{verdict} in {gpu / gib:.1f} GiB{within}", highlight=False)
     if fits:
         return
     if not suggestions:

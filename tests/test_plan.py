@@ -466,3 +466,17 @@ def test_segments_keep_one_input_per_segment_and_rebuild_one_segment():
     segmented = next(s for s in suggest_settings(train, cfg, tight) if "sequence_piece_len" in s.change)
     assert segmented.change.get("recompute_segment_layers", 1) > 1 or \
         segmented.change["sequence_piece_len"] < found.change["sequence_piece_len"]
+
+
+def test_offloading_is_held_to_the_hosts_memory_when_given(tmp_path):
+    """--host-memory: a million-token row's layer inputs (121.5 GiB) do not fit 128 GiB of host memory beside the
+    rest; segments of layers keep few enough inputs that they do."""
+    cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    train = train_config(gradient_checkpointing=True, sequence_len=1048576, load_in_4bit=True, adapter="qlora",
+                         sequence_piece_len=16384, activation_offloading=True)
+    plan = predict_peak_memory(train, cfg)
+    assert plan.host_total == sum(i.host_bytes for i in plan.items if i.on_host) and plan.host_total > 120 * GIB
+    assert plan.fits(139 * GIB) and not plan.fits(139 * GIB, 100 * GIB)
+    suggestions = suggest_settings(train, cfg, 139 * GIB, host_bytes=100 * GIB)
+    pieced = next(s for s in suggestions if "sequence_piece_len" in s.change or "recompute_segment_layers" in s.change)
+    assert pieced.plan.fits(139 * GIB, 100 * GIB) and pieced.change.get("recompute_segment_layers", 1) > 1

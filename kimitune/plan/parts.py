@@ -44,13 +44,14 @@ class Part(Enum):
 @dataclass(frozen=True)
 class MemoryItem:
     """``bytes`` on one GPU for ``part``. ``shards``: the GPUs a sharded item is split over (1: whole);
-    ``on_host``: offloaded to CPU memory (then ``bytes`` is 0)."""
+    ``on_host``: offloaded to CPU memory (then ``bytes`` is 0 and ``host_bytes`` what it takes there)."""
 
     part: Part
     bytes: float
     note: str = ""
     shards: int = 1
     on_host: bool = False
+    host_bytes: float = 0.0
 
     @property
     def name(self) -> str:
@@ -77,8 +78,14 @@ class MemoryPlan:
     def device_total_gib(self) -> float:
         return self.device_total / GIB
 
-    def fits(self, gpu_bytes: float) -> bool:
-        return self.device_total <= gpu_bytes
+    @property
+    def host_total(self) -> float:
+        """Bytes of the items offloaded to the host's (pinned) memory."""
+        return sum(item.host_bytes for item in self.items)
+
+    def fits(self, gpu_bytes: float, host_bytes: float | None = None) -> bool:
+        """Within the GPU's memory, and the host's too when ``host_bytes`` is given."""
+        return self.device_total <= gpu_bytes and (host_bytes is None or self.host_total <= host_bytes)
 
     def item(self, part: Part) -> MemoryItem:
         """The item for ``part``; KeyError when the plan has none."""
@@ -94,5 +101,6 @@ class MemoryPlan:
                       for i in self.items],
             "peak_allocated_gib": self.peak_allocated_gib,
             "device_total_gib": self.device_total_gib,
+            "host_gib": self.host_total / GIB,
             "settings": self.settings,
         }

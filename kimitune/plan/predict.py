@@ -198,7 +198,8 @@ def _offloaded(train: TrainConfig, shapes: ModelShapes, items: list[MemoryItem],
     moved, layers = [], len(shapes.layers)
     for item in items:
         if item.part in OFFLOADED_PARTS:
-            moved.append(MemoryItem(item.part, 0.0, f"{item.bytes / GIB:.1f} GiB in pinned host memory", on_host=True))
+            moved.append(MemoryItem(item.part, 0.0, f"{item.bytes / GIB:.1f} GiB in pinned host memory", on_host=True,
+                                    host_bytes=item.bytes))
     back = sum(item.bytes for item in items if item.part in OFFLOADED_PARTS) / layers
     kept = [item for item in items if item.part not in OFFLOADED_PARTS]
     return moved + [MemoryItem(Part.BROUGHT_BACK, back, "one layer's share of the offloaded tensors")] + kept

@@ -35,7 +35,7 @@ def fsdp_items(items: list[MemoryItem], train: TrainConfig, shapes: ModelShapes,
         if item.part.quantised:
             sharded.append(item)
         elif offload:
-            sharded.append(replace(item, bytes=0.0, on_host=True))
+            sharded.append(replace(item, bytes=0.0, on_host=True, host_bytes=item.bytes / gpus))
         else:
             sharded.append(replace(item, bytes=item.bytes / gpus, shards=gpus))
     b = 2

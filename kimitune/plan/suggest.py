@@ -37,7 +37,7 @@ def _yaml(value: Any) -> str:
 
 
 def _candidates(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: float, gpus: int,
-                **kwargs: Any) -> list[dict[str, Any]]:
+                host_bytes: float | None = None, **kwargs: Any) -> list[dict[str, Any]]:
     """Changes to try, in order: the config's own settings from the cheapest in speed, then pairs with gradient
     checkpointing, then more GPUs."""
     candidates: list[dict[str, Any]] = []
@@ -47,7 +47,8 @@ def _candidates(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: f
     recomputing = len(recomputed_layers(train, layers, gpus))
     for count in range(recomputing + 1, layers):  # recompute as few layers as fit: the smallest slow-down
         change = {"gradient_checkpointing": True, "gradient_checkpointing_layers": count}
-        if predict_peak_memory(train.model_copy(update=change), model_config, gpus=gpus, **kwargs).fits(gpu_bytes):
+        plan = predict_peak_memory(train.model_copy(update=change), model_config, gpus=gpus, **kwargs)
+        if plan.fits(gpu_bytes, host_bytes):
             candidates.append(change)
             break
     if recomputing < layers:
@@ -57,7 +58,7 @@ def _candidates(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: f
         candidates.append(every_layer)
     rows = train.micro_batch_size * train.sequence_len
     if rows > 4096:
-        pieced = _long_row_change(train, model_config, gpu_bytes, gpus, rows, **kwargs)
+        pieced = _long_row_change(train, model_config, gpu_bytes, gpus, rows, host_bytes, **kwargs)
         if pieced is not None:
             candidates.append(pieced)
     if train.adapter is None:
@@ -89,7 +90,7 @@ def _candidates(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: f
 
 
 def _long_row_change(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: float, gpus: int, rows: int,
-                     **kwargs: Any) -> dict[str, Any] | None:
+                     host_bytes: float | None, **kwargs: Any) -> dict[str, Any] | None:
     """For long rows: every layer recomputed in pieces, the longest piece that fits (the fastest); failing that,
     the same with the saved tensors offloaded to the host; failing that, also recomputed in segments of layers
     (the fewest layers per segment that fit). None when nothing of these fits."""
@@ -106,26 +107,28 @@ def _long_row_change(train: TrainConfig, model_config: KimiLinearConfig, gpu_byt
             change: dict[str, Any] = {"gradient_checkpointing": True, "sequence_piece_len": piece, **tier}
             if train.gradient_checkpointing_layers is not None:
                 change["gradient_checkpointing_layers"] = None
-            if predict_peak_memory(train.model_copy(update=change), model_config, gpus=gpus, **kwargs).fits(gpu_bytes):
+            plan = predict_peak_memory(train.model_copy(update=change), model_config, gpus=gpus, **kwargs)
+            if plan.fits(gpu_bytes, host_bytes):
                 return change
             piece //= 2
     return None
 
 
 def suggest_settings(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: float, gpus: int = 1,
-                     **kwargs: Any) -> list[Suggestion]:
-    """Changes of one or two settings that bring the predicted device total under ``gpu_bytes``, smallest
-    change first (each with its own plan); empty when nothing tried fits. A change may be more GPUs (``GPUS``:
-    FSDP2 through torchrun), tried after the config's own settings. ``kwargs`` go to ``predict_peak_memory``."""
+                     host_bytes: float | None = None, **kwargs: Any) -> list[Suggestion]:
+    """Changes of one or two settings that bring the predicted device total under ``gpu_bytes`` (and what they
+    offload under ``host_bytes``, when given), smallest change first (each with its own plan); empty when nothing
+    tried fits. A change may be more GPUs (``GPUS``: FSDP2 through torchrun), tried after the config's own settings.
+    ``kwargs`` go to ``predict_peak_memory``."""
     found = []
-    for change in _candidates(train, model_config, gpu_bytes, gpus, **kwargs):
+    for change in _candidates(train, model_config, gpu_bytes, gpus, host_bytes, **kwargs):
         keys = {k: v for k, v in change.items() if k != GPUS}
         try:  # validated as the YAML would be
             changed = TrainConfig.model_validate(train.model_dump(exclude_unset=True) | keys)
         except ValidationError:  # a combination the config rules refuse (e.g. quantised full fine-tuning)
             continue
         plan = predict_peak_memory(changed, model_config, gpus=change.get(GPUS, gpus), **kwargs)
-        if plan.fits(gpu_bytes):
+        if plan.fits(gpu_bytes, host_bytes):
             found.append(Suggestion(change, plan))
     # One suggestion per kind of change: the least drastic that fits (the first found: the lists go downwards).
     kept, seen = [], set()
