@@ -86,7 +86,8 @@ def _run_mla_piece(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | None
                    k_shared: list[torch.Tensor], return_state: bool, options: RunOptions):
     state = MLAPrefix(list(zip(latents, k_shared))) if latents else None
     out, router, new_state = layer(h, layout, state, return_state, options)
-    own = (new_state.latent, new_state.k_shared) if return_state else (None, None)  # this piece's own latents
+    # this piece's own latents; the shared key is a view of its projection's output, which it would keep alive
+    own = (new_state.latent, new_state.k_shared.contiguous()) if return_state else (None, None)
     return (out, *_router_tensors(router), *own)
 
 

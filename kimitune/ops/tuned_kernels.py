@@ -55,7 +55,8 @@ def user_cache_root() -> Path:
 
 
 def folder_for(device_name: str, fla_version: str, root: Path) -> Path:
-    """``root/tuned_kernels/<GPU>/fla-<version>`` (or the same under the shipped folder, without tuned_kernels)."""
+    """``root/<GPU>/fla-<version>``: the user cache's folder for that GPU (root ``.../tuned_kernels``) or the
+    shipped one."""
     return root / gpu_folder_name(device_name) / f"fla-{fla_version}"
 
 
