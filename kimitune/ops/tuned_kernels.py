@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import tempfile
+import weakref
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,7 @@ def seed_autotuners(autotuners: list[Any] | None = None, folder: Path | None = N
 
 
 _seeded: set[int] = set()  # ids of the autotuners seed_autotuners has filled
+_saved: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # autotuner -> (folder, keys) at its last save
 _prepared = False
 
 
@@ -235,7 +237,9 @@ def save_tuned_configs(autotuners: list[Any] | None = None, folder: Path | None 
     triton_version = sys.modules["triton"].__version__ if "triton" in sys.modules else None
     added = 0
     for autotuner in live_autotuners() if autotuners is None else autotuners:
-        entries = entries_of(autotuner)
+        if _saved.get(autotuner) == (folder, len(autotuner.cache)):
+            continue  # nothing tuned since its last save: no file read
+        entries, size = entries_of(autotuner), len(autotuner.cache)
         if entries:
             try:
                 name = kernel_name(autotuner)
@@ -243,4 +247,5 @@ def save_tuned_configs(autotuners: list[Any] | None = None, folder: Path | None 
             except OSError as error:
                 logger.warning("could not keep the kernel configs in %s: %s", folder, error)
                 return added
+        _saved[autotuner] = (folder, size)
     return added
