@@ -136,3 +136,14 @@ def test_gradient_checkpointing_offload_is_axolotls_offloaded_checkpointing():
     assert config.activation_offloading and not config.gradient_checkpointing
     with pytest.raises(Exception, match="activation_offloading: false says not to"):
         parse_config(base | {"gradient_checkpointing": "offload", "activation_offloading": False})
+
+
+@pytest.mark.parametrize("key, value, hint", [("tiled_mlp", True, "sequence_piece_len"),
+                                              ("tiled_mlp_num_shards", 4, "sequence_piece_len"),
+                                              ("context_parallel_size", 2, "not supported yet")])
+def test_axolotl_keys_done_another_way_are_refused_with_what_to_use(key, value, hint):
+    from kimitune.config import ConfigError, parse_config
+
+    base = {"init_from_config": "unused", "datasets": [{"path": "d.jsonl", "type": "chat_template"}]}
+    with pytest.raises(ConfigError, match=f"`{key}` is not supported: .*{hint}"):
+        parse_config(base | {key: value})
