@@ -65,7 +65,7 @@ def split_into_pieces(layout: BatchLayout | None, total: int, piece_len: int, de
     return pieces
 
 
-def _first_continues(carried: torch.Tensor | None, sequences: int, packed: bool) -> torch.Tensor | None:
+def initial_states(carried: torch.Tensor | None, sequences: int, packed: bool) -> torch.Tensor | None:
     """Initial states [N, ...] for a piece's N sequences: the carried state [1, ...] for the first, zeros for the
     rest (packed); the carried states of every row (unpacked); None when nothing is carried."""
     if carried is None or not packed or sequences == 1:
@@ -73,8 +73,11 @@ def _first_continues(carried: torch.Tensor | None, sequences: int, packed: bool)
     return torch.cat([carried, carried.new_zeros(sequences - 1, *carried.shape[1:])])
 
 
-def _run_kda_piece(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | None, conv: torch.Tensor | None,
+def run_kda_piece(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | None, conv: torch.Tensor | None,
                    recurrent: torch.Tensor | None, return_state: bool, options: RunOptions):
+    """A KDA layer on one piece h [B, P, C] from initial states (None: zeros) -> (out, its MoE's tokens per expert
+    and score sum (None, None for a dense layer), the conv and recurrent states that its last sequence (packed) or
+    its rows carry on (None, None unless ``return_state``))."""
     state = None if conv is None else KDAState(conv, recurrent)
     out, router, new_state = layer(h, layout, state, return_state, options)
     carry = (new_state.conv[-1:], new_state.recurrent[-1:]) if layout is not None and return_state else \
@@ -113,9 +116,9 @@ def layer_in_pieces(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | Non
         return_state = piece.carries if packed else index < len(pieces) - 1
         if layer.is_kda:
             out, counts, score_sum, conv_out, recurrent_out = run(
-                _run_kda_piece, layer, h_piece, piece.layout,
-                _first_continues(conv if piece.continues else None, sequences, packed),
-                _first_continues(recurrent if piece.continues else None, sequences, packed),
+                run_kda_piece, layer, h_piece, piece.layout,
+                initial_states(conv if piece.continues else None, sequences, packed),
+                initial_states(recurrent if piece.continues else None, sequences, packed),
                 return_state, options, use_reentrant=False)
             conv, recurrent = conv_out, recurrent_out
         else:

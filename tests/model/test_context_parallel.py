@@ -1,0 +1,90 @@
+"""Context parallelism on the CPU (gloo; kimitune/model/context_parallel.py): a row split over 2 and 4 ranks gives
+the one-process loss and every trained gradient (summed over the ranks) within 1e-5 of their scale, packed rows whose
+sequences do and do not cross the ranks' boundaries and unpacked ones, LoRA and full fine-tuning."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_helpers import micro_config, perturb_  # noqa: E402
+
+from kimitune import KimiLinearForCausalLM  # noqa: E402
+from kimitune.adapters.lora import LoraSettings, apply_lora  # noqa: E402
+from kimitune.model.context_parallel import context_parallel_loss  # noqa: E402
+
+CASES = {
+    "packed": (1, 48, [0, 3, 17, 24, 30, 48]),  # 2 ranks: cut at 24 (a boundary); 4 ranks: 12, 24, 36 (inside too)
+    "unpacked": (2, 24, None),
+}
+
+
+def build(lora: bool):
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(micro_config())
+    if lora:
+        apply_lora(model, LoraSettings(r=4, alpha=8, target_linear=True))
+    return perturb_(model)
+
+
+def batch(case: str):
+    rows, tokens, bounds = CASES[case]
+    ids = torch.randint(0, 250, (rows, tokens), generator=torch.Generator().manual_seed(1))
+    return ids, None if bounds is None else torch.tensor(bounds, dtype=torch.int32)
+
+
+def one_process(case: str, lora: bool):
+    model = build(lora)
+    ids, bounds = batch(case)
+    loss = model(ids, labels=ids, cu_seqlens=bounds, return_logits=False, loss_reduction="sum").loss
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _worker(rank: int, ranks: int, init: str, case: str, lora: bool, out: str):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=ranks)
+    torch.set_num_threads(1)
+    model = build(lora)
+    ids, bounds = batch(case)
+    loss = context_parallel_loss(model, ids, ids, bounds, dist.group.WORLD)
+    loss.backward()
+    dist.all_reduce(loss.detach_())
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for grad in grads.values():
+        dist.all_reduce(grad)
+    if rank == 0:
+        torch.save((loss, grads), out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_ranks_equal_one_process(ranks, case, lora):
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "result.pt")
+        mp.spawn(_worker, args=(ranks, f"file://{folder}/init", case, lora, out), nprocs=ranks, join=True)
+        loss, grads = torch.load(out)
+    expected_loss, expected = one_process(case, lora)
+    assert abs(loss - expected_loss) <= 1e-5 * abs(expected_loss)
+    assert grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        error, scale = (grads[name] - grad).abs().max().item(), grad.abs().max().item()
+        assert error <= 1e-5 * scale + 1e-9, f"{name}: {error:.3g} against {scale:.3g}"
+
+
+def test_a_row_that_does_not_split_evenly_is_refused(monkeypatch):
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)  # a two-rank group, as far as the check goes
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    ids = torch.zeros(1, 7, dtype=torch.long)
+    with pytest.raises(ValueError, match="do not split evenly over 2 ranks"):
+        context_parallel_loss(build(False), ids, ids, None, None)
