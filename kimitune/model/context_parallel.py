@@ -12,13 +12,13 @@ piece; what passes between ranks is what passes between pieces:
 
 Packed rows keep their sequences apart across ranks as across pieces. The loss is each rank's tokens' summed
 cross-entropy against the row's targets (shifted over the whole row, so the last token of a rank predicts the first
-of the next); the caller sums it and the parameters' gradients over the ranks. Not here yet: the MoE's
-load-balancing loss (its terms would be summed over the ranks), layers in pieces within a rank, the trainer's
-``context_parallel_size``. On CUDA, fla-core's context parallelism is the faster route for KDA (the layers here run
+of the next); the caller sums it and the parameters' gradients over the ranks. The MoE's load-balancing loss is the
+whole row's: its routing terms are summed over the ranks (with their gradients), and each rank returns its share of
+it. Not here yet: layers in pieces within a rank, the trainer's ``context_parallel_size``. On CUDA, fla-core's context parallelism is the faster route for KDA (the layers here run
 one rank after another); this module runs on any backend, gloo on the CPU included.
 
     context_parallel_loss(model, input_ids [B, T], labels [B, T], cu_seqlens | None, group, options)
-        -> this rank's summed loss (float32 scalar)
+        -> (this rank's summed loss, its share of the load-balancing loss or None), float32 scalars
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch.autograd import Function
 from torch.utils.checkpoint import checkpoint
 
 from kimitune.model.mla import MLAPrefix
+from kimitune.model.moe import RouterTerms
 from kimitune.model.options import RunOptions
 from kimitune.model.pieces import Piece, initial_states, run_kda_piece, split_into_pieces
 from kimitune.ops import BatchLayout
@@ -70,6 +71,23 @@ class _SendToNext(Function):
         return grad, None, None, None
 
 
+class _AllReduce(Function):
+    """The sum over the ranks, for a value every rank then uses: the backward sums the gradients over the ranks."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        total = x.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class _AllGather(Function):
     """x [B, L, D] of every rank -> [B, ranks * L, D]; the backward sums the gradients over the ranks and keeps this
     rank's slice."""
@@ -88,7 +106,7 @@ class _AllGather(Function):
         return grad[:, ctx.rank * ctx.length:(ctx.rank + 1) * ctx.length], None
 
 
-def _kda_across_ranks(layer, h, piece: Piece, rank: int, group, options: RunOptions) -> torch.Tensor:
+def _kda_across_ranks(layer, h, piece: Piece, rank: int, group, options: RunOptions):
     attention = layer.self_attn
     rows = h.shape[0] if piece.layout is None else 1
     packed = piece.layout is not None
@@ -100,17 +118,16 @@ def _kda_across_ranks(layer, h, piece: Piece, rank: int, group, options: RunOpti
         conv = _ReceiveFromPrevious.apply(anchor, (rows, width[0], width[-1]), h.dtype, group, rank - 1)
         recurrent = _ReceiveFromPrevious.apply(
             anchor, (rows, attention.num_heads, attention.head_dim, attention.head_dim), torch.float32, group, rank - 1)
-    out, _, _, conv_out, recurrent_out = checkpoint(
+    out, counts, score_sum, conv_out, recurrent_out = checkpoint(
         run_kda_piece, layer, h, piece.layout, initial_states(conv, sequences, packed),
         initial_states(recurrent, sequences, packed), piece.carries, options, use_reentrant=False)
     if piece.carries:
         out = out + _SendToNext.apply(conv_out, anchor, group, rank + 1) + \
             _SendToNext.apply(recurrent_out, anchor, group, rank + 1)
-    return out
+    return out, counts, score_sum
 
 
-def _mla_across_ranks(layer, h, piece: Piece, pieces: list[Piece], rank: int, group,
-                      options: RunOptions) -> torch.Tensor:
+def _mla_across_ranks(layer, h, piece: Piece, pieces: list[Piece], rank: int, group, options: RunOptions):
     attention = layer.self_attn
     _, kv_a = attention._query_and_latent(layer.input_layernorm(h))  # the layer computes them again for itself
     latent, k_shared = kv_a.split([attention.kv_lora_rank, attention.rope_dim], dim=-1)
@@ -119,17 +136,21 @@ def _mla_across_ranks(layer, h, piece: Piece, pieces: list[Piece], rank: int, gr
     begin = piece.first_start if piece.layout is not None else 0
     blocks = [(latents[:, max(p.start, begin):p.end], shared[:, max(p.start, begin):p.end])
               for p in pieces[:rank] if p.end > begin] if piece.continues else []
-    out, _, _ = checkpoint(layer, h, piece.layout, MLAPrefix(blocks) if blocks else None, False, options,
-                           use_reentrant=False)
+    out, router, _ = checkpoint(layer, h, piece.layout, MLAPrefix(blocks) if blocks else None, False, options,
+                                use_reentrant=False)
     # Every rank's backward must reach the all-gathers (their backward is a collective), also where no later piece
     # of this rank read them
-    return out + 0 * (latents.sum() + shared.sum()).to(out.dtype)
+    out = out + 0 * (latents.sum() + shared.sum()).to(out.dtype)
+    return (out, None, None) if router is None else (out, router.tokens_per_expert, router.score_sum)
 
 
 def context_parallel_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
-                          cu_seqlens: torch.Tensor | None, group, options: RunOptions = RunOptions()) -> torch.Tensor:
-    """This rank's summed loss over its tokens of the row (the module docstring). ``input_ids`` / ``labels``
-    [B, T]: the whole row (unpacked, or packed with ``cu_seqlens`` on the host); T a multiple of the ranks."""
+                          cu_seqlens: torch.Tensor | None, group,
+                          options: RunOptions = RunOptions()) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This rank's summed loss over its tokens of the row and its share of the load-balancing loss (None when the
+    coefficient, the options' or else the model config's, is 0); see the module docstring. ``input_ids`` /
+    ``labels`` [B, T]: the whole row (unpacked, or packed with ``cu_seqlens`` on the host); T a multiple of the
+    ranks."""
     from kimitune.model.modeling import shift_labels
 
     ranks, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -143,11 +164,22 @@ def context_parallel_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     piece = pieces[rank]
     targets = shift_labels(labels, layout)[:, piece.start:piece.end]
     h = model.model.embed_tokens(input_ids[:, piece.start:piece.end])
+    balances = []
     for layer in model.model.layers:
         if layer.is_kda:
-            h = _kda_across_ranks(layer, h, piece, rank, group, options)
+            h, counts, score_sum = _kda_across_ranks(layer, h, piece, rank, group, options)
         else:
-            h = _mla_across_ranks(layer, h, piece, pieces, rank, group, options)
+            h, counts, score_sum = _mla_across_ranks(layer, h, piece, pieces, rank, group, options)
+        if counts is not None:  # the whole row's routing terms
+            counts = counts.clone()
+            dist.all_reduce(counts, group=group)
+            terms = RouterTerms(counts, _AllReduce.apply(score_sum, group), B * T, layer.mlp.top_k)
+            balances.append(terms.balance())
     hidden = model.model.norm(h)
-    return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, targets.reshape(-1),
+    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, targets.reshape(-1),
                                 reduction="sum", impl=options.loss_impl)
+    coefficient = model.config.router_aux_loss_coef if options.router_aux_loss_coef is None \
+        else options.router_aux_loss_coef
+    if not balances or coefficient <= 0:
+        return loss, None
+    return loss, coefficient * torch.stack(balances).mean() / ranks  # the ranks' shares add up to the row's

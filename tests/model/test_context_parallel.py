@@ -1,6 +1,7 @@
-"""Context parallelism on the CPU (gloo; kimitune/model/context_parallel.py): a row split over 2 and 4 ranks gives
-the one-process loss and every trained gradient (summed over the ranks) within 1e-5 of their scale, packed rows whose
-sequences do and do not cross the ranks' boundaries and unpacked ones, LoRA and full fine-tuning."""
+"""Context parallelism on the CPU (gloo; kimitune/model/context_parallel.py): a row split over 1, 2 and 4 ranks gives
+the one-process loss (with the load-balancing loss) and every trained gradient (summed over the ranks) within 1e-5
+of their scale, packed rows whose sequences do and do not cross the ranks' boundaries and unpacked ones, LoRA and
+full fine-tuning."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ CASES = {
 
 def build(lora: bool):
     torch.manual_seed(0)
-    model = KimiLinearForCausalLM(micro_config())
+    model = KimiLinearForCausalLM(micro_config(router_aux_loss_coef=0.05))
     if lora:
         apply_lora(model, LoraSettings(r=4, alpha=8, target_linear=True))
     return perturb_(model)
@@ -44,9 +45,10 @@ def batch(case: str):
 def one_process(case: str, lora: bool):
     model = build(lora)
     ids, bounds = batch(case)
-    loss = model(ids, labels=ids, cu_seqlens=bounds, return_logits=False, loss_reduction="sum").loss
-    loss.backward()
-    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    out = model(ids, labels=ids, cu_seqlens=bounds, return_logits=False, loss_reduction="sum")
+    (out.loss + out.aux_loss).backward()
+    return out.loss.detach() + out.aux_loss.detach(), {n: p.grad for n, p in model.named_parameters()
+                                                       if p.requires_grad}
 
 
 def _worker(rank: int, ranks: int, init: str, case: str, lora: bool, out: str):
@@ -54,7 +56,8 @@ def _worker(rank: int, ranks: int, init: str, case: str, lora: bool, out: str):
     torch.set_num_threads(1)
     model = build(lora)
     ids, bounds = batch(case)
-    loss = context_parallel_loss(model, ids, ids, bounds, dist.group.WORLD)
+    loss, aux = context_parallel_loss(model, ids, ids, bounds, dist.group.WORLD)
+    loss = loss + aux  # the summed token loss and the load-balancing loss, as the one process adds them
     loss.backward()
     dist.all_reduce(loss.detach_())
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -66,7 +69,7 @@ def _worker(rank: int, ranks: int, init: str, case: str, lora: bool, out: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.parametrize("ranks", [1, 2, 4])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_ranks_equal_one_process(ranks, case, lora):
