@@ -143,7 +143,7 @@ class MultiheadLatentAttention(nn.Module):
         params = [p for p in self.kv_b_proj.parameters() if p.requires_grad]
         if layout is None:
             return prefix_attention(q, k, v, prefix.blocks, self._expand, params, self.scaling)
-        bounds = layout.cu_seqlens_cpu if layout.cu_seqlens_cpu is not None else layout.cu_seqlens.cpu()
+        bounds = layout.host_bounds
         first = int(bounds[1])
         out = prefix_attention(q[:, :, :first], k[:, :, :first], v[:, :, :first], prefix.blocks, self._expand,
                                params, self.scaling)

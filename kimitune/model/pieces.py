@@ -52,8 +52,7 @@ def split_into_pieces(layout: BatchLayout | None, total: int, piece_len: int, de
     cuts = list(range(0, total, piece_len)) + [total]
     if layout is None:
         return [Piece(s, e, None, s > 0, e < total, 0) for s, e in zip(cuts, cuts[1:])]
-    host = layout.cu_seqlens_cpu if layout.cu_seqlens_cpu is not None else layout.cu_seqlens.cpu()
-    bounds = host.tolist()
+    bounds = layout.host_bounds.tolist()
     starts = set(bounds)
     pieces = []
     for s, e in zip(cuts, cuts[1:]):

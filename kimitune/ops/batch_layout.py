@@ -55,9 +55,14 @@ class BatchLayout:
         return self.cu_seqlens_cpu if self.cu_seqlens_cpu is not None else self.cu_seqlens
 
     @functools.cached_property
+    def host_bounds(self) -> torch.Tensor:
+        """The bounds on the host: the host copy, or (a device-only layout) the device bounds read back once."""
+        return self.cu_seqlens_cpu if self.cu_seqlens_cpu is not None else self.cu_seqlens.cpu()
+
+    @functools.cached_property
     def max_seqlen(self) -> int:
-        """The longest sequence's length (from the host copy; a device-only layout reads its bounds back once)."""
-        bounds = self.cu_seqlens_cpu if self.cu_seqlens_cpu is not None else self.cu_seqlens.cpu()
+        """The longest sequence's length (from the host bounds)."""
+        bounds = self.host_bounds
         return int((bounds[1:] - bounds[:-1]).max()) if bounds.numel() > 1 else 0
 
     @functools.cached_property
