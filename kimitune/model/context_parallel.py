@@ -29,9 +29,9 @@ from torch.autograd import Function
 from torch.utils.checkpoint import checkpoint
 
 from kimitune.model.mla import MLAPrefix
-from kimitune.model.moe import RouterTerms
+from kimitune.model.moe import RouterTerms, load_balancing_loss
 from kimitune.model.options import RunOptions
-from kimitune.model.pieces import Piece, initial_states, run_kda_piece, split_into_pieces
+from kimitune.model.pieces import Piece, initial_states, router_tensors, run_kda_piece, split_into_pieces
 from kimitune.ops import BatchLayout
 from kimitune.ops.loss import linear_cross_entropy
 
@@ -141,7 +141,7 @@ def _mla_across_ranks(layer, h, piece: Piece, pieces: list[Piece], rank: int, gr
     # Every rank's backward must reach the all-gathers (their backward is a collective), also where no later piece
     # of this rank read them
     out = out + 0 * (latents.sum() + shared.sum()).to(out.dtype)
-    return (out, None, None) if router is None else (out, router.tokens_per_expert, router.score_sum)
+    return (out, *router_tensors(router))
 
 
 def context_parallel_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -164,7 +164,7 @@ def context_parallel_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
     piece = pieces[rank]
     targets = shift_labels(labels, layout)[:, piece.start:piece.end]
     h = model.model.embed_tokens(input_ids[:, piece.start:piece.end])
-    balances = []
+    routers = []
     for layer in model.model.layers:
         if layer.is_kda:
             h, counts, score_sum = _kda_across_ranks(layer, h, piece, rank, group, options)
@@ -173,13 +173,9 @@ def context_parallel_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
         if counts is not None:  # the whole row's routing terms
             counts = counts.clone()
             dist.all_reduce(counts, group=group)
-            terms = RouterTerms(counts, _AllReduce.apply(score_sum, group), B * T, layer.mlp.top_k)
-            balances.append(terms.balance())
+            routers.append(RouterTerms(counts, _AllReduce.apply(score_sum, group), B * T, layer.mlp.top_k))
     hidden = model.model.norm(h)
     loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, targets.reshape(-1),
                                 reduction="sum", impl=options.loss_impl)
-    coefficient = model.config.router_aux_loss_coef if options.router_aux_loss_coef is None \
-        else options.router_aux_loss_coef
-    if not balances or coefficient <= 0:
-        return loss, None
-    return loss, coefficient * torch.stack(balances).mean() / ranks  # the ranks' shares add up to the row's
+    aux = load_balancing_loss(routers, options.aux_loss_coef(model.config))
+    return loss, None if aux is None else aux / ranks  # the ranks' shares add up to the row's

@@ -25,7 +25,14 @@ from torch.utils.checkpoint import checkpoint
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.model.kda import KDAForgetGate, KDAState, KimiDeltaAttention
 from kimitune.model.mla import MLAState, MultiheadLatentAttention
-from kimitune.model.moe import GroupedExperts, KimiLinearMLP, KimiLinearMoE, RouterTerms, TopkRouter
+from kimitune.model.moe import (
+    GroupedExperts,
+    KimiLinearMLP,
+    KimiLinearMoE,
+    RouterTerms,
+    TopkRouter,
+    load_balancing_loss,
+)
 from kimitune.model.norm import GatedRMSNorm, RMSNorm
 from kimitune.model.options import RunOptions
 from kimitune.model.pieces import layer_in_pieces
@@ -276,10 +283,7 @@ class KimiLinearForCausalLM(nn.Module):
             )
         if routers:
             out.router_stats = torch.stack([router.tokens_per_expert for router in routers])
-        aux_coef = self.config.router_aux_loss_coef if options.router_aux_loss_coef is None \
-            else options.router_aux_loss_coef
-        if routers and aux_coef > 0:
-            out.aux_loss = aux_coef * torch.stack([router.balance() for router in routers]).mean()
+        out.aux_loss = load_balancing_loss(routers, options.aux_loss_coef(self.config))
         return out
 
     def _check_inputs(self, input_ids, labels, cu_seqlens, cache, return_logits, loss_reduction) -> None:

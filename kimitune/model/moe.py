@@ -186,6 +186,14 @@ class KimiLinearMoE(nn.Module):
         return MoEOutput(y.view(shape).to(x.dtype), router_terms(routing, counts, self.top_k))
 
 
+def load_balancing_loss(routers: list[RouterTerms], coefficient: float) -> torch.Tensor | None:
+    """``coefficient`` * the mean over the MoE layers of their unscaled balance losses; None without MoE layers or
+    with a coefficient of 0."""
+    if not routers or coefficient <= 0:
+        return None
+    return coefficient * torch.stack([router.balance() for router in routers]).mean()
+
+
 def router_terms(routing: Routing, counts: torch.Tensor, top_k: int) -> RouterTerms:
     """The ``RouterTerms`` of one routing decision; ``counts`` [E]: the copies routed to each expert."""
     normalised = routing.scores / routing.scores.sum(-1, keepdim=True)

@@ -30,6 +30,10 @@ class RunOptions:
     sequence_piece_len: int | None = None
     segment_layers: int = 1
 
+    def aux_loss_coef(self, config) -> float:
+        """The load-balancing loss's weight: these options', else the model config's."""
+        return config.router_aux_loss_coef if self.router_aux_loss_coef is None else self.router_aux_loss_coef
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "recompute_layers", frozenset(self.recompute_layers))
 

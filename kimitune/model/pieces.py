@@ -81,7 +81,7 @@ def run_kda_piece(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | None,
     out, router, new_state = layer(h, layout, state, return_state, options)
     carry = (new_state.conv[-1:], new_state.recurrent[-1:]) if layout is not None and return_state else \
         ((new_state.conv, new_state.recurrent) if return_state else (None, None))
-    return (out, *_router_tensors(router), *carry)
+    return (out, *router_tensors(router), *carry)
 
 
 def _run_mla_piece(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | None, latents: list[torch.Tensor],
@@ -90,10 +90,11 @@ def _run_mla_piece(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | None
     out, router, new_state = layer(h, layout, state, return_state, options)
     # this piece's own latents; the shared key is a view of its projection's output, which it would keep alive
     own = (new_state.latent, new_state.k_shared.contiguous()) if return_state else (None, None)
-    return (out, *_router_tensors(router), *own)
+    return (out, *router_tensors(router), *own)
 
 
-def _router_tensors(router: RouterTerms | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def router_tensors(router: RouterTerms | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A MoE layer's (tokens per expert, score sum) as tensors to return from a checkpointed piece; None for dense."""
     return (None, None) if router is None else (router.tokens_per_expert, router.score_sum)
 
 
