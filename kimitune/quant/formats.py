@@ -60,25 +60,31 @@ def bitsandbytes_functional():
     return bnb_functional
 
 
-@torch.no_grad()
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [..., out, in] -> (q int8 [..., out, in], scale float32 [..., out]), on W's device.
-
-    Stacks are processed a few experts at a time so the float32 temporaries stay near 256 MiB."""
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+def _quantize_per_row(weight: torch.Tensor, dtype: torch.dtype, encode) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [..., out, in] -> (q [..., out, in] in ``dtype``, scale float32 [..., out]), ``encode(part float32
+    [n, out, in]) -> (q, scale [n, out])`` applied a few matrices at a time, so that the float32 temporaries of a
+    stack stay near 256 MiB."""
+    q = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     scale = torch.empty(weight.shape[:-1], dtype=torch.float32, device=weight.device)
     flat_w, flat_q = weight.reshape(-1, *weight.shape[-2:]), q.view(-1, *q.shape[-2:])
     flat_s = scale.view(-1, scale.shape[-1])
-    per_matrix = 4 * weight.shape[-2] * weight.shape[-1]
-    step = max(1, _INT8_CHUNK_BYTES // per_matrix)
+    step = max(1, _INT8_CHUNK_BYTES // (4 * weight.shape[-2] * weight.shape[-1]))
     for start in range(0, flat_w.shape[0], step):
-        part = flat_w[start:start + step].float()
-        absmax = part.abs().amax(-1)
-        # All-zero rows: any scale works; 1 avoids 0/0 (bitsandbytes leaves them at 0 too).
-        safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        flat_q[start:start + step] = torch.round(part * (127.0 / safe).unsqueeze(-1)).to(torch.int8)
-        flat_s[start:start + step] = absmax
+        flat_q[start:start + step], flat_s[start:start + step] = encode(flat_w[start:start + step].float())
     return q, scale
+
+
+def _encode_int8(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    absmax = part.abs().amax(-1)
+    # All-zero rows: any scale works; 1 avoids 0/0 (bitsandbytes leaves them at 0 too).
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    return torch.round(part * (127.0 / safe).unsqueeze(-1)).to(torch.int8), absmax
+
+
+@torch.no_grad()
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [..., out, in] -> (q int8 [..., out, in], scale float32 [..., out]), on W's device."""
+    return _quantize_per_row(weight, torch.int8, _encode_int8)
 
 
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -90,30 +96,22 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return torch.mul(q, (scale / 127.0).unsqueeze(-1), out=out)
 
 
-@torch.no_grad()
-def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [..., out, in] -> (q float8_e4m3fn [..., out, in], scale float32 [..., out]), on W's device, a few
-    experts at a time (float32 temporaries near 256 MiB)."""
-    q = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device=weight.device)
-    scale = torch.empty(weight.shape[:-1], dtype=torch.float32, device=weight.device)
-    flat_w, flat_q = weight.reshape(-1, *weight.shape[-2:]), q.view(-1, *q.shape[-2:])
-    flat_s = scale.view(-1, scale.shape[-1])
-    step = max(1, _INT8_CHUNK_BYTES // (4 * weight.shape[-2] * weight.shape[-1]))
-    for start in range(0, flat_w.shape[0], step):
-        part = flat_w[start:start + step].float()
-        row_scale = part.abs().amax(-1) / FP8_MAX
-        row_scale = torch.where(row_scale > 0, row_scale, torch.ones_like(row_scale))  # all-zero rows stay zero
-        flat_q[start:start + step] = (part / row_scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        flat_s[start:start + step] = row_scale
-    return q, scale
-
-
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations x [N, K] -> (e4m3 [N, K], float32 scale [N, 1]), one scale per row, as ``torch._scaled_mm``
-    takes them (rows of zeros: scale 1)."""
+    """x [..., K] -> (e4m3 [..., K], float32 scale [..., 1]), one scale per row (rows of zeros: scale 1, and they
+    stay zero): a weight's rows, or activations as ``torch._scaled_mm`` takes them ([N, K], scale [N, 1])."""
     scale = x.float().abs().amax(-1, keepdim=True) / FP8_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+@torch.no_grad()
+def quantize_fp8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [..., out, in] -> (q float8_e4m3fn [..., out, in], scale float32 [..., out]), on W's device."""
+    def encode(part):
+        q, scale = quantize_rows_fp8(part)
+        return q, scale.squeeze(-1)
+
+    return _quantize_per_row(weight, torch.float8_e4m3fn, encode)
 
 
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
