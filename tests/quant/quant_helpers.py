@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -69,3 +71,32 @@ def assert_same_forward_and_input_gradient(quantised, reference, x: torch.Tensor
     y_ref.backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
     return y.detach()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def quickstart_like(folder: Path, **overrides) -> dict:
+    """A config like examples/quickstart.yaml on 48 of its conversations (8 for evaluation), LoRA on every linear
+    and the experts, ``overrides`` on top."""
+    lines = (ROOT / "examples/data/quickstart_train.jsonl").read_text().splitlines()
+    (folder / "train.jsonl").write_text("\n".join(lines[:48]) + "\n")
+    (folder / "eval.jsonl").write_text("\n".join(lines[48:56]) + "\n")
+    raw = {
+        "tokenizer": str(ROOT / "examples/tokenizer"),
+        "datasets": [{"path": str(folder / "train.jsonl"), "type": "chat_template"}],
+        "test_datasets": [{"path": str(folder / "eval.jsonl"), "type": "chat_template"}],
+        "dataset_prepared_path": str(folder / "cache"),
+        "sequence_len": 256,
+        "sample_packing": True,
+        "micro_batch_size": 4,
+        "learning_rate": 1e-2,
+        "warmup_steps": 1,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_target_linear": True,
+        "lora_target_experts": True,
+        "output_dir": str(folder / "out"),
+        "seed": 3,
+    }
+    return raw | overrides

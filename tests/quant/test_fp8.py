@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from quant_helpers import assert_same_forward_and_input_gradient, dequantized_copy, rel_error
+from quant_helpers import assert_same_forward_and_input_gradient, dequantized_copy, quickstart_like, rel_error
 from rich.console import Console
 from torch import nn
 
@@ -116,20 +116,6 @@ def test_a_quantised_model_computes_what_its_dequantised_copy_does():
     error = rel_error(logits, reference)
     assert error <= 1.5 * noise_error + 1e-3 and error < 0.2, (error, noise_error)
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() > 0.5  # a random model: near-ties
-
-
-def quickstart_like(folder: Path, **overrides) -> dict:
-    lines = (ROOT / "examples/data/quickstart_train.jsonl").read_text().splitlines()
-    (folder / "train.jsonl").write_text("\n".join(lines[:48]) + "\n")
-    (folder / "eval.jsonl").write_text("\n".join(lines[48:56]) + "\n")
-    return {
-        "tokenizer": str(ROOT / "examples/tokenizer"),
-        "datasets": [{"path": str(folder / "train.jsonl"), "type": "chat_template"}],
-        "test_datasets": [{"path": str(folder / "eval.jsonl"), "type": "chat_template"}],
-        "dataset_prepared_path": str(folder / "cache"), "sequence_len": 256, "sample_packing": True,
-        "micro_batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 1, "lora_r": 8, "lora_alpha": 16,
-        "lora_target_linear": True, "lora_target_experts": True, "output_dir": str(folder / "out"), "seed": 3,
-    } | overrides
 
 
 @pytest.mark.usefixtures("one_thread")

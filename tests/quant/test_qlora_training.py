@@ -20,34 +20,11 @@ from kimitune.config import ConfigError, load_config, parse_config
 from kimitune.quant import QuantizedWeight, load_quantized
 from kimitune.train.settings import quant_spec
 from kimitune.train.trainer import Trainer
+from quant_helpers import quickstart_like
 
 pytest.importorskip("bitsandbytes")
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def quickstart_like(folder: Path, **overrides) -> dict:
-    lines = (ROOT / "examples/data/quickstart_train.jsonl").read_text().splitlines()
-    (folder / "train.jsonl").write_text("\n".join(lines[:48]) + "\n")
-    (folder / "eval.jsonl").write_text("\n".join(lines[48:56]) + "\n")
-    raw = {
-        "tokenizer": str(ROOT / "examples/tokenizer"),
-        "datasets": [{"path": str(folder / "train.jsonl"), "type": "chat_template"}],
-        "test_datasets": [{"path": str(folder / "eval.jsonl"), "type": "chat_template"}],
-        "dataset_prepared_path": str(folder / "cache"),
-        "sequence_len": 256,
-        "sample_packing": True,
-        "micro_batch_size": 4,
-        "learning_rate": 1e-2,
-        "warmup_steps": 1,
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "lora_target_linear": True,
-        "lora_target_experts": True,
-        "output_dir": str(folder / "out"),
-        "seed": 3,
-    }
-    return raw | overrides
 
 
 def train(folder: Path, raw: dict):
