@@ -30,16 +30,12 @@ from kimitune.ops.batch_layout import BatchLayout
 from kimitune.ops.reference_switch import use_kernels
 
 
-def packed_causal_mask(cu_seqlens: torch.Tensor, total: int, prefix: int = 0) -> torch.Tensor:
-    """[total, prefix + total] bool, True where query t may attend key s: same packed sequence and s <= t (no host
-    sync). The first ``prefix`` keys are earlier tokens of the first sequence, which all its queries see."""
+def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[total, total] bool, True where query t may attend key s: same packed sequence and s <= t (no host sync)."""
     positions = torch.arange(total, device=cu_seqlens.device)
     sequence = torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
     same = sequence[:, None] == sequence[None, :]
-    mask = same & (positions[None, :] <= positions[:, None])
-    if not prefix:
-        return mask
-    return torch.cat([(sequence == 0)[:, None].expand(total, prefix), mask], dim=1)
+    return same & (positions[None, :] <= positions[:, None])
 
 
 @functools.cache
@@ -58,33 +54,25 @@ def _varlen_attn():
 
 
 def packed_causal_attention_reference(q, k, v, cu_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
-    """The reference: scaled_dot_product_attention with the block-diagonal causal mask (and a first sequence's
-    prefix: k and v longer than q)."""
-    prefix = k.shape[2] - q.shape[2]
-    mask = packed_causal_mask(cu_seqlens.to(q.device), q.shape[2], prefix)
+    """The reference: scaled_dot_product_attention with the block-diagonal causal mask."""
+    mask = packed_causal_mask(cu_seqlens.to(q.device), q.shape[2])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def packed_causal_attention(q, k, v, cu_seqlens: BatchLayout | torch.Tensor, scale: float) -> torch.Tensor:
-    """q [1, H, T, Dqk], k [1, H, P + T, Dqk], v [1, H, P + T, Dv] -> [1, H, T, Dv] with the batch's layout (or its
-    bounds) of the T queries; see the module docstring. The first P keys (P = 0 but for a piece of a long sequence,
-    model/pieces.py) are earlier tokens of the first sequence: each of its queries sees them all."""
+    """q, k [1, H, T, Dqk], v [1, H, T, Dv] -> [1, H, T, Dv] with the batch's layout (or its bounds); see the module
+    docstring."""
     layout = BatchLayout.of(cu_seqlens, q.device, q.shape[2])
     varlen = _varlen_attn()
     if varlen is None or not use_kernels(q) or q.dtype not in (torch.bfloat16, torch.float16):
         return packed_causal_attention_reference(q, k, v, layout.cu_seqlens, scale)
-    prefix = k.shape[2] - q.shape[2]
     longest = layout.max_seqlen
     cu = layout.cu_seqlens.to(torch.int32)
-    # Keys of sequence i start P later than its queries (but the first's): flash attention's causal mask is aligned
-    # to each sequence's last key, so the first sequence's queries see the prefix.
-    cu_k = cu + F.pad(torch.full_like(cu[1:], prefix), (1, 0)) if prefix else cu
-    longest_k = longest + prefix  # an upper bound, which is all the kernel needs
     v_dim, qk_dim = v.shape[-1], q.shape[-1]
     q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # [T, H, D]
     if v_dim < qk_dim:
         v = F.pad(v, (0, qk_dim - v_dim))
-    out = varlen(q, k, v, cu, cu_k, longest, longest_k, scale=scale)
+    out = varlen(q, k, v, cu, cu, longest, longest, scale=scale)
     return out[..., :v_dim].transpose(0, 1).unsqueeze(0)
 
 

@@ -1,6 +1,6 @@
 """On a CUDA GPU with fla-core: layers in pieces (model/pieces.py) against whole layers in bf16 (fla's KDA with
-carried states, flash attention's varlen kernel with a first sequence's prefix), and that attention op alone
-against its masked reference.
+carried states, MLA over the earlier pieces block by block: kimitune.ops.prefix_attention, whose own GPU test is in
+tests/ops/test_prefix_attention.py).
 
 Run on the device: python -m pytest -q tests/model/test_pieces_gpu.py -m gpu
 """
@@ -12,7 +12,6 @@ import torch
 
 from kimitune import KimiLinearForCausalLM
 from kimitune.model import RunOptions
-from kimitune.ops.attention import packed_causal_attention, packed_causal_attention_reference
 
 from model_helpers import micro_config, perturb_
 
@@ -24,22 +23,6 @@ pytestmark = [
 
 def relative(got, ref):
     return ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-12)).item()
-
-
-def test_varlen_attention_with_a_prefix_matches_the_mask():
-    torch.manual_seed(0)
-    H, D, P = 4, 64, 40
-    cu = torch.tensor([0, 30, 31, 90, 128], dtype=torch.int32)
-    q = torch.randn(1, H, 128, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k = torch.randn(1, H, P + 128, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, H, P + 128, D // 2, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    got = packed_causal_attention(q, k, v, cu, 0.125)
-    ref = packed_causal_attention_reference(q.float(), k.float(), v.float(), cu.cuda(), 0.125)
-    assert relative(got, ref) < 1e-2
-    grads = torch.autograd.grad(got.float().square().sum(), (q, k, v))
-    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
-    for name, a, b in zip("qkv", grads, ref_grads):
-        assert relative(a, b) < 2e-2, name
 
 
 @pytest.mark.parametrize("packed", [False, True])
