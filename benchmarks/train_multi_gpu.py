@@ -70,8 +70,7 @@ def worker(args) -> None:
     lora_params = sum(p.numel() for p in params)  # global numbers: parameters are DTensors
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     # kimitune's own step (what `kimitune train` runs): clipping, the loss summed over the ranks, the device-side skip
-    train_step = TrainStep(model, opt, device, options=options, max_grad_norm=1.0,
-                           autocast_bf16=device.type == "cuda", world=world)
+    train_step = TrainStep(model, opt, device, options=options, max_grad_norm=1.0, world=world)  # LoRA: no autocast
 
     def sync():
         if device.type == "cuda":

@@ -45,7 +45,7 @@ def predict_peak_memory(
     train: TrainConfig,
     model_config: KimiLinearConfig,
     *,
-    autocast: bool = True,
+    autocast: bool | None = None,
     packed: bool | None = None,
     loss: str | None = None,
     fused: bool = True,
@@ -53,7 +53,7 @@ def predict_peak_memory(
 ) -> MemoryPlan:
     """The predicted peak GPU memory of training ``model_config`` as ``train`` says (bf16 on a GPU), per GPU.
 
-    ``autocast``: the trainer runs the forward under bf16 autocast (True); the benchmarks do not (False).
+    ``autocast``: the forward runs under bf16 autocast; default: as the trainer runs it, for full fine-tuning only.
     ``packed``: packed batches (MLA through varlen flash attention); default ``train.sample_packing``.
     ``loss``: "fused" (kimitune's, the default), "cce" (cut-cross-entropy) or "full" (full logits).
     ``fused``: fla-core's fused RMSNorm / gated norm / SwiGLU kernels run (kimitune.ops.norm, on CUDA with
@@ -67,6 +67,7 @@ def predict_peak_memory(
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     packed = train.sample_packing if packed is None else packed
+    autocast = train.adapter is None if autocast is None else autocast
     quant = "int8" if train.load_in_8bit else "fp8" if train.load_in_fp8 else "int4" if train.load_in_4bit else None
     shapes = model_shapes(train, model_config)
     T = train.micro_batch_size * train.sequence_len

@@ -58,7 +58,8 @@ class TrainingSetup:
     tokenizer: object
     train_samples: list
     eval_batches: list
-    autocast_bf16: bool
+    bf16: bool  # the run computes in bf16 (a GPU that has it)
+    autocast_bf16: bool  # its forwards run under bf16 autocast: full fine-tuning's float32 weights only
     adapter_settings: object | None = None
     _epoch_cache: dict = field(default_factory=dict)
     _batches_per_epoch: int | None = None
@@ -168,14 +169,17 @@ def build_training_setup(
     seed_everything(config.seed)
     device = pick_device(config)
     apply_tf32(config)
-    autocast_bf16 = uses_bf16(config, device)
+    bf16 = uses_bf16(config, device)
     tokenizer = load_tokenizer(config.tokenizer_path, trust_remote_code=config.trust_remote_code)
     prepared = prepare_datasets(config, tokenizer)
     console.print(prepared.report)
 
     full_finetune = config.adapter is None
-    # Adapters train in float32 on top of frozen bf16 weights; full fine-tuning keeps float32 master weights.
-    dtype = torch.bfloat16 if (autocast_bf16 and not full_finetune) else torch.float32
+    # Adapters train in float32 on top of frozen bf16 weights, and the model casts them to bf16 where they are
+    # multiplied (kimitune.adapters.casts): such a run needs no autocast, whose dispatch costs host time on every op
+    # (benchmarks/RESULTS.md, issue 20). Full fine-tuning keeps float32 master weights and computes under autocast.
+    dtype = torch.bfloat16 if (bf16 and not full_finetune) else torch.float32
+    autocast_bf16 = bf16 and full_finetune
     weights_from = config.base_model
     if full_finetune and resume_from is not None:
         weights_from = str(resume_from)
@@ -212,6 +216,7 @@ def build_training_setup(
         tokenizer=tokenizer,
         train_samples=prepared.train,
         eval_batches=eval_batches,
+        bf16=bf16,
         autocast_bf16=autocast_bf16,
         adapter_settings=settings,
     )

@@ -343,7 +343,7 @@ class Trainer:
                       + (", parameters offloaded to the CPU" if fsdp.offload_params else ""))
         full_state = setup.model.state_dict() if (from_rank0 and world.is_main) else None  # before sharding
         model = distributed.shard_model(
-            setup.model, world, bf16=setup.autocast_bf16, offload_params=fsdp.offload_params,
+            setup.model, world, bf16=setup.bf16, offload_params=fsdp.offload_params,
             pin_memory=fsdp.cpu_offload_pin_memory, reshard_after_forward=fsdp.reshard_after_forward,
         )
         if from_rank0:

@@ -31,6 +31,14 @@ def test_pieces_equal_the_whole_layers_in_bf16(packed):
     config = micro_config(hidden_size=128, kda_num_heads=2, kda_head_dim=64, num_attention_heads=2, head_dim=64,
                           qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, kv_lora_rank=64)
     model = perturb_(KimiLinearForCausalLM(config)).cuda().bfloat16()
+    # Every token goes to experts 0 and 1: bf16 rounding that differs at the piece cuts would otherwise flip a few
+    # tokens' top-k choices, and each flip moves the router's and the experts' gradients by a whole expert's share
+    # (on the H200, 2026-12-03: 0.149 apart for a router weight, 0.090 for an expert stack, the worst of all the
+    # gradients). The bias only chooses; the weights still come from the token's scores, so the routers' gradients
+    # stay continuous and are held too. The float32 test on the CPU (test_pieces.py) routes freely.
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.zero_()[:2] = 10.0
     if packed:
         bounds = [0, 100, 230, 231, 512, 700]
         input_ids, cu = torch.randint(0, 250, (1, 700), device="cuda"), torch.tensor(bounds, dtype=torch.int32)
@@ -45,9 +53,5 @@ def test_pieces_equal_the_whole_layers_in_bf16(packed):
         results.append((out.loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}))
     (loss, grads), (loss_p, grads_p) = results
     assert abs(loss_p - loss).item() <= 1e-2 * loss.abs().item()
-    # The routers' weights are left out: bf16 rounding that differs at the piece cuts flips a few tokens' top-k
-    # choices, and each flip moves the router's gradient by a whole expert's score (on the H200, 2026-12-03, the
-    # packed case's router weight of layer 3 was 0.149 apart, the worst of all the gradients). The float32 test on the
-    # CPU (test_pieces.py) holds them too.
-    worst = max((relative(grads_p[n], grads[n]), n) for n in grads if grads[n].norm() > 0 and ".mlp.gate." not in n)
+    worst = max((relative(grads_p[n], grads[n]), n) for n in grads if grads[n].norm() > 0)
     assert worst[0] < 5e-2, worst

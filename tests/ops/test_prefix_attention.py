@@ -70,6 +70,7 @@ def test_blockwise_on_the_gpu_matches_the_masked_reference_in_bf16():
     as_float = [t.detach().float().requires_grad_() for t in leaves]
     kv_b_float = nn.Linear(64, 4 * 128, bias=False).cuda()
     kv_b_float.weight = nn.Parameter(as_float[3])
+    as_float[3] = kv_b_float.weight  # the Parameter is a new tensor (sharing the storage): it is what the graph uses
     ref = prefix_attention_reference(*as_float[:3], list(zip(as_float[4::2], as_float[5::2])),
                                      lambda lat, sh: expand_with(kv_b_float, lat, sh), [], 0.1)
     ref_grads = torch.autograd.grad(ref.square().sum(), as_float)

@@ -246,3 +246,20 @@ def test_pad_to_sequence_len_gives_every_batch_one_shape_and_the_same_losses(sma
     # The padding is a sequence of its own with no loss: the steps optimise the same thing.
     assert [loss for _, loss in losses(tmp_path / "padded")] == pytest.approx(
         [loss for _, loss in losses(tmp_path / "plain")], rel=1e-4)
+
+
+def test_only_full_fine_tuning_runs_under_autocast(small_data, tmp_path, monkeypatch):
+    """On a bf16 GPU (faked here) an adapter run has bf16 frozen weights and no autocast (the model casts its float32
+    adapters where they multiply); full fine-tuning keeps float32 weights and computes under bf16 autocast."""
+    from kimitune.train import setup as setup_module
+
+    monkeypatch.setattr(setup_module, "uses_bf16", lambda config, device: True)
+    built = {}
+    for adapter in ("lora", None):
+        lora = {"lora_r": 4, "lora_alpha": 8, "lora_target_linear": True} if adapter else {}
+        config, _ = parse_config(raw_config(small_data, tmp_path / str(adapter), adapter=adapter, **lora))
+        setup = setup_module.build_training_setup(config, Console(quiet=True))
+        built[adapter] = (setup.bf16, setup.autocast_bf16, {p.dtype for p in setup.model.parameters()
+                                                           if not p.requires_grad})
+    assert built["lora"] == (True, False, {torch.bfloat16})
+    assert built[None] == (True, True, set())

@@ -68,13 +68,15 @@ def _chunk_tables_ready(layout: BatchLayout) -> None:
     # fla reads only the host bounds (and the device tensor's dtype and device): nothing to wait for on the side stream.
     side = torch.cuda.Stream(device=layout.cu_seqlens.device)
     debug_mode = torch.cuda.get_sync_debug_mode()
-    torch.cuda.set_sync_debug_mode(0)  # the side stream's wait stalls nothing that the compute stream queued
+    if debug_mode:  # setting it warns that the mode is a prototype: only a run that turned it on hears that
+        torch.cuda.set_sync_debug_mode(0)  # the side stream's wait stalls nothing that the compute stream queued
     try:
         with torch.cuda.stream(side):
             table = _fla().prepare_chunk_indices(cu_seqlens=layout.cu_seqlens, chunk_size=FLA_CHUNK_SIZE,
                                                  cu_seqlens_cpu=layout.cu_seqlens_cpu)
     finally:
-        torch.cuda.set_sync_debug_mode(debug_mode)
+        if debug_mode:
+            torch.cuda.set_sync_debug_mode(debug_mode)
     table.record_stream(torch.cuda.current_stream(table.device))  # copied (synchronously) there, read here
     layout.__dict__["fla_chunk_tables"] = table  # keeps it alive with the layout; the layout is frozen otherwise
 
