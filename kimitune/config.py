@@ -29,9 +29,12 @@ class DatasetConfig(_Strict):
     """One entry of ``datasets:`` / ``test_datasets:``: where the rows are and how to read their messages."""
 
     path: str = Field(description="Local .jsonl/.json/.parquet file or folder, or a hub dataset id.")
-    type: Literal["chat_template"] = Field(
-        default="chat_template", description="How rows become samples: chat_template (the only kind) renders each "
-        "row's messages with the chat template."
+    type: str = Field(
+        default="chat_template", description="How rows become samples. Fine-tuning: chat_template renders each "
+        "row's messages with the chat template. Preference tuning (rl): chat_template.default (messages + chosen / "
+        "rejected replies) or an Axolotl row layout (chatml.intel, chatml.prompt_pairs, chatml.argilla, "
+        "chatml.argilla_chat, chatml.ultra, chatml.icr, and their llama3. twins), always rendered with the "
+        "tokenizer's own chat template."
     )
     split: str = Field(default="train", description="Split of a hub dataset or data folder to read.")
     name: str | None = Field(default=None, description="Hub dataset configuration name.")
@@ -57,6 +60,9 @@ class DatasetConfig(_Strict):
         "a message's `weight` (0/1) is read too, and so are `train`/`weight` on content parts.",
     )
     field_tools: str = Field(default="tools", description="The row key that holds the tool definitions, if any.")
+    field_chosen: str = Field(default="chosen", description="Preference tuning: the row key of the chosen reply.")
+    field_rejected: str = Field(default="rejected", description="Preference tuning: the row key of the rejected "
+                                "reply.")
     # Axolotl keys for datasets that have no effect here.
     shards: int | None = Field(default=None, description="Axolotl's key; no effect: every row is read.")
     chat_template: str | None = Field(
@@ -201,6 +207,22 @@ class TrainConfig(_Strict):
     shuffle_merged_datasets: bool = Field(default=True, description="Shuffle the training samples (with seed) "
                                           "after the datasets are joined.")
 
+    # --- preference tuning (kimitune.train.preference) ------------------------------------------------
+    rl: Literal["dpo", "ipo", "orpo", "simpo"] | None = Field(
+        default=None, description="Preference tuning on chosen / rejected pairs instead of fine-tuning: dpo, ipo "
+        "(both against the model as it starts, the reference), orpo or simpo (no reference). Each pair's two "
+        "sequences are packed into one row."
+    )
+    rl_beta: float | None = Field(default=None, gt=0, description="The preference loss's beta (TRL's): 0.1 "
+                                  "unless set. ORPO reads orpo_alpha.")
+    orpo_alpha: float | None = Field(default=None, gt=0, description="ORPO's weight of the odds-ratio term "
+                                     "(TRL's ORPOConfig beta): 0.1 unless set.")
+    simpo_gamma: float = Field(default=0.5, description="SimPO's target reward margin (TRL's CPOConfig).")
+    cpo_alpha: float = Field(default=1.0, ge=0, description="SimPO: the weight of the chosen replies' NLL "
+                             "(TRL's CPOConfig; 0 for the SimPO paper's loss).")
+    rl_label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="SimPO: label smoothing of the "
+                                      "pair loss (TRL's CPOConfig label_smoothing).")
+
     # --- optimisation ----------------------------------------------------------------------------------
     micro_batch_size: int = Field(default=1, gt=0, description="Samples per forward pass (packed: rows of "
                                   "sequence_len tokens per forward pass).")
@@ -326,6 +348,13 @@ class TrainConfig(_Strict):
             raw = {**raw, "gradient_checkpointing": True, "activation_offloading": True}
         return raw
 
+    @model_validator(mode="before")
+    @classmethod
+    def _rl_not_yet(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("rl") in ("kto", "grpo", "ppo"):
+            raise ValueError(f"rl: {raw['rl']} is not supported yet (dpo, ipo, orpo and simpo are)")
+        return raw
+
     @model_validator(mode="after")
     def _check_consistency(self) -> TrainConfig:
         if (self.base_model is None) == (self.init_from_config is None):
@@ -360,6 +389,17 @@ class TrainConfig(_Strict):
                                                   or self.gradient_checkpointing_layers is not None):
             raise ValueError("recompute_segment_layers needs every decoder layer recomputed: gradient_checkpointing: "
                              "true (or fsdp_config.activation_checkpointing: true) without gradient_checkpointing_layers")
+        sft_only = [d.type for d in self.datasets + self.test_datasets if d.type != "chat_template"]
+        if self.rl is None and sft_only:
+            raise ValueError(f"dataset type {sft_only[0]} is a preference format: set rl (dpo, ipo, orpo or simpo), "
+                             "or use type: chat_template to fine-tune")
+        rl_keys = sorted(k for k in ("rl_beta", "orpo_alpha", "simpo_gamma", "cpo_alpha", "rl_label_smoothing")
+                         if getattr(self, k) != type(self).model_fields[k].default)
+        if rl_keys and self.rl is None:
+            raise ValueError(f"{', '.join(rl_keys)} only apply with rl set")
+        if self.rl is not None and not self.sample_packing:
+            raise ValueError("preference tuning packs each pair's two sequences into one row: set sample_packing: "
+                             "true")
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version: kimitune shards with FSDP2 only: set 2 (got {self.fsdp_version})")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
@@ -429,6 +469,10 @@ INERT_KEYS: dict[str, str] = {
     "unfrozen_parameters": "use adapter: null for full fine-tuning",
     "lr_quadratic_warmup": "warmup is linear",
     "lora_modules_to_save": "embeddings and head stay frozen under an adapter",
+    "rl_adapter_ref_model": "the reference is the model as training starts (a new adapter adds nothing), "
+                            "computed once before the first step: no second model is loaded",
+    "precompute_ref_log_probs": "the reference log-probabilities are always computed once, before the first step",
+    "remove_unused_columns": "rows are read by their fields; other columns are ignored",
 }
 
 # Plugins from Axolotl configs: True when kimitune always does what the plugin does (accepted silently), False when
@@ -450,6 +494,8 @@ NOT_SUPPORTED: dict[str, str] = {
                  "gradient_checkpointing: true and sequence_piece_len",
     "tiled_mlp_num_shards": "kimitune tiles the MLP and MoE along the sequence with each layer's pieces: set "
                             "gradient_checkpointing: true and sequence_piece_len (tokens per piece)",
+    "kto_desirable_weight": "rl: kto is not supported yet (dpo, ipo, orpo, simpo are)",
+    "kto_undesirable_weight": "rl: kto is not supported yet (dpo, ipo, orpo, simpo are)",
     "context_parallel_size": "a sequence split across GPUs is not supported yet; one GPU trains long rows with "
                              "sequence_piece_len, activation_offloading and recompute_segment_layers",
 }

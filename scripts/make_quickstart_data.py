@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 KEYS = ("cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen", "ant", "elk", "ram", "yak")
@@ -53,29 +54,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row, separators=(",", ":")) + "\n" for row in rows))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_splits(make_row: Callable[[random.Random], dict], identity: Callable[[dict], str], doc: str, prefix: str,
+                 train: int, evaluation: int, what: str) -> None:
+    """The command line of a data script: writes ``<prefix>_train.jsonl`` and ``<prefix>_eval.jsonl`` (``--train``
+    and ``--eval`` rows of ``make_row``) to ``--out``, no eval row sharing its ``identity`` with a training row."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "examples" / "data")
-    parser.add_argument("--train", type=int, default=1600)
-    parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--train", type=int, default=train)
+    parser.add_argument("--eval", type=int, default=evaluation)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     # Separate streams so that changing --train leaves the eval file as it was.
-    train_rng, eval_rng = random.Random(f"{args.seed}-train"), random.Random(f"{args.seed}-eval")
+    stream = "" if prefix == "quickstart" else f"{prefix}-"
+    train_rng, eval_rng = random.Random(f"{args.seed}-{stream}train"), random.Random(f"{args.seed}-{stream}eval")
     args.out.mkdir(parents=True, exist_ok=True)
-    train = [make_conversation(train_rng) for _ in range(args.train)]
-    # Short conversations repeat by chance; eval holds none seen in training, so exact match measures recall.
-    seen = {json.dumps(row) for row in train}
-    evaluation: list[dict] = []
-    while len(evaluation) < args.eval:
-        row = make_conversation(eval_rng)
-        if json.dumps(row) not in seen:
-            seen.add(json.dumps(row))
-            evaluation.append(row)
-    write_jsonl(args.out / "quickstart_train.jsonl", train)
-    write_jsonl(args.out / "quickstart_eval.jsonl", evaluation)
-    print(f"wrote {args.train} train and {args.eval} eval conversations to {args.out}")
+    rows = [make_row(train_rng) for _ in range(args.train)]
+    # Short rows repeat by chance; eval holds none seen in training, so it measures what was learnt, not recalled.
+    seen = {identity(row) for row in rows}
+    held_out: list[dict] = []
+    while len(held_out) < args.eval:
+        row = make_row(eval_rng)
+        if identity(row) not in seen:
+            seen.add(identity(row))
+            held_out.append(row)
+    write_jsonl(args.out / f"{prefix}_train.jsonl", rows)
+    write_jsonl(args.out / f"{prefix}_eval.jsonl", held_out)
+    print(f"wrote {args.train} train and {args.eval} eval {what} to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    write_splits(make_conversation, json.dumps, __doc__, "quickstart", 1600, 200, "conversations")

@@ -90,8 +90,16 @@ def stand_ins(tmp_path_factory) -> dict[str, str]:
     quickstart["datasets"] = [{**quickstart["datasets"][0], "path": str(data)}]
     quickstart["test_datasets"] = [{**quickstart["test_datasets"][0], "path": str(eval_data)}]
     (tmp / "quickstart.yaml").write_text(yaml.safe_dump(quickstart))
+    dpo = yaml.safe_load((ROOT / "examples/dpo_quickstart.yaml").read_text())
+    dpo |= {"output_dir": str(tmp / "dpo"), "dataset_prepared_path": str(tmp / "prepared"), "max_steps": 2}
+    for key in ("init_from_config", "tokenizer"):
+        dpo[key] = str(ROOT / dpo[key])
+    for entries in ("datasets", "test_datasets"):
+        dpo[entries] = [{**entry, "path": str(ROOT / entry["path"])} for entry in dpo[entries]]
+    (tmp / "dpo_quickstart.yaml").write_text(yaml.safe_dump(dpo))
     return {"examples/kimi-48b-lora.yaml": str(tmp / "lora.yaml"), "CONFIG": str(tmp / "lora.yaml"),
             "examples/quickstart.yaml": str(tmp / "quickstart.yaml"), "BASE": str(base),
+            "examples/dpo_quickstart.yaml": str(tmp / "dpo_quickstart.yaml"),
             "outputs/lora-out": str(tmp / "lora-out"), "merged": str(tmp / "merged"), "N": "2"}
 
 

@@ -67,7 +67,7 @@ def key_parts(
         "settings": config.model_dump(
             include={
                 "sequence_len", "excess_length_strategy", "train_on_inputs", "roles_to_train", "train_on_eos",
-                "val_set_size", "seed", "shuffle_merged_datasets",
+                "val_set_size", "seed", "shuffle_merged_datasets", "rl",
             }
         ),
     }

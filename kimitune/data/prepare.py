@@ -5,6 +5,9 @@ settings, counts every row it skips or truncates, holds out the eval split, and 
 (``kimitune.data.cache``); with the same inputs a later call loads it instead. ``run_preprocess`` is what
 ``kimitune preprocess CONFIG`` runs.
 
+Preference data (``rl`` set): each row is a pair (``kimitune.data.preference``), shuffled and held out as a whole;
+the prepared lists hold each pair as two samples, chosen then rejected (``pairs_to_samples``).
+
 Eval set: the ``test_datasets`` when given; else ``val_set_size`` samples (a fraction below 1, a count from 1)
 drawn from the merged training samples with the config's ``seed``; else none. ``shuffle_merged_datasets`` shuffles
 the training samples (same seed) after the datasets are concatenated. ``train_on_inputs: true`` trains every token
@@ -28,6 +31,7 @@ from kimitune.config import TrainConfig, load_config
 from kimitune.data import cache
 from kimitune.data.chat import IGNORE_INDEX, ROLES, ConversationError, tokenize_conversation
 from kimitune.data.packing import Sample, pack_epoch
+from kimitune.data.preference import pairs_to_samples, tokenize_preference_rows
 from kimitune.data.report import DataReport, SourceReport, Tally
 from kimitune.data.sources import DataError, Source, check_mappings, open_source, role_aliases, row_to_conversation
 from kimitune.data.tokenizer import TOKENIZER_DEFAULT, load_tokenizer
@@ -138,15 +142,21 @@ def _hold_out(samples: list[Sample], val_set_size: float, seed: int) -> tuple[li
 def _tokenize_all(
     config: TrainConfig, tokenizer: Any, train_sources: Sequence[Source], eval_sources: Sequence[Source], show: bool
 ) -> tuple[list[Sample], list[Sample], DataReport]:
-    report = DataReport()
+    report = DataReport(unit="samples" if config.rl is None else "pairs")
     train: list[Sample] = []
     eval: list[Sample] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not show) as progress:
         for sources, split, out in ((train_sources, "train", train), (eval_sources, "eval", eval)):
             for source in sources:
-                samples, source_report = _tokenize_source(source, config, tokenizer, split, progress)
-                out.extend(samples)
+                if config.rl is not None:
+                    items, source_report = tokenize_preference_rows(
+                        source.config, tokenizer, config.sequence_len, name=source.name, split=split,
+                        field_chosen=source.config.field_chosen, field_rejected=source.config.field_rejected,
+                        train_on_eos=config.train_on_eos, progress=progress)
+                else:
+                    items, source_report = _tokenize_source(source, config, tokenizer, split, progress)
+                out.extend(items)
                 report.sources.append(source_report)
     if config.shuffle_merged_datasets:
         train = [train[i] for i in np.random.default_rng(config.seed).permutation(len(train))]
@@ -154,7 +164,9 @@ def _tokenize_all(
         report.eval_from = "test_datasets"
     elif config.val_set_size > 0:
         train, eval = _hold_out(train, config.val_set_size, config.seed)
-        report.eval_from = f"val_set_size {config.val_set_size:g} of the training samples"
+        report.eval_from = f"val_set_size {config.val_set_size:g} of the training {report.unit}"
+    if config.rl is not None:
+        train, eval = pairs_to_samples(train), pairs_to_samples(eval)
     return train, eval, report
 
 
@@ -175,13 +187,17 @@ def prepare_datasets(config: TrainConfig, tokenizer: Any, progress: bool = True)
         report.from_cache = True
     else:
         train, eval, report = _tokenize_all(config, tokenizer, train_sources, eval_sources, progress)
-        report.train_samples, report.eval_samples = len(train), len(eval)
+        per_item = 1 if config.rl is None else 2  # a pair is stored as two samples
+        report.train_samples, report.eval_samples = len(train) // per_item, len(eval) // per_item
         cache.save(directory, parts, train, eval, report)
     report.cache_dir = str(directory)
     if config.sample_packing:
         # Depends on micro_batch_size, which the cache key leaves out: computed on every call.
         capacity = config.micro_batch_size * config.sequence_len
-        bins = pack_epoch([len(s) for s in train], capacity, config.seed, epoch=0)
+        lengths = [len(s) for s in train]
+        if config.rl is not None:  # a pair is packed whole
+            lengths = [a + b for a, b in zip(lengths[0::2], lengths[1::2])]
+        bins = pack_epoch(lengths, capacity, config.seed, epoch=0)
         report.packed_batches = len(bins)
         report.packing_efficiency = sum(len(s) for s in train) / (len(bins) * capacity)
     return PreparedData(train=train, eval=eval, report=report)

@@ -79,6 +79,7 @@ class DataReport:
     sources: list[SourceReport] = field(default_factory=list)
     train_samples: int = 0
     eval_samples: int = 0
+    unit: str = "samples"  # "pairs" for preference data (each pair two samples: chosen and rejected)
     eval_from: str = "none"
     packing_efficiency: float | None = None
     packed_batches: int | None = None
@@ -131,7 +132,8 @@ class DataReport:
                              f"{s.flag_masked.count} rows ({where}, ...)")
             if s.ignored_keys:
                 lines.append(Text(f"keys not read in {s.name}: {_tallies(s.ignored_keys)}", style="yellow"))
-        lines.append(f"train samples: {self.train_samples}; eval samples: {self.eval_samples} ({self.eval_from})")
+        lines.append(f"train {self.unit}: {self.train_samples}; eval {self.unit}: {self.eval_samples} "
+                     f"({self.eval_from})")
         if self.packing_efficiency is not None:
             lines.append(f"packing: {self.packed_batches} batches per epoch, efficiency {self.packing_efficiency:.1%}")
         if self.cache_dir is not None:

@@ -37,7 +37,7 @@ from kimitune.model.norm import GatedRMSNorm, RMSNorm
 from kimitune.model.options import RunOptions
 from kimitune.model.pieces import layer_in_pieces
 from kimitune.ops import BatchLayout
-from kimitune.ops.loss import IGNORE_INDEX, LossRows, linear_cross_entropy
+from kimitune.ops.loss import IGNORE_INDEX, REDUCTIONS, LossRows, linear_cross_entropy
 
 
 @dataclass
@@ -256,7 +256,9 @@ class KimiLinearForCausalLM(nn.Module):
         batch's ``BatchLayout``; ``options``: how the pass runs (``RunOptions``; None: the defaults).
 
         The loss is the mean (or sum, ``loss_reduction="sum"``) over the shifted labels != -100 of the token
-        cross-entropy; with ``return_logits=False`` it is computed without materialising the [B * T, V] logits.
+        cross-entropy, or each token's, float32 [B * T] with 0 where nothing is predicted (``"none"``: position t's
+        loss is that of predicting token t + 1); with ``return_logits=False`` it is computed without materialising
+        the [B * T, V] logits.
         """
         options = options or RunOptions()
         self._check_inputs(input_ids, labels, cu_seqlens, cache, return_logits, loss_reduction)
@@ -294,8 +296,8 @@ class KimiLinearForCausalLM(nn.Module):
             raise ValueError(f"labels {tuple(labels.shape)} must have input_ids' shape {tuple(input_ids.shape)}")
         if not return_logits and labels is None:
             raise ValueError("return_logits=False computes only the loss: it needs labels")
-        if loss_reduction not in ("mean", "sum"):
-            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if loss_reduction not in REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
         if cu_seqlens is None:
             return
         if isinstance(cu_seqlens, BatchLayout):  # the caller's own layout: its tensor form is checked

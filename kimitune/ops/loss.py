@@ -16,7 +16,8 @@ Two implementations, chosen by ``linear_cross_entropy(..., impl=)``:
   softmax gradient then takes its PyTorch reference: no kernel of either.
 
 Logits follow transformers' precision: the matmul runs in the inputs' dtype and is upcast to float32 before the
-softmax. Targets equal to -100 are ignored; ``reduction="mean"`` divides by the number of the others.
+softmax. Targets equal to -100 are ignored; ``reduction="mean"`` divides by the number of the others, "none" returns
+each row's loss (0 on ignored rows).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ IGNORE_INDEX = -100
 _CHUNK_BYTES = 320 * 2**20
 _ROW_ALIGN = 64  # chunk rows rounded down to a multiple of this: a GEMM's M dimension in whole tiles
 IMPLS = ("fused", "cce")
+REDUCTIONS = ("mean", "sum", "none")  # "none": each row's loss, float32 [N], 0 on ignored rows
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -112,6 +114,20 @@ class LossRows:
         return self._indices
 
 
+def _chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, chunk_rows: int,
+            write_grad: bool):
+    """Yields, for each chunk of the non-ignored ``rows``: (the chunk's row indices [n], their hidden states [n, H],
+    their logits [n, V] (overwritten with the token losses' gradient when ``write_grad``), their token losses
+    float32 [n]). One logits buffer serves every chunk: use each before asking for the next."""
+    buffer = hidden.new_empty(min(chunk_rows, rows.numel()), weight.shape[0])
+    with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are already the compute dtype's
+        for chunk in rows.split(chunk_rows):
+            h = hidden.index_select(0, chunk)
+            logits = torch.mm(h, weight.T, out=buffer[: chunk.numel()])
+            lse, target_logit = softmax_grad_(logits, targets.index_select(0, chunk), write_grad=write_grad)
+            yield chunk, h, logits, lse - target_logit
+
+
 def _fused_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -126,23 +142,16 @@ def _fused_sum(
     where not asked for).
 
     Only the non-ignored rows are computed (``LossRows``; made here when not given, which waits for the GPU)."""
-    write_grad = need_hidden or need_weight
     rows = (loss_rows or LossRows(targets)).indices()
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-    # One buffer for every chunk's logits, which become that chunk's gradient in place.
-    buffer = hidden.new_empty(min(chunk_rows, rows.numel()), weight.shape[0])
-    with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are already the compute dtype's
-        for chunk in rows.split(chunk_rows):
-            h = hidden.index_select(0, chunk)
-            logits = torch.mm(h, weight.T, out=buffer[: chunk.numel()])
-            lse, target_logit = softmax_grad_(logits, targets.index_select(0, chunk), write_grad=write_grad)
-            total += (lse - target_logit).sum()
-            if need_hidden:
-                grad_hidden.index_copy_(0, chunk, logits @ weight)
-            if need_weight:
-                _add_product_float32_(grad_weight, logits.T, h)
+    for chunk, h, logits, losses in _chunks(hidden, weight, targets, rows, chunk_rows, need_hidden or need_weight):
+        total += losses.sum()
+        if need_hidden:
+            grad_hidden.index_copy_(0, chunk, logits @ weight)
+        if need_weight:
+            _add_product_float32_(grad_weight, logits.T, h)
     if need_weight:
         grad_weight = grad_weight.to(weight.dtype)
     return total, grad_hidden, grad_weight
@@ -170,6 +179,53 @@ class _FusedLinearCrossEntropySum(torch.autograd.Function):
         return scaled[0], scaled[1], None, None, None
 
 
+def _fused_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, need_hidden: bool,
+                loss_rows: LossRows | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """hidden [N, H], weight [V, H], targets [N] -> (each row's -log softmax(hidden @ weight.T)[target], float32 [N]
+    with 0 on ignored rows; each row's own gradient for hidden [N, H] or None; the non-ignored rows [n])."""
+    rows = (loss_rows or LossRows(targets)).indices()
+    token_losses = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+    for chunk, _, logits, losses in _chunks(hidden, weight, targets, rows, chunk_rows, need_hidden):
+        token_losses.index_copy_(0, chunk, losses)
+        if need_hidden:
+            grad_hidden.index_copy_(0, chunk, logits @ weight)
+    return token_losses, grad_hidden, rows
+
+
+class _FusedLinearCrossEntropyRows(torch.autograd.Function):
+    """Each row's -log softmax(hidden @ weight.T)[target], float32 [N] (0 on ignored rows).
+
+    Every row's loss has its own weight in what follows (a preference loss sums them per sequence), so the
+    hidden states' gradient is kept per row from the forward and scaled row by row in the backward; the weight's
+    gradient, a sum over rows with those weights, is recomputed in the backward when the head is trained."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int,
+                loss_rows: LossRows | None):
+        need_weight = ctx.needs_input_grad[1]
+        token_losses, grad_hidden, rows = _fused_rows(hidden, weight, targets, chunk_rows, ctx.needs_input_grad[0],
+                                                      loss_rows)
+        ctx.chunk_rows = chunk_rows
+        ctx.save_for_backward(grad_hidden, hidden if need_weight else None, weight if need_weight else None,
+                              targets, rows)
+        return token_losses
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor):
+        grad_hidden, hidden, weight, targets, rows = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_losses[:, None].to(grad_hidden.dtype)
+        grad_weight = None
+        if weight is not None:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for chunk, h, logits, _ in _chunks(hidden, weight, targets, rows, ctx.chunk_rows, True):
+                logits.mul_(grad_losses.index_select(0, chunk)[:, None].to(logits.dtype))
+                _add_product_float32_(grad_weight, logits.T, h)
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
 def chunked_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -182,7 +238,12 @@ def chunked_linear_cross_entropy(
     time; by default ``_CHUNK_BYTES`` of them). ``loss_rows``: ``LossRows(targets)`` made earlier (no host wait)."""
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.shape[0], hidden.dtype)
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if reduction == "none":
+        if grads:
+            return _FusedLinearCrossEntropyRows.apply(hidden, weight, targets, chunk_rows, loss_rows)
+        return _fused_rows(hidden, weight, targets, chunk_rows, need_hidden=False, loss_rows=loss_rows)[0]
+    if grads:
         total = _FusedLinearCrossEntropySum.apply(hidden, weight, targets, chunk_rows, loss_rows)
     else:
         total = _fused_sum(hidden, weight, targets, chunk_rows, need_hidden=False, need_weight=False,
@@ -210,7 +271,8 @@ def linear_cross_entropy(
     impl: str = "fused",
     loss_rows: LossRows | None = None,
 ) -> torch.Tensor:
-    """hidden [N, H], weight [V, H], targets [N] (-100 ignored) -> float32 scalar loss ("mean" or "sum").
+    """hidden [N, H], weight [V, H], targets [N] (-100 ignored) -> float32 loss: a scalar ("mean" or "sum"), or
+    each row's, [N] with 0 on ignored rows ("none": what per-sequence losses such as DPO's sum).
 
     ``impl``: "fused" (kimitune's, any device) or "cce" (cut-cross-entropy; CUDA tensors and the package
     required; "fused" under ``kimitune.ops.force_reference``). ``loss_rows``: the fused loss's ``LossRows(targets)``,
@@ -220,8 +282,8 @@ def linear_cross_entropy(
                          "be [N, H] and [V, H]")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy: targets {tuple(targets.shape)} must be [N] = [{hidden.shape[0]}]")
-    if reduction not in ("mean", "sum"):
-        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if impl not in IMPLS:
         raise ValueError(f"linear_cross_entropy: impl must be one of {IMPLS}, got {impl!r}")
     if reference_forced():

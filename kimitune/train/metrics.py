@@ -70,7 +70,20 @@ class MetricsLogger:
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
-        ax.legend()
+        handles, labels = ax.get_legend_handles_labels()
+        accuracy_steps, accuracies = self.series("rewards/accuracies")  # a preference run's
+        if accuracy_steps:
+            right = ax.twinx()
+            right.plot(accuracy_steps, accuracies, color="tab:green", linewidth=1, label="reward accuracy")
+            eval_steps, eval_accuracies = self.series("eval_rewards/accuracies")
+            if eval_steps:
+                right.plot(eval_steps, eval_accuracies, color="tab:green", linestyle="none", marker="s",
+                           label="eval reward accuracy")
+            right.set_ylim(0, 1)
+            right.set_ylabel("pairs ranked right")
+            more_handles, more_labels = right.get_legend_handles_labels()
+            handles, labels = handles + more_handles, labels + more_labels
+        ax.legend(handles, labels)
         fig.tight_layout()
         return fig
 

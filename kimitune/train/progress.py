@@ -24,6 +24,8 @@ def status_text(record: dict) -> str:
     parts = []
     if "loss" in record:
         parts.append(f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s")
+    if "rewards/accuracies" in record:
+        parts.append(f"acc {record['rewards/accuracies']:.2f}")
     if "eval_loss" in record:
         parts.append(f"eval {record['eval_loss']:.4f}")
     return "  ".join(parts)
@@ -35,8 +37,12 @@ def step_line(record: dict, total: int, eta_seconds: float | None) -> str:
     if "loss" in record:
         parts += [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"grad norm {record['grad_norm']:.3f}",
                   f"{record['tokens_per_s']:,.0f} tokens/s"]
+    if "rewards/accuracies" in record:  # a preference run: pairs ranked right, and the mean reward margin
+        parts.append(f"reward acc {record['rewards/accuracies']:.2f} margin {record['rewards/margins']:.3f}")
     if "eval_loss" in record:
         parts.append(f"eval loss {record['eval_loss']:.4f}")
+    if "eval_rewards/accuracies" in record:
+        parts.append(f"eval reward acc {record['eval_rewards/accuracies']:.2f}")
     if eta_seconds is not None:
         parts.append(f"eta {datetime.timedelta(seconds=round(eta_seconds))}")
     return "  ".join(parts)

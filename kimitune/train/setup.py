@@ -16,6 +16,7 @@ from rich.console import Console
 from torch import nn
 
 from kimitune.config import ConfigError, TrainConfig
+from kimitune.train.preference import PreferenceSettings, preference_settings
 
 
 def seed_everything(seed: int) -> None:
@@ -61,11 +62,22 @@ class TrainingSetup:
     bf16: bool  # the run computes in bf16 (a GPU that has it)
     autocast_bf16: bool  # its forwards run under bf16 autocast: full fine-tuning's float32 weights only
     adapter_settings: object | None = None
+    preference: PreferenceSettings | None = None  # a preference run (rl): train_samples and eval_pairs are pairs
+    eval_pairs: list = field(default_factory=list)
     _epoch_cache: dict = field(default_factory=dict)
     _batches_per_epoch: int | None = None
 
+    @property
+    def row_capacity(self) -> int:
+        return self.config.micro_batch_size * self.config.sequence_len
+
     def train_batches(self, epoch: int) -> list:
         """The micro-batches of one epoch, in training order (deterministic for seed and epoch)."""
+        if epoch not in self._epoch_cache and self.preference is not None:
+            from kimitune.data.preference import make_preference_batches
+
+            self._epoch_cache = {epoch: make_preference_batches(self.train_samples, self.row_capacity,
+                                                                self.config.seed, epoch)}
         if epoch not in self._epoch_cache:
             from kimitune.data import make_batches
 
@@ -197,8 +209,17 @@ def build_training_setup(
     settings = None
     if not full_finetune:
         settings = _attach_adapter(model, config, resume_from, console)
+    preference, train_samples, eval_pairs = None, prepared.train, []
     eval_batches = []
-    if prepared.eval:
+    if config.rl is not None:
+        from kimitune.data.preference import make_preference_batches, samples_to_pairs
+
+        preference = preference_settings(config)
+        train_samples, eval_pairs = samples_to_pairs(prepared.train), samples_to_pairs(prepared.eval)
+        if eval_pairs:
+            eval_batches = make_preference_batches(eval_pairs, config.micro_batch_size * config.sequence_len,
+                                                   config.seed, 0)
+    elif prepared.eval:
         eval_batches = make_batches(
             prepared.eval,
             sequence_len=config.sequence_len,
@@ -214,11 +235,13 @@ def build_training_setup(
         device=device,
         model=model,
         tokenizer=tokenizer,
-        train_samples=prepared.train,
+        train_samples=train_samples,
         eval_batches=eval_batches,
         bf16=bf16,
         autocast_bf16=autocast_bf16,
         adapter_settings=settings,
+        preference=preference,
+        eval_pairs=eval_pairs,
     )
 
 

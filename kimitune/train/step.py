@@ -1,12 +1,14 @@
 """One optimizer step, micro-batches in and step statistics out: what the Trainer runs and the training benchmarks time.
 
-    step = TrainStep(model, optimizer, device, options=RunOptions(...), max_grad_norm=1.0, autocast_bf16=True)
-    stats = step(micro_batches, label_tokens, micro_batches_per_step)   # StepStats: tensors on the device
+    step = TrainStep(model, optimizer, device, options=RunOptions(...), max_grad_norm=1.0, objective=TokenLoss())
+    stats = step(micro_batches, denominator, micro_batches_per_step)   # StepStats: tensors on the device
     stats.loss.item(), step.counters()                                  # host reads: at logging steps only
 
-The loss of a step is the mean over every label token of the global batch (``label_tokens``: the tokens of all
-``micro_batches_per_step`` micro-batches, over all ranks): each micro-batch's summed loss is divided by it before its
-backward, so accumulation never changes what is optimised. The load-balancing loss is averaged over the micro-batches.
+What a step optimises is its objective's: ``TokenLoss`` (fine-tuning, the default) is the mean over every label
+token of the global batch (``denominator``, ``TokenLoss.denominator(batches)``: the label tokens of all
+``micro_batches_per_step`` micro-batches, over all ranks); a preference objective (``kimitune.train.preference``)
+the mean over its pairs. Each micro-batch's loss is divided by the global count before its backward, so
+accumulation never changes what is optimised. The load-balancing loss is averaged over the micro-batches.
 
 Nothing in a step waits for the GPU: the host queues the next step's kernels while the GPU runs this one. The batch
 goes to the device from pinned memory without blocking; the batch layout is built once (``BatchLayout``); the loss
@@ -19,7 +21,7 @@ and the longest run of bad steps, are counted on the device too and read with ``
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,12 +35,43 @@ from kimitune.train.offload import HostOffload
 
 @dataclass
 class StepStats:
-    """One step's figures, float32 scalars on the device: loss (the mean over the global batch's label tokens),
-    grad_norm (before clipping) and finite (bool: the update was made)."""
+    """One step's figures, float32 scalars on the device: loss (the objective over the global batch: for
+    fine-tuning the mean over its label tokens), grad_norm (before clipping), finite (bool: the update was made),
+    and ``sums``: the objective's own figures summed over the global batch (a preference run's rewards; empty for
+    fine-tuning)."""
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
     finite: torch.Tensor
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class MicroBatchLoss:
+    """What an objective gives for one micro-batch: ``loss`` to backpropagate (already divided by the global
+    batch's count, so that accumulation never changes what is optimised), ``reported`` (its detached float32
+    value, summed into the step's loss), ``sums`` (figures summed over the step, or empty) and ``aux_loss`` (the
+    model's load-balancing loss, or None)."""
+
+    loss: torch.Tensor
+    reported: torch.Tensor
+    sums: dict[str, torch.Tensor]
+    aux_loss: torch.Tensor | None
+
+
+class TokenLoss:
+    """Fine-tuning's objective: the mean token cross-entropy over every label token of the global batch."""
+
+    def denominator(self, batches: list[Batch]) -> int:
+        """The global batch's label tokens (``batches``: every rank's micro-batches of the step)."""
+        return sum(b.num_label_tokens for b in batches)
+
+    def __call__(self, model: nn.Module, batch: Batch, input_ids: torch.Tensor, layout, options: RunOptions,
+                 denominator: int) -> MicroBatchLoss:
+        out = model(input_ids, labels=to_device(batch.labels, input_ids.device), cu_seqlens=layout,
+                    return_logits=False, loss_reduction="sum", options=options)
+        loss = out.loss / max(denominator, 1)
+        return MicroBatchLoss(loss, loss.detach().float(), {}, out.aux_loss)
 
 
 @dataclass
@@ -77,8 +110,9 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, *,
                  options: RunOptions = RunOptions(), max_grad_norm: float | None = None, autocast_bf16: bool = False,
                  world: distributed.World | None = None, skipped: int = 0, bad_in_a_row: int = 0,
-                 offload_activations: bool = False) -> None:
+                 offload_activations: bool = False, objective=None) -> None:
         self.model, self.optimizer, self.device, self.options = model, optimizer, torch.device(device), options
+        self.objective = objective or TokenLoss()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.max_norm = max_grad_norm if max_grad_norm else float("inf")
         self.autocast_bf16 = autocast_bf16
@@ -95,26 +129,31 @@ class TrainStep:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def __call__(self, micro_batches: list[Batch], label_tokens: int, micro_batches_per_step: int = 1) -> StepStats:
+    def __call__(self, micro_batches: list, denominator, micro_batches_per_step: int = 1) -> StepStats:
         """Forward and backward of this rank's ``micro_batches``, clipping, the update (unless a loss or the gradient
-        norm is not finite) and zeroed gradients. ``label_tokens``: of the whole global batch."""
-        denominator = max(label_tokens, 1)
-        loss_sum = torch.zeros((), device=self.device)
+        norm is not finite) and zeroed gradients. ``denominator``: the objective's count of the whole global batch
+        (``objective.denominator``; for fine-tuning its label tokens)."""
+        step_loss = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         for batch in micro_batches:
             input_ids = to_device(batch.input_ids, self.device)
             layout = BatchLayout.of(batch.cu_seqlens, self.device, input_ids.shape[1])
             with self._autocast(), self.offload or contextlib.nullcontext():
-                out = self.model(input_ids, labels=to_device(batch.labels, self.device), cu_seqlens=layout,
-                                 return_logits=False, loss_reduction="sum", options=self.options)
-            loss = out.loss / denominator
-            if out.aux_loss is not None:  # already scaled by router_aux_loss_coef
-                loss = loss + out.aux_loss / micro_batches_per_step
+                part = self.objective(self.model, batch, input_ids, layout, self.options, denominator)
+            loss = part.loss
+            if part.aux_loss is not None:  # already scaled by router_aux_loss_coef
+                loss = loss + part.aux_loss / micro_batches_per_step
             loss.backward()
-            loss_sum += out.loss.detach().float()
+            step_loss += part.reported
+            for name, value in part.sums.items():
+                sums[name] = sums[name] + value if name in sums else value
         grad_norm = distributed.clip_grad_norm(self.params, self.max_norm).float()
         if self.world is not None:
-            self.world.all_reduce_sum_(loss_sum)
-        step_loss = loss_sum / denominator
+            self.world.all_reduce_sum_(step_loss)
+            if sums:
+                stacked = torch.stack(list(sums.values()))
+                self.world.all_reduce_sum_(stacked)
+                sums = dict(zip(sums, stacked.unbind()))
         finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
         self._update(finite)
         self.optimizer.zero_grad(set_to_none=True)
@@ -125,7 +164,7 @@ class TrainStep:
         if not self._first_step_done:  # the first step tuned fla's kernels: keep the choices for the next process
             self._first_step_done = True
             tuned_kernels.save_tuned_configs()
-        return StepStats(step_loss, grad_norm, finite)
+        return StepStats(step_loss, grad_norm, finite, sums)
 
     def _update(self, finite: torch.Tensor) -> None:
         if not self.device_skip:

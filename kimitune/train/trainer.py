@@ -45,6 +45,8 @@ from kimitune.train.resume_checks import check_resume_target, schedule_change_wa
 from kimitune.train.run_record import record_finished
 from kimitune.train.schedule import build_scheduler, warmup_steps_for
 from kimitune.train.settings import run_options
+from kimitune.ops import BatchLayout
+from kimitune.train.preference import METRICS, PreferenceObjective, metric_means, reference_log_probs
 from kimitune.train.step import TrainStep
 from kimitune.train.setup import (
     TrainingSetup,
@@ -53,6 +55,9 @@ from kimitune.train.setup import (
     pick_device,
     seed_everything,
 )
+
+
+REFERENCE_FILE = "reference_logps.pt"  # a preference run's reference log-probabilities, in its output_dir
 
 
 class TrainingDiverged(RuntimeError):
@@ -211,11 +216,16 @@ class Trainer:
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if setup.autocast_bf16 else contextlib.nullcontext()
         )
+        self._eval_objective, objective = None, None
+        if setup.preference is not None:
+            reference = self._reference(setup, world, console, resumed=resume_from is not None)
+            objective = PreferenceObjective(setup.preference, reference and reference["train"])
+            self._eval_objective = PreferenceObjective(setup.preference, reference and reference["eval"])
         train_step = TrainStep(
             model, optimizer, device, options=run_options(config, model, sharded=distributed.is_sharded(model)),
             max_grad_norm=config.max_grad_norm, autocast_bf16=setup.autocast_bf16, world=world,
             skipped=state.skipped_steps, bad_in_a_row=state.bad_steps_in_a_row,
-            offload_activations=config.activation_offloading,
+            offload_activations=config.activation_offloading, objective=objective,
         )
 
         def save(step_state: TrainerState) -> Path:
@@ -224,19 +234,22 @@ class Trainer:
                 self.output_dir, step_state, setup.save_trainable, model, optimizer, config.save_total_limit, world
             )
 
-        first_eval = self.evaluate(setup, autocast, world) if (setup.eval_batches and state.step == 0) else None
-        if first_eval is not None:
-            metrics.log({"step": 0, "eval_loss": first_eval, "eval_ppl": math.exp(min(first_eval, 50))})
+        first_eval = None
+        if setup.eval_batches and state.step == 0:
+            first = self.evaluate(setup, autocast, world)
+            first_eval = first["eval_loss"]
+            metrics.log({"step": 0} | first)
         last_eval = first_eval
         cleanup.enter_context(frozen_startup_objects())
         start_time, window_tokens, window_start = time.perf_counter(), 0, time.perf_counter()
+        window_sums: dict[str, torch.Tensor] = {}  # the objective's figures over the logging window, on the device
         model.train()
         with training_progress(console) as progress:
             task = progress.add_task("train", total=total_steps, completed=state.step, status="")
             while state.step < total_steps:
                 step_batches = stream.take(micro_batches_per_step)
-                label_tokens = sum(b.num_label_tokens for b in step_batches)  # of the whole global batch
-                stats = train_step(distributed.shard_of(step_batches, world), label_tokens, micro_batches_per_step)
+                denominator = train_step.objective.denominator(step_batches)  # of the whole global batch
+                stats = train_step(distributed.shard_of(step_batches, world), denominator, micro_batches_per_step)
                 lr = scheduler.get_last_lr()[0]
                 with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
                     warnings.simplefilter("ignore", UserWarning)
@@ -246,6 +259,8 @@ class Trainer:
                 step_tokens = sum(b.num_tokens for b in step_batches)
                 state.tokens_seen += step_tokens
                 window_tokens += step_tokens
+                for name, value in stats.sums.items():
+                    window_sums[name] = window_sums[name] + value if name in window_sums else value
 
                 logging = state.step % config.logging_steps == 0 or state.step == total_steps
                 evaluating = bool(setup.eval_batches and eval_every
@@ -265,15 +280,18 @@ class Trainer:
                         "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                         "epoch": state.epoch + state.batch_index / max(setup.batches_per_epoch, 1),
                     }
-                    window_tokens, window_start = 0, time.perf_counter()
+                    if window_sums:
+                        names = list(window_sums)
+                        record |= metric_means(dict(zip(names, torch.stack([window_sums[n] for n in names])
+                                                        .tolist())))
+                    window_tokens, window_start, window_sums = 0, time.perf_counter(), {}
                 if evaluating:
-                    last_eval = self.evaluate(setup, autocast, world)
+                    evaluated = self.evaluate(setup, autocast, world)
+                    last_eval = evaluated["eval_loss"]
                     model.train()
                     if state.best_eval_loss is None or last_eval < state.best_eval_loss:
                         state.best_eval_loss = last_eval
-                    record = (record or {"step": state.step}) | {
-                        "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))
-                    }
+                    record = (record or {"step": state.step}) | evaluated
                 if record is not None:
                     metrics.log(record)
                     progress.update(task, status=status_text(record), record=record)
@@ -282,9 +300,10 @@ class Trainer:
                 progress.update(task, completed=state.step)
 
         if setup.eval_batches and eval_every is None:
-            last_eval = self.evaluate(setup, autocast, world)
+            evaluated = self.evaluate(setup, autocast, world)
+            last_eval = evaluated["eval_loss"]
             state.best_eval_loss = min(last_eval, state.best_eval_loss or last_eval)
-            metrics.log({"step": state.step, "eval_loss": last_eval, "eval_ppl": math.exp(min(last_eval, 50))})
+            metrics.log({"step": state.step} | evaluated)
         saved = setup.save_final(self.output_dir)
         if world.is_main:
             record_finished(self.output_dir, state.step)
@@ -322,18 +341,79 @@ class Trainer:
                 f"{self.output_dir} is intact: lower learning_rate or check the data, then resume."
             )
 
-    def evaluate(self, setup: TrainingSetup, autocast, world: distributed.World) -> float:
-        """Mean loss over every label token of the eval set (each rank evaluates its share of the batches)."""
+    def evaluate(self, setup: TrainingSetup, autocast, world: distributed.World) -> dict[str, float]:
+        """The eval set's figures (each rank evaluates its share of the batches): ``eval_loss`` (fine-tuning: the
+        mean over every label token, with ``eval_ppl``; preference tuning: the objective over the eval pairs, with
+        the rewards' means as ``eval_rewards/...``)."""
         from kimitune.infer.evaluate import summed_loss
 
         mine = distributed.shard_of(setup.eval_batches, world)
         options = RunOptions(sequence_piece_len=self.config.sequence_piece_len)  # a long sample's memory bound
-        total, count = summed_loss(setup.model, mine, autocast, options)
         spare = distributed.forward_passes_per_rank(len(setup.eval_batches), world) - len(mine)
+        if setup.preference is not None:
+            return self._evaluate_pairs(setup, mine, spare, autocast, world, options)
+        total, count = summed_loss(setup.model, mine, autocast, options)
         if spare:  # FSDP needs as many forward passes on every rank: repeat one batch, discard its loss
             summed_loss(setup.model, setup.eval_batches[:1] * spare, autocast, options)
         total, count = world.sum(total, count)
-        return total / max(count, 1)
+        loss = total / max(count, 1)
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+
+    def _evaluate_pairs(self, setup: TrainingSetup, mine: list, spare: int, autocast, world: distributed.World,
+                        options: RunOptions) -> dict[str, float]:
+        objective, model, device = self._eval_objective, setup.model, setup.device
+        counts = objective.denominator(setup.eval_batches)  # of the whole eval set
+        model.eval()
+        total = torch.zeros((), device=device)
+        sums = {name: torch.zeros((), device=device) for name in (*METRICS, "pairs")}
+        with torch.no_grad(), autocast:
+            for i, batch in enumerate(mine + setup.eval_batches[:1] * spare):
+                input_ids = batch.input_ids.to(device)
+                part = objective(model, batch, input_ids, BatchLayout.of(batch.cu_seqlens, device, input_ids.shape[1]),
+                                 options, counts)
+                if i < len(mine):  # the spare passes only keep FSDP's collectives in step
+                    total += part.reported
+                    for name in sums:
+                        sums[name] += part.sums[name]
+        values = torch.stack([total, *sums.values()])
+        world.all_reduce_sum_(values)
+        loss, *figures = values.tolist()
+        means = metric_means(dict(zip(sums, figures)))
+        return {"eval_loss": loss} | {f"eval_{name}": value for name, value in means.items()}
+
+    def _reference(self, setup: TrainingSetup, world: distributed.World, console: Console,
+                   resumed: bool) -> dict[str, torch.Tensor] | None:
+        """The reference log-probabilities of the training and eval pairs ({"train": [N, 2], "eval": [M, 2]}), or
+        None for a loss without a reference. Computed once, by the model as it starts (before the first step),
+        and kept in output_dir; a resumed run reads them back (its model has moved on)."""
+        if not setup.preference.uses_reference:
+            return None
+        path = self.output_dir / REFERENCE_FILE
+        if resumed:
+            if not path.exists():
+                raise FileNotFoundError(f"{path} is missing: a resumed {setup.preference.kind} run needs the "
+                                        "reference log-probabilities its first run wrote there")
+            reference = torch.load(path)
+            if reference["train"].shape[0] != len(setup.train_samples):
+                raise ValueError(f"{path} holds {reference['train'].shape[0]} training pairs, the data "
+                                 f"{len(setup.train_samples)}: resume with the data the run started with")
+            return reference
+        started = time.perf_counter()
+        options = RunOptions(sequence_piece_len=self.config.sequence_piece_len)
+        # Every rank computes all of it: the passes stay the same on every rank, as FSDP needs.
+        reference = {
+            "train": reference_log_probs(setup.model, setup.train_batches(0), len(setup.train_samples),
+                                         setup.device, options),
+            "eval": reference_log_probs(setup.model, setup.eval_batches, len(setup.eval_pairs), setup.device,
+                                        options) if setup.eval_pairs else torch.zeros(0, 2),
+        }
+        if world.is_main:
+            partial = path.with_suffix(".partial")
+            torch.save(reference, partial)
+            partial.replace(path)
+        console.print(f"reference log-probabilities of {len(setup.train_samples)} + {len(setup.eval_pairs)} pairs "
+                      f"in {time.perf_counter() - started:.1f} s (the model as it starts), kept in {path.name}")
+        return reference
 
     def _shard(self, setup: TrainingSetup, world: distributed.World, console: Console, from_rank0: bool = False):
         """The model sharded with FSDP2; ``from_rank0``: only rank 0 holds weights (ranks > 0 built on the meta

@@ -63,6 +63,28 @@ def test_value_and_gradients_match_full_logits(reduction, chunk_rows):
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("train_weight", [True, False])
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_each_rows_loss_with_its_own_weight_matches_full_logits(train_weight, chunk_rows):
+    """reduction="none": each row's loss (0 on ignored rows), and the gradients of a sum that weighs every row
+    differently, as a preference loss does."""
+    h, w, targets = case()
+    weights = torch.randn(targets.shape, generator=torch.Generator().manual_seed(3))
+    h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_(train_weight)
+    h2, w2 = h.clone().requires_grad_(), w.clone().requires_grad_(train_weight)
+    got = chunked_linear_cross_entropy(h1, w1, targets, "none", chunk_rows=chunk_rows)
+    expected = plain(h2, w2, targets, "none")
+    assert got.dtype == torch.float32 and got.shape == targets.shape and (got[targets == -100] == 0).all()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    if train_weight:
+        torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, targets, "none"), expected.detach())
+
+
 def test_bf16_follows_transformers_precision():
     h, w, targets = case(torch.bfloat16)
     got = linear_cross_entropy(h, w, targets)
@@ -146,7 +168,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="targets"):
         linear_cross_entropy(h, w, targets[:-1])
     with pytest.raises(ValueError, match="reduction"):
-        linear_cross_entropy(h, w, targets, reduction="none")
+        linear_cross_entropy(h, w, targets, reduction="per-sequence")
     with pytest.raises(ValueError, match=r"\[N, H\] and \[V, H\]"):
         linear_cross_entropy(h, w[:, :3], targets)
     with pytest.raises(ValueError, match="impl must be one of"):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_preference_training import pairs_data  # noqa: F401  (a fixture)
 from test_trainer import ROOT, losses, raw_config, run, small_data  # noqa: F401  (small_data is a fixture)
 
 from kimitune.train.checkpointing import list_checkpoints
@@ -135,3 +136,19 @@ def test_ce_lora_runs_on_two_ranks(small_data, tmp_path):
             (_, first_one), (_, second_one) = losses(one)
             assert math.isclose(first_two, first_one, abs_tol=1e-5)
             assert math.isclose(second_two, second_one, rel_tol=1e-3) and second_two < first_two
+
+
+def test_dpo_with_lora_on_two_ranks_equals_one_process(pairs_data, tmp_path):
+    """Preference tuning under torchrun: the pairs dealt out across the ranks, the loss and the rewards summed over
+    them, the reference computed on every rank (so FSDP's passes stay in step): as one process with the same batch."""
+    from test_preference_training import raw_config as dpo_config
+
+    lora = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True, "learning_rate": 1e-2}
+    two, one = tmp_path / "two", tmp_path / "one"
+    torchrun(dpo_config(pairs_data, two, **STEPS, **TWO, **lora), tmp_path)
+    run(dpo_config(pairs_data, one, **STEPS, **ONE, **lora))
+    assert_close(losses(two), losses(one))
+    rewards = lambda out: [(r["step"], r["rewards/margins"]) for r in  # noqa: E731
+                           map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "rewards/margins" in r]
+    assert_close(rewards(two), rewards(one))
+    assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(eval_losses(two), eval_losses(one)))

@@ -1,0 +1,169 @@
+"""Preference losses: each formula against TRL 1.16 (its CPO and ORPO loss functions called directly; DPO's and IPO's,
+which TRL 1.16 computes inside DPOTrainer._compute_loss, written out from it), and per-sequence log-probabilities
+of a packed row of pairs against each sequence run alone (no state leaks between the packed sequences)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kimitune import KimiLinearForCausalLM
+from kimitune.train.preference import PreferenceSettings, nll_weight, pair_terms, sequence_ids, sequence_sums
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
+from model_helpers import micro_config, perturb_  # noqa: E402
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def pairs(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens_c, tokens_r = torch.randint(3, 40, (n,), generator=g).float(), torch.randint(3, 40, (n,), generator=g).float()
+    chosen, rejected = -tokens_c * torch.rand(n, generator=g) * 3, -tokens_r * torch.rand(n, generator=g) * 3
+    ref_c, ref_r = chosen + torch.randn(n, generator=g), rejected + torch.randn(n, generator=g)
+    return chosen.double(), rejected.double(), tokens_c.double(), tokens_r.double(), ref_c.double(), ref_r.double()
+
+
+def trl_self(**values):
+    """The attributes TRL's loss methods read from their trainer."""
+    return SimpleNamespace(**{"accelerator": SimpleNamespace(device="cpu"), "alpha": 0.0, "label_smoothing": 0.0,
+                              **values})
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_simpo_equals_trls_cpo_loss(smoothing):
+    from trl.experimental.cpo import CPOTrainer
+
+    chosen, rejected, tokens_c, tokens_r, _, _ = pairs()
+    settings = PreferenceSettings("simpo", beta=2.0, simpo_gamma=0.7, label_smoothing=smoothing)
+    ours = pair_terms(settings, chosen, rejected, tokens_c, tokens_r)
+    fake = trl_self(beta=2.0, loss_type="simpo", simpo_gamma=0.7, label_smoothing=smoothing)
+    losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(fake, chosen / tokens_c, rejected / tokens_r)
+    torch.testing.assert_close(ours.losses, losses, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.chosen_rewards, chosen_rewards)
+    torch.testing.assert_close(ours.rejected_rewards, rejected_rewards)
+
+
+def test_orpo_equals_trls_odds_ratio_loss():
+    from trl.experimental.orpo import ORPOTrainer
+
+    chosen, rejected, tokens_c, tokens_r, _, _ = pairs()
+    ours = pair_terms(PreferenceSettings("orpo", beta=0.1), chosen, rejected, tokens_c, tokens_r)
+    losses, chosen_rewards, rejected_rewards, _, _ = ORPOTrainer.odds_ratio_loss(
+        trl_self(beta=0.1), chosen / tokens_c, rejected / tokens_r)
+    torch.testing.assert_close(ours.losses, -losses.double(), rtol=1e-6, atol=1e-7)  # TRL subtracts its mean
+    torch.testing.assert_close(ours.chosen_rewards, chosen_rewards.double())
+    assert nll_weight(PreferenceSettings("orpo", beta=0.1)) == 1.0
+
+
+def test_dpo_and_ipo_follow_trls_dpo_trainer():
+    """trl/trainer/dpo_trainer.py (1.16), _compute_loss with f_divergence_type reverse_kl: loss_type "sigmoid" is
+    -logsigmoid(beta * delta_score), "ipo" ((chosen_scores / chosen tokens - rejected_scores / rejected tokens)
+    - 1 / (2 beta))^2, with chosen_scores = chosen_logps - ref_chosen_logps; rewards beta * the log ratios."""
+    chosen, rejected, tokens_c, tokens_r, ref_c, ref_r = pairs()
+    beta = 0.1
+    chosen_scores, rejected_scores = chosen - ref_c, rejected - ref_r
+    dpo = pair_terms(PreferenceSettings("dpo", beta=beta), chosen, rejected, tokens_c, tokens_r, ref_c, ref_r)
+    torch.testing.assert_close(dpo.losses, -torch.nn.functional.logsigmoid(beta * (chosen_scores - rejected_scores)))
+    torch.testing.assert_close(dpo.chosen_rewards, beta * chosen_scores)
+    ipo = pair_terms(PreferenceSettings("ipo", beta=beta), chosen, rejected, tokens_c, tokens_r, ref_c, ref_r)
+    torch.testing.assert_close(ipo.losses, (chosen_scores / tokens_c - rejected_scores / tokens_r - 1 / (2 * beta)) ** 2)
+    with pytest.raises(ValueError, match="reference"):
+        pair_terms(PreferenceSettings("dpo", beta=beta), chosen, rejected, tokens_c, tokens_r)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="one of"):
+        PreferenceSettings("kto2", beta=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        PreferenceSettings("dpo", beta=0.0)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        PreferenceSettings("simpo", beta=2.0, label_smoothing=0.5)
+
+
+def test_packed_pairs_give_each_sequence_its_own_log_probability_and_gradient():
+    """Two pairs packed in one row (4 sequences with prompts masked) against each sequence run alone: the
+    per-sequence log-probabilities and the gradients of a DPO-like weighted sum agree to float32 rounding."""
+    torch.manual_seed(0)
+    model = perturb_(KimiLinearForCausalLM(micro_config()))
+    lengths, prompts = [9, 12, 7, 15], [4, 4, 5, 5]
+    sequences = [torch.randint(0, 250, (1, n)) for n in lengths]
+    labels = []
+    for ids, prompt in zip(sequences, prompts):
+        masked = ids.clone()
+        masked[:, :prompt] = -100
+        labels.append(masked)
+    weights = torch.tensor([0.7, -0.7, 1.3, -1.3])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    packed = model(torch.cat(sequences, 1), labels=torch.cat(labels, 1), cu_seqlens=cu, return_logits=False,
+                   loss_reduction="none")
+    logps = -sequence_sums(packed.loss, sequence_ids(cu, cu[-1].item()), len(lengths))
+    (logps * weights).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    alone = torch.stack([-model(ids, labels=lab, return_logits=False, loss_reduction="sum").loss
+                         for ids, lab in zip(sequences, labels)])
+    (alone * weights).sum().backward()
+    torch.testing.assert_close(logps, alone, rtol=1e-5, atol=1e-5)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            scale = param.grad.norm().clamp_min(1e-6)
+            assert (packed_grads[name] - param.grad).norm() / scale < 1e-4, name
+
+
+def packed_pairs(model_seed=0):
+    """A micro model and one packed row of 2 pairs (sequences: chosen 0, rejected 0, chosen 1, rejected 1), each pair
+    sharing its prompt, with the prompts' labels masked."""
+    torch.manual_seed(model_seed)
+    model = perturb_(KimiLinearForCausalLM(micro_config()))
+    g = torch.Generator().manual_seed(1)
+    sequences, labels = [], []
+    for prompt_len, replies in ((4, (5, 8)), (6, (3, 9))):
+        prompt = torch.randint(0, 250, (1, prompt_len), generator=g)
+        for reply_len in replies:
+            ids = torch.cat([prompt, torch.randint(0, 250, (1, reply_len), generator=g)], 1)
+            masked = ids.clone()
+            masked[:, :prompt_len] = -100
+            sequences.append(ids)
+            labels.append(masked)
+    lengths = [s.shape[1] for s in sequences]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return model, sequences, labels, torch.cat(sequences, 1), torch.cat(labels, 1), cu
+
+
+def test_a_packed_micro_batch_gives_the_losses_of_its_pairs_run_alone():
+    from kimitune.train.preference import preference_sums, reference_log_probs
+
+    model, sequences, labels, ids, lab, cu = packed_pairs()
+    alone = torch.stack([-model(s, labels=l, return_logits=False, loss_reduction="sum").loss
+                         for s, l in zip(sequences, labels)]).detach()
+    tokens = torch.tensor([float((l[0, 1:] != -100).sum()) for l in labels])
+    batch = SimpleNamespace(input_ids=ids, labels=lab, cu_seqlens=cu, pair_ids=torch.tensor([1, 0]))
+    reference = reference_log_probs(model, [batch], num_pairs=2, device="cpu")
+    torch.testing.assert_close(reference, alone.view(2, 2)[[1, 0]], rtol=1e-5, atol=1e-5)  # stored by pair id
+    shifted = alone.view(2, 2) + torch.tensor([[0.3, -0.2], [0.1, 0.4]])
+    for settings in (PreferenceSettings("dpo", beta=0.1), PreferenceSettings("ipo", beta=0.2),
+                     PreferenceSettings("simpo", beta=2.0, cpo_alpha=1.0)):
+        sums, _ = preference_sums(settings, model, ids, lab, cu, shifted if settings.uses_reference else None)
+        expected = pair_terms(settings, alone[0::2], alone[1::2], tokens[0::2], tokens[1::2],
+                              shifted[:, 0], shifted[:, 1])
+        torch.testing.assert_close(sums.pair_losses, expected.losses.sum(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sums.correct, (expected.chosen_rewards > expected.rejected_rewards).float().sum())
+        assert sums.pairs.item() == 2
+        if settings.kind == "simpo":  # CPOTrainer's NLL: the chosen replies' tokens
+            torch.testing.assert_close(sums.nll / sums.nll_tokens, -alone[0::2].sum() / tokens[0::2].sum())
+
+
+def test_orpos_nll_counts_the_whole_chosen_sequence_as_trl_does():
+    from kimitune.train.preference import preference_sums
+
+    model, sequences, labels, ids, lab, cu = packed_pairs()
+    sums, _ = preference_sums(PreferenceSettings("orpo", beta=0.1), model, ids, lab, cu, None)
+    whole = [model(s, labels=s, return_logits=False, loss_reduction="sum").loss for s in sequences[0::2]]
+    counts = [s.shape[1] - 1 for s in sequences[0::2]]
+    torch.testing.assert_close(sums.nll / sums.nll_tokens, sum(whole) / sum(counts), rtol=1e-5, atol=1e-6)
