@@ -50,7 +50,10 @@ def build_kimitune(cfg: KimiLinearConfig, state: dict, device: str, ckpt: bool =
     return model, loss_fn, options
 
 
-def build_peer(cfg: KimiLinearConfig, state: dict, device: str, dtype: torch.dtype, ckpt: bool = False):
+def build_peer(cfg: KimiLinearConfig, state: dict, device: str, dtype: torch.dtype, ckpt: bool = False,
+               peft: bool = True):
+    """transformers' model with ``state``'s weights and (``peft``) PEFT's LoRA -> (model, loss_fn(ids, ...)); without
+    ``peft`` the bare model, for a trainer that adds the adapter itself (TRL's)."""
     from peft import LoraConfig, get_peft_model
     from transformers import KimiLinearConfig as HFConfig
     from transformers import KimiLinearForCausalLM as HFModel
@@ -67,8 +70,9 @@ def build_peer(cfg: KimiLinearConfig, state: dict, device: str, dtype: torch.dty
     model.config.use_cache = False
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
-                                             lora_dropout=0.0, task_type="CAUSAL_LM"))
+    if peft:
+        model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
     model.train()
 
     def loss_fn(ids, labels=None):

@@ -24,6 +24,7 @@ SMOKE_RUNS = {
     "ce_lora": ["benchmarks/ce_lora.py", "speed", "--tiny", "--seq", "128", "--warmup", "1", "--steps", "1"],
     "loss_gpu": ["benchmarks/loss_gpu.py", "--device", "cpu", "--rows", "256,300", "--warmup", "1", "--steps", "1"],
     "train_product": ["benchmarks/train_product.py", "--smoke"],
+    "dpo_gpu": ["benchmarks/dpo_gpu.py", "--smoke"],
 }
 
 
@@ -31,9 +32,9 @@ SMOKE_RUNS = {
 def test_benchmark_smoke_run(name, tmp_path):
     out = tmp_path / "rows.json"
     command = [sys.executable, *SMOKE_RUNS[name]]
-    if name in ("train_gpu", "train_multi_gpu", "decode", "ce_lora", "loss_gpu", "train_product"):
+    if name in ("train_gpu", "train_multi_gpu", "decode", "ce_lora", "loss_gpu", "train_product", "dpo_gpu"):
         command += ["--json", str(out)]
-    if name == "train_product":  # `kimitune train` on a model folder, data and config it writes here
+    if name in ("train_product", "dpo_gpu"):  # what they write (a model folder and data; TRL's output_dir) goes here
         command += ["--work", str(tmp_path / "work")]
     finished = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]

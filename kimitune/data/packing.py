@@ -97,7 +97,9 @@ def _label_tokens(labels: np.ndarray) -> int:
     return int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
 
 
-def _packed_batch(samples: Sequence[Sample], pad_to: int | None, pad_id: int) -> Batch:
+def packed_batch(samples: Sequence[Sample], pad_to: int | None, pad_id: int) -> Batch:
+    """``samples`` end to end in one row [1, total] with their ``cu_seqlens``; ``pad_to``: padded to that many
+    tokens with ``pad_id`` (the padding a sequence of its own, with no loss)."""
     lengths = [len(s) for s in samples]
     input_ids = np.concatenate([s.input_ids for s in samples]).astype(np.int64)
     labels = np.concatenate([s.labels for s in samples]).astype(np.int64)
@@ -158,7 +160,7 @@ def make_batches(
         capacity = micro_batch_size * sequence_len
         pad_to = capacity if pad_to_sequence_len else None
         bins = pack_epoch([len(s) for s in samples], capacity, seed, epoch)
-        return [_packed_batch([samples[i] for i in group], pad_to, pad_id) for group in bins]
+        return [packed_batch([samples[i] for i in group], pad_to, pad_id) for group in bins]
     order = np.random.default_rng([seed, epoch]).permutation(len(samples))
     pad_to = sequence_len if pad_to_sequence_len else None
     return [

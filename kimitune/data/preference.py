@@ -31,7 +31,6 @@ Bad rows are skipped and counted by reason with their 1-based line or row, as ``
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,8 +40,9 @@ import torch
 
 from kimitune.config import DatasetConfig
 from kimitune.data.chat import FLAG_KEYS, IGNORE_INDEX, ConversationError, tokenize_conversation
-from kimitune.data.packing import Sample, _packed_batch, pack_epoch
-from kimitune.data.report import SourceReport, Tally
+from kimitune.data.packing import Sample, packed_batch, pack_epoch
+from kimitune.data.report import SourceReport
+from kimitune.data.rows import note_unread, read_rows
 from kimitune.data.sources import DataError, check_mappings, open_source, role_aliases, row_to_conversation
 
 Message = dict[str, Any]
@@ -270,43 +270,23 @@ def _tokenize_source(
     config: DatasetConfig, name: str, split: str, sequence_len: int, too_long: str, progress: Any,
     make: Callable[[Any, str], tuple[Any, list[Sample], list[str]]],
 ) -> tuple[list[Any], SourceReport]:
-    """The loop of ``prepare``'s ``_tokenize_source``: ``make(row, where)`` gives an item, its samples and its
-    unread keys, or raises ``ConversationError``; every skipped row is counted with its reason and place."""
+    """The entry's rows through ``kimitune.data.rows.read_rows``: ``make(row, where)`` gives an item, its samples and
+    its unread keys, or raises ``ConversationError``; an item whose samples hold more than ``sequence_len`` tokens
+    in all is skipped as ``too_long``."""
     try:
         check_mappings(config)
         role_aliases(config)
     except DataError as err:
         raise DataError(f"{name} {config.path}: {err}") from None
-    source = open_source(config, name)
-    report = SourceReport(name=source.name, split=split)
-    task = progress.add_task(source.name, total=source.num_rows()) if progress is not None else None
-    items = []
-    started = time.perf_counter()
-    for where, row in source.rows():
-        report.rows += 1
-        if task is not None:
-            progress.advance(task)
-        try:
-            if isinstance(row, ConversationError):
-                raise row
-            item, samples, ignored = make(row, where)
-        except ConversationError as err:
-            report.skip(err.reason, where)
-            continue
-        length = sum(len(s) for s in samples)
-        if length > sequence_len:
-            report.skip(too_long, where)
-            continue
-        items.append(item)
-        for key in ignored:
-            report.ignored_keys.setdefault(key, Tally()).add(where)
-        report.kept += 1
-        report.tokens += length
-        report.trained_tokens += sum(int(np.count_nonzero(s.labels != IGNORE_INDEX)) for s in samples)
-    report.seconds = time.perf_counter() - started
-    if not items:
-        raise DataError(f"{source.name}: no usable rows out of {report.rows}: {report.problems() or 'no rows'}")
-    return items, report
+
+    def counted(row: Any, where: str, report: SourceReport) -> tuple[Any, list[Sample]]:
+        item, samples, ignored = make(row, where)
+        if sum(len(s) for s in samples) > sequence_len:
+            raise ConversationError(too_long)
+        note_unread(report, ignored, where)
+        return item, samples
+
+    return read_rows(open_source(config, name), split, progress, counted)
 
 
 def tokenize_preference_rows(
@@ -410,7 +390,7 @@ def make_preference_batches(
     bins = _bins([len(p.chosen) + len(p.rejected) for p in pairs], sequence_len, "pair", seed, epoch)
     batches = []
     for group in bins:
-        packed = _packed_batch(pairs_to_samples([pairs[i] for i in group]), None, 0)  # no padding: pad id unused
+        packed = packed_batch(pairs_to_samples([pairs[i] for i in group]), None, 0)  # no padding: pad id unused
         batches.append(PreferenceBatch(packed.input_ids, packed.labels, packed.cu_seqlens,
                                        torch.tensor(group, dtype=torch.int64), packed.num_tokens,
                                        packed.num_label_tokens))
@@ -424,7 +404,7 @@ def make_unpaired_batches(
     bins = _bins([len(s.sample) for s in samples], sequence_len, "sample", seed, epoch)
     batches = []
     for group in bins:
-        packed = _packed_batch([samples[i].sample for i in group], None, 0)
+        packed = packed_batch([samples[i].sample for i in group], None, 0)
         batches.append(UnpairedBatch(packed.input_ids, packed.labels, packed.cu_seqlens,
                                      torch.tensor([samples[i].desirable for i in group], dtype=torch.bool),
                                      torch.tensor(group, dtype=torch.int64), packed.num_tokens,

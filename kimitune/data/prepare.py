@@ -16,8 +16,6 @@ but those that the messages' and parts' ``train`` / ``weight`` flags mask.
 
 from __future__ import annotations
 
-import time
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,8 @@ from kimitune.data import cache
 from kimitune.data.chat import IGNORE_INDEX, ROLES, ConversationError, tokenize_conversation
 from kimitune.data.packing import Sample, pack_epoch
 from kimitune.data.preference import pairs_to_samples, tokenize_preference_rows
-from kimitune.data.report import DataReport, SourceReport, Tally
+from kimitune.data.report import DataReport, SourceReport
+from kimitune.data.rows import note_unread, read_rows
 from kimitune.data.sources import DataError, Source, check_mappings, open_source, role_aliases, row_to_conversation
 from kimitune.data.tokenizer import TOKENIZER_DEFAULT, load_tokenizer
 
@@ -78,21 +77,10 @@ def _tokenize_source(
         roles_to_train = ROLES
     train_on_eos = entry.train_on_eos or config.train_on_eos
     aliases = role_aliases(entry)
-    report = SourceReport(name=source.name, split=split)
-    task = progress.add_task(source.name, total=source.num_rows())
-    samples = []
-    started = time.perf_counter()
-    for where, row in source.rows():
-        report.rows += 1
-        progress.advance(task)
-        try:
-            if isinstance(row, ConversationError):
-                raise row
-            messages, tools, ignored = row_to_conversation(row, entry, aliases)
-            tokens = tokenize_conversation(tokenizer, messages, roles_to_train, train_on_eos, tools)
-        except ConversationError as err:
-            report.skip(err.reason, where)
-            continue
+
+    def make(row: Any, where: str, report: SourceReport) -> tuple[Sample, list[Sample]]:
+        messages, tools, ignored = row_to_conversation(row, entry, aliases)
+        tokens = tokenize_conversation(tokenizer, messages, roles_to_train, train_on_eos, tools)
         input_ids = np.asarray(tokens["input_ids"], dtype=np.int32)
         flag_masked = np.asarray(tokens["flag_masked"], dtype=np.int64)
         labels = np.asarray(tokens["labels"], dtype=np.int32)
@@ -101,29 +89,20 @@ def _tokenize_source(
             labels[flag_masked] = IGNORE_INDEX
         if len(input_ids) > config.sequence_len:
             if config.excess_length_strategy == "drop":
-                report.skip(f"longer than sequence_len ({config.sequence_len})", where)
-                continue
+                raise ConversationError(f"longer than sequence_len ({config.sequence_len})")
             input_ids, labels = input_ids[: config.sequence_len], labels[: config.sequence_len]
             if not np.any(labels[1:] != IGNORE_INDEX):
-                report.skip(f"nothing trained within sequence_len ({config.sequence_len})", where)
-                continue
+                raise ConversationError(f"nothing trained within sequence_len ({config.sequence_len})")
             report.truncated.add(where)
-        samples.append(Sample(input_ids, labels))
-        for key in ignored:
-            report.ignored_keys.setdefault(key, Tally()).add(where)
+        note_unread(report, ignored, where)
         masked = int(np.count_nonzero(flag_masked < len(input_ids)))
         if masked:
             report.flag_masked.add(where)
             report.flag_masked_tokens += masked
-        report.kept += 1
-        report.tokens += len(input_ids)
-        report.trained_tokens += int(np.count_nonzero(labels != IGNORE_INDEX))
-    progress.update(task, total=report.rows)
-    report.seconds = time.perf_counter() - started
-    if not samples:
-        problems = report.problems() or "it holds no rows"
-        raise DataError(f"{source.name}: no usable rows out of {report.rows}: {problems}")
-    return samples, report
+        sample = Sample(input_ids, labels)
+        return sample, [sample]
+
+    return read_rows(source, split, progress, make)
 
 
 def _hold_out(samples: list[Sample], val_set_size: float, seed: int) -> tuple[list[Sample], list[Sample]]:
@@ -151,7 +130,7 @@ def _tokenize_all(
             for source in sources:
                 if config.rl is not None:
                     items, source_report = tokenize_preference_rows(
-                        source.config, tokenizer, config.sequence_len, name=source.name, split=split,
+                        source.config, tokenizer, config.sequence_len, name=source.name.partition(" ")[0], split=split,
                         field_chosen=source.config.field_chosen, field_rejected=source.config.field_rejected,
                         train_on_eos=config.train_on_eos, progress=progress)
                 else:

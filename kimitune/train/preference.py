@@ -197,13 +197,19 @@ def preference_sums(settings: PreferenceSettings, model, input_ids: torch.Tensor
     terms = pair_terms(settings, chosen, rejected, tokens[0::2], tokens[1::2], reference_chosen, reference_rejected)
     if settings.uses_nll and nll is None:  # SimPO's NLL is the chosen replies' (CPOTrainer masks the prompt)
         nll, nll_tokens = -chosen.sum(), tokens[0::2].sum()
+    # Device scalars made by kernels, not copied from the host: a copy from pageable memory would wait for the GPU.
     zero = torch.zeros((), device=logps.device)
     margins = terms.chosen_rewards - terms.rejected_rewards
     sums = PreferenceSums(
-        pair_losses=terms.losses.sum(), nll=zero if nll is None else nll, nll_tokens=zero if nll_tokens is None
-        else nll_tokens, chosen_rewards=terms.chosen_rewards.sum(), rejected_rewards=terms.rejected_rewards.sum(),
-        margins=margins.sum(), correct=(margins > 0).float().sum(), pairs=torch.tensor(float(chosen.numel()),
-                                                                                     device=logps.device))
+        pair_losses=terms.losses.sum(),
+        nll=zero if nll is None else nll,
+        nll_tokens=zero if nll_tokens is None else nll_tokens,
+        chosen_rewards=terms.chosen_rewards.sum(),
+        rejected_rewards=terms.rejected_rewards.sum(),
+        margins=margins.sum(),
+        correct=(margins > 0).float().sum(),
+        pairs=torch.full((), float(chosen.numel()), device=logps.device),
+    )
     return sums, aux_loss
 
 

@@ -1,6 +1,7 @@
-"""Preference losses: each formula against TRL 1.16 (its CPO and ORPO loss functions called directly; DPO's and IPO's,
-which TRL 1.16 computes inside DPOTrainer._compute_loss, written out from it), and per-sequence log-probabilities
-of a packed row of pairs against each sequence run alone (no state leaks between the packed sequences)."""
+"""Preference losses against TRL 1.16 as the oracle: DPO and IPO through DPOTrainer.compute_loss on the tiny model
+(transformers' Kimi Linear and a reference model) and the shipped pairs; SimPO and ORPO through TRL's CPO and ORPO
+loss functions called directly; and per-sequence log-probabilities of a packed row of pairs against each sequence run
+alone (no state leaks between the packed sequences)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 def pairs(n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
-    tokens_c, tokens_r = torch.randint(3, 40, (n,), generator=g).float(), torch.randint(3, 40, (n,), generator=g).float()
+    tokens_c = torch.randint(3, 40, (n,), generator=g).float()
+    tokens_r = torch.randint(3, 40, (n,), generator=g).float()
     chosen, rejected = -tokens_c * torch.rand(n, generator=g) * 3, -tokens_r * torch.rand(n, generator=g) * 3
     ref_c, ref_r = chosen + torch.randn(n, generator=g), rejected + torch.randn(n, generator=g)
     return chosen.double(), rejected.double(), tokens_c.double(), tokens_r.double(), ref_c.double(), ref_r.double()
@@ -72,7 +74,8 @@ def test_dpo_and_ipo_follow_trls_dpo_trainer():
     torch.testing.assert_close(dpo.losses, -torch.nn.functional.logsigmoid(beta * (chosen_scores - rejected_scores)))
     torch.testing.assert_close(dpo.chosen_rewards, beta * chosen_scores)
     ipo = pair_terms(PreferenceSettings("ipo", beta=beta), chosen, rejected, tokens_c, tokens_r, ref_c, ref_r)
-    torch.testing.assert_close(ipo.losses, (chosen_scores / tokens_c - rejected_scores / tokens_r - 1 / (2 * beta)) ** 2)
+    delta = chosen_scores / tokens_c - rejected_scores / tokens_r
+    torch.testing.assert_close(ipo.losses, (delta - 1 / (2 * beta)) ** 2)
     with pytest.raises(ValueError, match="reference"):
         pair_terms(PreferenceSettings("dpo", beta=beta), chosen, rejected, tokens_c, tokens_r)
 
@@ -167,3 +170,83 @@ def test_orpos_nll_counts_the_whole_chosen_sequence_as_trl_does():
     whole = [model(s, labels=s, return_logits=False, loss_reduction="sum").loss for s in sequences[0::2]]
     counts = [s.shape[1] - 1 for s in sequences[0::2]]
     torch.testing.assert_close(sums.nll / sums.nll_tokens, sum(whole) / sum(counts), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def policy_and_reference(tmp_path_factory):
+    """The tiny model (examples/models/tiny.json, perturbed) as the policy and a second perturbation of it as the
+    reference, saved in the release layout for both kimitune and transformers to load."""
+    from kimitune.model import KimiLinearConfig
+
+    folder = tmp_path_factory.mktemp("oracle")
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(KimiLinearConfig.from_pretrained(Path(__file__).resolve().parents[2]
+                                                                   / "examples/models/tiny.json"))
+    generator = torch.Generator().manual_seed(1)
+    for name in ("policy", "reference"):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
+        model.save_pretrained(folder / name)
+    return folder / "policy", folder / "reference"
+
+
+def shipped_pairs(count: int = 3) -> list[dict]:
+    """The first DPO quickstart pairs, tokenised by kimitune, as TRL's pre-tokenised examples (prompt, chosen and
+    rejected ids), so that both tools score the very same tokens."""
+    import json as json_module
+
+    from kimitune.config import DatasetConfig
+    from kimitune.data import load_tokenizer
+    from kimitune.data.preference import row_to_preference, tokenize_pair
+
+    root = Path(__file__).resolve().parents[2]
+    tokenizer = load_tokenizer(str(root / "examples/tokenizer"))
+    rows = (root / "examples/data/dpo_train.jsonl").read_text().splitlines()[:count]
+    examples = []
+    for i, line in enumerate(rows):
+        pair = tokenize_pair(tokenizer, *row_to_preference(json_module.loads(line), "chat_template.default",
+                                                           DatasetConfig(path="x"), f"row {i + 1}"))
+        prompt = int((pair.chosen.labels != -100).argmax())
+        examples.append({"prompt_ids": pair.chosen.input_ids[:prompt].tolist(),
+                         "chosen_ids": pair.chosen.input_ids[prompt:].tolist(),
+                         "rejected_ids": pair.rejected.input_ids[prompt:].tolist()})
+    return examples
+
+
+@pytest.mark.parametrize("kind, trl_loss", [("dpo", "sigmoid"), ("ipo", "ipo")])
+def test_dpo_and_ipo_equal_trls_dpo_trainer_on_the_tiny_model(policy_and_reference, tmp_path, kind, trl_loss):
+    """TRL 1.16's DPOTrainer.compute_loss (transformers' Kimi Linear, a reference model) against kimitune's
+    packed pairs (kimitune's model, the reference's log-probabilities computed by it): the same loss."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from kimitune.data import load_tokenizer
+    from kimitune.train.preference import preference_sums, reply_log_probs
+
+    policy_dir, reference_dir = policy_and_reference
+    examples = shipped_pairs()
+    args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(examples), report_to=[], beta=0.1,
+                     loss_type=[trl_loss], use_cpu=True, bf16=False, max_length=None)
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
+        ref_model=AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32), args=args,
+        train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]),  # unused: ids given
+        processing_class=load_tokenizer(str(Path(__file__).resolve().parents[2] / "examples/tokenizer")))
+    expected = trainer.compute_loss(trainer.model, trainer.data_collator(examples)).item()
+
+    sequences, labels = [], []
+    for example in examples:
+        for reply in (example["chosen_ids"], example["rejected_ids"]):
+            sequences += example["prompt_ids"] + reply
+            labels += [-100] * len(example["prompt_ids"]) + reply
+    lengths = [len(e["prompt_ids"]) + len(e[k]) for e in examples for k in ("chosen_ids", "rejected_ids")]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    ids, labels = torch.tensor([sequences]), torch.tensor([labels])
+    policy = KimiLinearForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    with torch.no_grad():
+        reference = reply_log_probs(KimiLinearForCausalLM.from_pretrained(reference_dir, dtype=torch.float32), ids,
+                                    labels, cu)[0].view(-1, 2)
+    sums, _ = preference_sums(PreferenceSettings(kind, beta=0.1), policy, ids, labels, cu, reference)
+    assert (sums.pair_losses / sums.pairs).item() == pytest.approx(expected, abs=1e-5)

@@ -130,3 +130,29 @@ def test_cuda_steps_never_wait_for_the_gpu():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert stats.finite.item() and step.counters().skipped == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["dpo", "orpo"])
+def test_cuda_preference_steps_never_wait_for_the_gpu(kind):
+    """A packed row of two pairs (DPO with its reference log-probabilities, ORPO with its whole-sequence NLL): the
+    per-sequence sums, the pair terms and the rewards stay on the device too."""
+    from kimitune.data.preference import PreferenceBatch
+    from kimitune.train.preference import PreferenceObjective, PreferenceSettings
+
+    model = lora_model(device="cuda", dtype=torch.bfloat16)
+    rows = packed_batch(3, lengths=(6, 8, 7, 9))
+    batch = PreferenceBatch(rows.input_ids, rows.labels, rows.cu_seqlens, torch.tensor([1, 0]), rows.num_tokens,
+                            rows.num_label_tokens)
+    reference = torch.tensor([[-40.0, -41.0], [-30.0, -32.0]]) if kind == "dpo" else None
+    objective = PreferenceObjective(PreferenceSettings(kind, beta=0.1), reference)
+    step = TrainStep(model, optimizer_for(model), "cuda", max_grad_norm=1.0, objective=objective)
+    counts = objective.denominator([batch])
+    for i in range(3):
+        torch.cuda.set_sync_debug_mode("error" if i == 2 else "default")
+        try:
+            stats = step([batch], counts)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert stats.finite.item() and stats.sums["pairs"].item() == 2
