@@ -2,7 +2,9 @@
 
 One optimizer step (``kimitune.train.step.TrainStep``) consumes ``gradient_accumulation_steps`` micro-batches from a
 stream that runs through the epochs in order; the loss of a step is the mean over all label tokens of those
-micro-batches (not a mean of per-batch means), so accumulation never changes what is optimised. A step whose loss or
+micro-batches (not a mean of per-batch means), so accumulation never changes what is optimised. A preference run
+(``rl``) steps on packed pairs with ``kimitune.train.preference.PreferenceObjective`` instead: the mean over the
+step's pairs, against reference log-probabilities computed once before the first step and kept in output_dir. A step whose loss or
 gradient norm is not finite is skipped on the device (no update) and reported at the next step that reads the GPU
 (logging, evaluation, saving); ``max_bad_steps`` of them in a row stop the run there, with the last good checkpoint
 left intact. The steps in between never make the host wait for the GPU.
@@ -218,9 +220,9 @@ class Trainer:
         )
         self._eval_objective, objective = None, None
         if setup.preference is not None:
-            reference = self._reference(setup, world, console, resumed=resume_from is not None)
-            objective = PreferenceObjective(setup.preference, reference and reference["train"])
-            self._eval_objective = PreferenceObjective(setup.preference, reference and reference["eval"])
+            reference = self._reference(setup, world, console, resumed=resume_from is not None) or {}
+            objective = PreferenceObjective(setup.preference, reference.get("train"))
+            self._eval_objective = PreferenceObjective(setup.preference, reference.get("eval"))
         train_step = TrainStep(
             model, optimizer, device, options=run_options(config, model, sharded=distributed.is_sharded(model)),
             max_grad_norm=config.max_grad_norm, autocast_bf16=setup.autocast_bf16, world=world,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 import json
 import os
 import signal
@@ -263,3 +264,17 @@ def test_only_full_fine_tuning_runs_under_autocast(small_data, tmp_path, monkeyp
                                                            if not p.requires_grad})
     assert built["lora"] == (True, False, {torch.bfloat16})
     assert built[None] == (True, True, set())
+
+
+@pytest.mark.parametrize("adapter", ["lora", "ce_lora"])
+def test_adapter_runs_train_in_bf16_without_autocast(small_data, tmp_path, monkeypatch, adapter):
+    """An adapter run on a bf16 device (faked here, in bf16 on the CPU): bf16 frozen weights, float32 adapters and
+    no autocast anywhere: its steps run and their losses are finite."""
+    from kimitune.train import setup as setup_module
+
+    monkeypatch.setattr(setup_module, "uses_bf16", lambda config, device: True)
+    lora = {"adapter": adapter, "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True, "max_steps": 2,
+            "save_steps": None, "eval_steps": None}
+    run(raw_config(small_data, tmp_path, **lora))
+    logged = [loss for _, loss in losses(tmp_path)]
+    assert logged and all(math.isfinite(loss) for loss in logged)
