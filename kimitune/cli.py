@@ -380,10 +380,25 @@ def eval_command(
     cfg = _load(config, ctx.args)
     try:
         loaded, tok = _model_and_tokenizer(model, adapter, tokenizer, cfg, device, False)
-        samples = prepare_datasets(cfg, tok, progress=False).eval[:limit]
-        report = evaluate(loaded, tok, cfg, samples, batch_size, with_exact_match=exact_match)
+        if cfg.rl is not None:
+            result = _evaluate_preference(cfg, loaded, prepare_datasets(cfg, tok, progress=False).eval, limit)
+        else:
+            samples = prepare_datasets(cfg, tok, progress=False).eval[:limit]
+            report = evaluate(loaded, tok, cfg, samples, batch_size, with_exact_match=exact_match)
     except (FileNotFoundError, ValueError) as err:
         _fail(err)
+    if cfg.rl is not None:
+        table = Table(title=f"eval ({cfg.rl})", show_header=True)
+        for column in ("pairs", "loss", "reward accuracy", "margin", "chosen", "rejected"):
+            table.add_column(column, justify="right")
+        table.add_row(str(result["pairs"]), f"{result['loss']:.4f}", f"{result['rewards/accuracies']:.1%}",
+                      *(f"{result[f'rewards/{name}']:.4f}" for name in ("margins", "chosen", "rejected")))
+        console.print(table)
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(result, indent=2) + "\n")
+            console.print(f"wrote {output}", highlight=False)
+        return
     table = Table(title="eval", show_header=True)
     for column in ("samples", "label tokens", "loss", "perplexity", "replies", "exact match"):
         table.add_column(column, justify="right")
@@ -397,6 +412,38 @@ def eval_command(
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
         console.print(f"wrote {output}", highlight=False)
+
+
+def _evaluate_preference(cfg, model, eval_samples: list, limit: int | None) -> dict:
+    """A preference config's eval pairs under ``model``: the loss and the rewards' means. DPO and IPO compare with
+    the run's reference (output_dir's reference_logps.pt, written before its first step)."""
+    import torch
+
+    from kimitune.data.preference import make_preference_batches, samples_to_pairs
+    from kimitune.train.preference import PreferenceObjective, evaluate_pairs, figures, preference_settings
+    from kimitune.train.trainer import REFERENCE_FILE
+
+    pairs = samples_to_pairs(eval_samples)
+    if not pairs:
+        raise ValueError("the config has no eval pairs: set test_datasets or val_set_size")
+    pairs = pairs[:limit]
+    settings = preference_settings(cfg)
+    reference = None
+    if settings.uses_reference:
+        path = Path(cfg.output_dir) / REFERENCE_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: {cfg.rl} is scored against the reference log-probabilities "
+                                    "its training run wrote there (train with this config first)")
+        reference = torch.load(path)["eval"]
+        if reference.shape[0] < len(pairs):
+            raise ValueError(f"{path} holds {reference.shape[0]} eval pairs, the config's data {len(pairs)}: "
+                             "evaluate with the data the run trained with")
+        reference = reference[: len(pairs)]
+    device = model.lm_head.weight.device
+    batches = make_preference_batches(pairs, cfg.micro_batch_size * cfg.sequence_len, cfg.seed, 0)
+    objective = PreferenceObjective(settings, reference)
+    values = evaluate_pairs(model, batches, objective, objective.denominator(batches), device)
+    return {"pairs": len(pairs)} | figures(values, prefix="")
 
 
 @app.command("merge-lora", help="Merge a LoRA adapter into its base model shard by shard and write the release "

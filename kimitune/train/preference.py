@@ -23,6 +23,7 @@ ORPO, as TRL logs them.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -293,3 +294,31 @@ def metric_means(sums: dict[str, float]) -> dict[str, float]:
     """``METRICS`` as means over the pairs from a step's (or a window's) summed figures."""
     pairs = max(sums.get("pairs", 0.0), 1.0)
     return {name: sums[name] / pairs for name in METRICS if name in sums}
+
+
+@torch.no_grad()
+def evaluate_pairs(model, batches: list, objective: PreferenceObjective, counts: PairCounts, device,
+                   options=None, autocast=None, spare: list = ()) -> torch.Tensor:
+    """float32 [1 + len(METRICS) + 1] on ``device``: ``objective``'s loss over ``batches`` (divided by ``counts``,
+    the whole eval set's), then ``METRICS``' numerators and the pairs; ``figures`` names them. The model is put in
+    eval mode. ``spare``: batches run and discarded (FSDP needs as many passes on every rank)."""
+    from kimitune.ops import BatchLayout
+
+    model.eval()
+    values = torch.zeros(2 + len(METRICS), device=device)
+    with autocast or contextlib.nullcontext():
+        for i, batch in enumerate([*batches, *spare]):
+            input_ids = batch.input_ids.to(device)
+            part = objective(model, batch, input_ids, BatchLayout.of(batch.cu_seqlens, device, input_ids.shape[1]),
+                             options, counts)
+            if i < len(batches):
+                values += torch.stack([part.reported, *(part.sums[name] for name in (*METRICS, "pairs"))])
+    return values
+
+
+def figures(values: torch.Tensor, prefix: str = "eval_") -> dict[str, float]:
+    """``evaluate_pairs``' values (summed over ranks, if any) as ``{prefix}loss`` and ``{prefix}`` + each metric's
+    mean over the pairs."""
+    loss, *sums = values.tolist()
+    means = metric_means(dict(zip((*METRICS, "pairs"), sums)))
+    return {f"{prefix}loss": loss} | {f"{prefix}{name}": value for name, value in means.items()}

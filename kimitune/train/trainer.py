@@ -47,8 +47,13 @@ from kimitune.train.resume_checks import check_resume_target, schedule_change_wa
 from kimitune.train.run_record import record_finished
 from kimitune.train.schedule import build_scheduler, warmup_steps_for
 from kimitune.train.settings import run_options
-from kimitune.ops import BatchLayout
-from kimitune.train.preference import METRICS, PreferenceObjective, metric_means, reference_log_probs
+from kimitune.train.preference import (
+    PreferenceObjective,
+    evaluate_pairs,
+    figures,
+    metric_means,
+    reference_log_probs,
+)
 from kimitune.train.step import TrainStep
 from kimitune.train.setup import (
     TrainingSetup,
@@ -363,25 +368,11 @@ class Trainer:
 
     def _evaluate_pairs(self, setup: TrainingSetup, mine: list, spare: int, autocast, world: distributed.World,
                         options: RunOptions) -> dict[str, float]:
-        objective, model, device = self._eval_objective, setup.model, setup.device
+        objective = self._eval_objective
         counts = objective.denominator(setup.eval_batches)  # of the whole eval set
-        model.eval()
-        total = torch.zeros((), device=device)
-        sums = {name: torch.zeros((), device=device) for name in (*METRICS, "pairs")}
-        with torch.no_grad(), autocast:
-            for i, batch in enumerate(mine + setup.eval_batches[:1] * spare):
-                input_ids = batch.input_ids.to(device)
-                part = objective(model, batch, input_ids, BatchLayout.of(batch.cu_seqlens, device, input_ids.shape[1]),
-                                 options, counts)
-                if i < len(mine):  # the spare passes only keep FSDP's collectives in step
-                    total += part.reported
-                    for name in sums:
-                        sums[name] += part.sums[name]
-        values = torch.stack([total, *sums.values()])
-        world.all_reduce_sum_(values)
-        loss, *figures = values.tolist()
-        means = metric_means(dict(zip(sums, figures)))
-        return {"eval_loss": loss} | {f"eval_{name}": value for name, value in means.items()}
+        values = evaluate_pairs(setup.model, mine, objective, counts, setup.device, options, autocast,
+                                spare=setup.eval_batches[:1] * spare)
+        return figures(world.all_reduce_sum_(values))
 
     def _reference(self, setup: TrainingSetup, world: distributed.World, console: Console,
                    resumed: bool) -> dict[str, torch.Tensor] | None:

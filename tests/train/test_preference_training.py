@@ -53,6 +53,19 @@ def test_the_dpo_quickstart_ranks_held_out_pairs(tmp_path):
     assert final["step"] == summary.steps and final["eval_rewards/accuracies"] >= 0.9, final
     assert (tmp_path / "out" / REFERENCE_FILE).exists() and (tmp_path / "out" / "loss_curve.png").exists()
 
+    # `kimitune eval` on the same config scores the trained model's eval pairs as the run's last evaluation did.
+    from typer.testing import CliRunner
+
+    from kimitune.cli import app
+
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "dpo.yaml"), "--device", "cpu",
+                                      "--output", str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert scored["pairs"] == 60 and scored["rewards/accuracies"] == pytest.approx(final["eval_rewards/accuracies"])
+    assert scored["loss"] == pytest.approx(final["eval_loss"], rel=1e-5)
+
 
 @pytest.mark.parametrize("kind", ["ipo", "orpo", "simpo"])
 def test_every_loss_trains_and_logs_its_rewards(pairs_data, tmp_path, kind):
@@ -108,3 +121,18 @@ def test_what_cannot_work_is_refused_with_its_reason(pairs_data, tmp_path):
     with pytest.raises(ConfigError, match="only apply with rl"):
         parse_config(raw_config(pairs_data, tmp_path, rl=None, simpo_gamma=1.0,
                                 datasets=[{"path": pairs_data["train"]}], test_datasets=[]))
+
+
+def test_kimitune_eval_of_a_dpo_config_needs_its_runs_reference(pairs_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from kimitune import KimiLinearForCausalLM
+    from kimitune.cli import app
+    from kimitune.model import KimiLinearConfig
+
+    model = tmp_path / "model"
+    KimiLinearForCausalLM(KimiLinearConfig.from_pretrained(ROOT / "examples/models/tiny.json")).save_pretrained(model)
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(raw_config(pairs_data, tmp_path / "never-trained")))
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "dpo.yaml"), "--model", str(model), "--tokenizer",
+                                      str(ROOT / "examples/tokenizer"), "--device", "cpu"])
+    assert result.exit_code != 0 and "reference_logps.pt is missing" in " ".join(result.output.split())
