@@ -73,12 +73,17 @@ def _fresh() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def kimitune_row(cfg, state, examples, warmup: int, steps: int) -> dict:
+def _allocated_gib() -> float:
+    return torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+
+
+def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool) -> dict:
     from kimitune.train.preference import PreferenceObjective, PreferenceSettings, reference_log_probs
     from kimitune.train.step import TrainStep
 
     _fresh()
-    model, _, options = lora_peers.build_kimitune(cfg, state, DEVICE)
+    model, _, options = lora_peers.build_kimitune(cfg, state, DEVICE, ckpt=ckpt)
+    built = _allocated_gib()
     batch = packed_batch(examples)
     reference = reference_log_probs(model, [batch], len(examples), DEVICE, options)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -94,12 +99,12 @@ def kimitune_row(cfg, state, examples, warmup: int, steps: int) -> dict:
     _sync()
     seconds = (time.perf_counter() - start) / steps
     result = {"tool": "kimitune", "tokens_per_s": batch.num_tokens / seconds, "step_ms": 1e3 * seconds,
-              "peak_gib": _peak_gib(), "first_loss": losses[0].item()}
+              "peak_gib": _peak_gib(), "built_gib": built, "first_loss": losses[0].item()}
     del model, step
     return result
 
 
-def trl_row(cfg, state, examples, warmup: int, steps: int, tokenizer_dir: str, work: str) -> dict:
+def trl_row(cfg, state, examples, warmup: int, steps: int, tokenizer_dir: str, work: str, ckpt: bool) -> dict:
     """TRL's DPOTrainer + PEFT; step times from a callback, the timed steps after ``warmup``."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -110,10 +115,11 @@ def trl_row(cfg, state, examples, warmup: int, steps: int, tokenizer_dir: str, w
 
     _fresh()
     model, _ = lora_peers.build_peer(cfg, state, DEVICE, torch.bfloat16, peft=False)
+    built = _allocated_gib()
     args = DPOConfig(output_dir=work, per_device_train_batch_size=len(examples), max_steps=warmup + steps,
                      learning_rate=1e-5, beta=0.1, report_to=[], logging_steps=10**6, save_strategy="no",
                      bf16=DEVICE == "cuda", use_cpu=DEVICE == "cpu", max_length=None, dataloader_num_workers=0,
-                     remove_unused_columns=False)
+                     remove_unused_columns=False, gradient_checkpointing=ckpt)
     marks: list[float] = []
 
     class StepTimes(TrainerCallback):
@@ -133,7 +139,8 @@ def trl_row(cfg, state, examples, warmup: int, steps: int, tokenizer_dir: str, w
     tokens = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples)
     trainer.train()
     seconds = (marks[-1] - marks[warmup - 1]) / steps if warmup else (marks[-1] - marks[0]) / max(steps - 1, 1)
-    result = {"tool": "trl", "tokens_per_s": tokens / seconds, "step_ms": 1e3 * seconds, "peak_gib": _peak_gib()}
+    result = {"tool": "trl", "tokens_per_s": tokens / seconds, "step_ms": 1e3 * seconds, "peak_gib": _peak_gib(),
+              "built_gib": built}
     del trainer, model
     return result
 
@@ -148,6 +155,8 @@ def main() -> None:
     parser.add_argument("--reply", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--ckpt", default="on", choices=("on", "off"),
+                        help="recompute every decoder layer in the backward (TRL's default, gradient_checkpointing)")
     parser.add_argument("--work", default="/tmp/dpo_gpu")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU: checks the script only")
@@ -162,17 +171,20 @@ def main() -> None:
     rows = []
     for tool in args.tools.split(","):
         if tool == "kimitune":
-            rows.append(kimitune_row(cfg, state, examples, args.warmup, args.steps))
+            rows.append(kimitune_row(cfg, state, examples, args.warmup, args.steps, args.ckpt == "on"))
         elif tool == "trl":
-            rows.append(trl_row(cfg, state, examples, args.warmup, args.steps, tokenizer_dir, args.work))
+            rows.append(trl_row(cfg, state, examples, args.warmup, args.steps, tokenizer_dir, args.work,
+                                args.ckpt == "on"))
         else:
             raise SystemExit(f"unknown tool {tool!r}: kimitune or trl")
-        rows[-1].update(pairs=args.pairs, prompt=args.prompt, reply=args.reply, layers=args.layers)
+        rows[-1].update(pairs=args.pairs, prompt=args.prompt, reply=args.reply, layers=args.layers, ckpt=args.ckpt)
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| tool | pairs x (prompt + 2 replies) | tokens/s | step ms | peak GiB |\n|---|---|---|---|---|")
+    print("\n| tool | pairs x (prompt + 2 replies) | recompute | tokens/s | step ms | peak GiB | peak above the built "
+          "model GiB |\n|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['tool']} | {args.pairs} x ({args.prompt} + 2 x {args.reply}) | {row['tokens_per_s'] / 1e3:.1f}k "
-              f"| {row['step_ms']:.0f} | {row['peak_gib']:.1f} |")
+        print(f"| {row['tool']} | {args.pairs} x ({args.prompt} + 2 x {args.reply}) | {args.ckpt} "
+              f"| {row['tokens_per_s'] / 1e3:.1f}k | {row['step_ms']:.0f} | {row['peak_gib']:.1f} "
+              f"| {row['peak_gib'] - row['built_gib']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -14,6 +14,7 @@ reserved) and the build time.
     python benchmarks/train_48b.py --bits 4 --seq 8192,32768            # target: 32768 tokens fit in 80 GB
     python benchmarks/train_48b.py --bits 8 --seq 8192 --experts        # LoRA on the experts too
     python benchmarks/train_48b.py --bits 16 --seq 8192 --ckpt-layers 0 --kda-keep  # H200: the 3x row, fastest
+    python benchmarks/train_48b.py --bits 8 --fp8 --seq 8192 --ckpt-layers 0,27     # float8 e4m3 frozen weights
     python benchmarks/train_48b.py --estimate                           # the paper estimate below, no GPU
     python benchmarks/train_48b.py --smoke                              # tiny depth/width on the CPU: checks the script
 
@@ -187,6 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, choices=(16, 8, 4), default=8,
                         help="frozen weights in 8-bit, 4-bit or (16) plain bf16, e.g. the 3x row against the peer")
+    parser.add_argument("--fp8", action="store_true", help="with --bits 8: float8 e4m3 weights (load_in_fp8), "
+                        "not int8")
     parser.add_argument("--quant-type", default="nf4", choices=("nf4", "fp4"))
     parser.add_argument("--double-quant", action="store_true")
     parser.add_argument("--seq", default="8192", help="comma-separated sequence lengths, one row each")
@@ -204,7 +207,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny depth/width on the CPU: checks the script only")
     args = parser.parse_args()
 
-    spec = None if args.bits == 16 else QuantSpec(args.bits, args.quant_type, args.double_quant)
+    if args.fp8 and args.bits != 8:
+        parser.error("--fp8 needs --bits 8")
+    spec = None if args.bits == 16 else QuantSpec(args.bits, args.quant_type, args.double_quant, float8=args.fp8)
     cfg = smoke_config() if args.smoke else KimiLinearConfig.preset("kimi-linear-48b-a3b")
     seqs = [int(s) for s in args.seq.split(",")]
     if args.smoke:
@@ -231,7 +236,7 @@ def main() -> None:
         options = RunOptions(recompute_layers=model.recomputed_layers(count) if count else frozenset(),  # 0: none
                              kda_keep_intermediates=args.kda_keep)
         result = run_seq(model, cfg, seq, args.warmup, args.steps, device, options, args.profile and device == "cuda")
-        quant_type = {16: "bf16", 8: "int8", 4: spec and spec.quant_type}[args.bits]
+        quant_type = {16: "bf16", 8: "fp8" if args.fp8 else "int8", 4: spec and spec.quant_type}[args.bits]
         planned = estimate(cfg, spec, seq, args.experts)["peak allocated (estimate)"] if spec else float("nan")
         result.update(bits=args.bits, quant_type=quant_type, seq=seq, experts=args.experts, build_s=build_s,
                       ckpt_layers=count, kda_keep=args.kda_keep, weights_gib=weights_gib, estimate_gib=planned)

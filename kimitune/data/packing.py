@@ -3,6 +3,10 @@
 Packed (``sample_packing: true``): samples go into bins of ``micro_batch_size * sequence_len`` tokens by
 first-fit-decreasing; each bin is one batch row ``[1, total]`` with ``cu_seqlens`` (int32 ``[n+1]``, from 0) marking
 where each sample starts, the model's packed format. A sample is never split across bins or mixed with another.
+A bin that holds one sample is a right-padded row ``[1, L]`` instead (``cu_seqlens`` None, ``L`` the sample's length
+rounded up to ``DENSE_ROW_MULTIPLE``, or the padded length): the layers' dense kernels are faster than their varlen
+ones on a GPU (fused attention about 2x), and rounding keeps the number of distinct shapes small, as each new shape
+costs the attention kernels a plan.
 
 Padded (``sample_packing: false``): ``micro_batch_size`` samples per batch, right-padded with ``pad_id`` to the longest
 of the batch (to ``sequence_len`` with ``pad_to_sequence_len``), labels -100 on pads, ``cu_seqlens`` None.
@@ -93,6 +97,9 @@ def pack_epoch(lengths: Sequence[int], capacity: int, seed: int, epoch: int) -> 
     return [bins[i] for i in rng.permutation(len(bins))]
 
 
+DENSE_ROW_MULTIPLE = 128
+
+
 def _label_tokens(labels: np.ndarray) -> int:
     return int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
 
@@ -135,6 +142,11 @@ def _padded_batch(samples: Sequence[Sample], pad_to: int | None, pad_id: int) ->
     )
 
 
+def _dense_width(length: int, capacity: int) -> int:
+    """A one-sample row's width: ``length`` rounded up to ``DENSE_ROW_MULTIPLE``, at most ``capacity``."""
+    return min(-(-length // DENSE_ROW_MULTIPLE) * DENSE_ROW_MULTIPLE, max(capacity, length))
+
+
 def make_batches(
     samples: Sequence[Sample],
     sequence_len: int,
@@ -160,7 +172,9 @@ def make_batches(
         capacity = micro_batch_size * sequence_len
         pad_to = capacity if pad_to_sequence_len else None
         bins = pack_epoch([len(s) for s in samples], capacity, seed, epoch)
-        return [packed_batch([samples[i] for i in group], pad_to, pad_id) for group in bins]
+        return [packed_batch([samples[i] for i in group], pad_to, pad_id) if len(group) > 1
+                else _padded_batch([samples[group[0]]], pad_to or _dense_width(len(samples[group[0]]), capacity), pad_id)
+                for group in bins]
     order = np.random.default_rng([seed, epoch]).permutation(len(samples))
     pad_to = sequence_len if pad_to_sequence_len else None
     return [

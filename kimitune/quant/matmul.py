@@ -76,24 +76,22 @@ class DequantLinearFunction(Function):
 
 class Fp8LinearFunction(Function):
     """``x W^T + b`` for an fp8 ``W`` [out, in] as FP8 products, forward and input gradient (the module docstring);
-    saves nothing of ``x`` or ``W``. ``x`` [..., in]; results in ``dtype``."""
+    saves nothing of ``x`` or ``W``. ``x`` [N, in] -> [N, out] in ``dtype``: 2-D, so that the output is no view made
+    inside the Function, which autograd would forbid the LoRA's in-place add on (``frozen_linear`` reshapes)."""
 
     @staticmethod
     def forward(ctx, x, weight: QuantizedWeight, bias, dtype: torch.dtype):
         ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        flat = x.reshape(-1, x.shape[-1])
-        x_q, x_scale = quantize_rows_fp8(flat)
+        x_q, x_scale = quantize_rows_fp8(x)
         w_q, w_scale = _fp8_parts(weight)
         y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale[None, :], out_dtype=dtype)
-        if bias is not None:
-            y = y + bias.to(dtype)
-        return y.view(*x.shape[:-1], -1)
+        return y if bias is None else y + bias.to(dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_x = grad_bias = None
-        flat = grad_output.reshape(-1, grad_output.shape[-1])
+        flat = grad_output
         if ctx.needs_input_grad[0]:
             w_q, w_scale = _fp8_parts(ctx.weight)
             g_q, g_scale = quantize_rows_fp8(flat.float() * w_scale[None, :])  # dY diag(s): W's scales moved over
@@ -101,7 +99,7 @@ class Fp8LinearFunction(Function):
             # b must be column-major: W_q^T stored row-major, transposed back
             grad_x = torch._scaled_mm(g_q, w_q.t().contiguous().t(), scale_a=g_scale, scale_b=ones,
                                       out_dtype=ctx.dtype)
-            grad_x = grad_x.view(*grad_output.shape[:-1], -1).to(ctx.x_dtype)
+            grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = flat.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, None
@@ -145,8 +143,10 @@ def frozen_linear(
 ) -> torch.Tensor:
     """``x W^T + b`` for a float or quantised ``weight`` [out, in]; x [..., in] -> [..., out]."""
     if isinstance(weight, QuantizedWeight):
-        function = Fp8LinearFunction if fp8_products_apply(x, weight) else DequantLinearFunction
-        return function.apply(x, weight, bias, compute_dtype(x, weight))
+        if fp8_products_apply(x, weight):
+            y = Fp8LinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, compute_dtype(x, weight))
+            return y.view(*x.shape[:-1], -1)
+        return DequantLinearFunction.apply(x, weight, bias, compute_dtype(x, weight))
     return F.linear(x, weight, bias)
 
 

@@ -48,10 +48,19 @@ def test_packed_batches_hold_every_sample_once_and_whole(lengths, micro_batch_si
     batches = make_batches(samples, sequence_len, micro_batch_size, True, seed, epoch, PAD)
     seen = []
     for batch in batches:
-        assert batch.input_ids.shape == batch.labels.shape == (1, batch.num_tokens)
-        assert batch.input_ids.dtype == torch.long and batch.cu_seqlens.dtype == torch.int32
+        assert batch.input_ids.dtype == torch.long
         assert batch.num_tokens <= micro_batch_size * sequence_len
-        cu = batch.cu_seqlens.tolist()
+        if batch.cu_seqlens is None:  # one sample: a dense row, right-padded to a multiple of 128 or the capacity
+            width = batch.input_ids.shape[1]
+            assert batch.input_ids.shape == batch.labels.shape and batch.input_ids.shape[0] == 1
+            assert width == min(-(-batch.num_tokens // 128) * 128, micro_batch_size * sequence_len)
+            assert (batch.input_ids[0, batch.num_tokens:] == PAD).all()
+            assert (batch.labels[0, batch.num_tokens:] == IGNORE_INDEX).all()
+            cu = [0, batch.num_tokens]
+        else:
+            assert batch.input_ids.shape == batch.labels.shape == (1, batch.num_tokens)
+            assert batch.cu_seqlens.dtype == torch.int32 and len(batch.cu_seqlens) > 2
+            cu = batch.cu_seqlens.tolist()
         assert cu[0] == 0 and cu[-1] == batch.num_tokens and all(a < b for a, b in zip(cu, cu[1:]))
         for start, end in zip(cu, cu[1:]):
             ids = batch.input_ids[0, start:end].numpy()

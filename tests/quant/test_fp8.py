@@ -197,7 +197,7 @@ def test_fp8_products_against_the_dequantising_path(leading):
     quant = QuantLinear.from_linear(linear, 8, float8=True)
     x = torch.randn(*leading, 128, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
-    y = Fp8LinearFunction.apply(x, quant.weight, quant.bias, torch.float32)
+    y = Fp8LinearFunction.apply(x.reshape(-1, 128), quant.weight, quant.bias, torch.float32).view(*leading, 96)
     y_ref = DequantLinearFunction.apply(x_ref, quant.weight, quant.bias, torch.float32)
     assert y.shape == y_ref.shape
     assert rel_error(y - quant.bias, y_ref - quant.bias) < 0.04
@@ -211,6 +211,34 @@ def test_fp8_products_against_the_dequantising_path(leading):
     exact[torch.arange(16), torch.arange(16)] = 1.0
     torch.testing.assert_close(Fp8LinearFunction.apply(exact, quant.weight, None, torch.float32),
                                DequantLinearFunction.apply(exact, quant.weight, None, torch.float32), rtol=1e-6, atol=0)
+
+
+def test_lora_adds_in_place_onto_an_fp8_product(monkeypatch):
+    """The LoRA layer adds its update in place onto the frozen product's output (a [B, T, out] view): with the FP8
+    products chosen (forced here, as on a GPU) that runs, and its input and adapter gradients are the dequantising
+    path's within the e4m3 rounding."""
+    from kimitune.adapters import LoraSettings, apply_lora
+    from kimitune.quant import matmul
+
+    holder = nn.Sequential(nn.Linear(128, 96, bias=False))
+    with torch.no_grad():
+        holder[0].weight.copy_(gaussian(96, 128))
+    quantize_model_(holder, "fp8")
+    apply_lora(holder, LoraSettings(r=4, alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in holder.named_parameters():
+            if "lora_B" in name:
+                p.copy_(gaussian(*p.shape, seed=3))
+    x = torch.randn(2, 40, 128)
+    grads = {}
+    for fp8 in (True, False):
+        monkeypatch.setattr(matmul, "fp8_products_apply", lambda x, weight, fp8=fp8: fp8)
+        holder.zero_grad()
+        inputs = x.clone().requires_grad_(True)
+        holder(inputs).square().sum().backward()
+        grads[fp8] = [inputs.grad] + [p.grad for p in holder.parameters() if p.requires_grad]
+    for fp8_grad, reference in zip(grads[True], grads[False]):
+        assert rel_error(fp8_grad, reference) < 0.05
 
 
 def test_fp8_products_are_chosen_only_where_they_apply():
