@@ -381,7 +381,8 @@ def eval_command(
     try:
         loaded, tok = _model_and_tokenizer(model, adapter, tokenizer, cfg, device, False)
         if cfg.rl is not None:
-            result = _evaluate_preference(cfg, loaded, prepare_datasets(cfg, tok, progress=False).eval, limit)
+            prepared = prepare_datasets(cfg, tok, progress=False)
+            result = _evaluate_preference(cfg, loaded, prepared.eval, (prepared.desirable or {}).get("eval"), limit)
         else:
             samples = prepare_datasets(cfg, tok, progress=False).eval[:limit]
             report = evaluate(loaded, tok, cfg, samples, batch_size, with_exact_match=exact_match)
@@ -389,10 +390,13 @@ def eval_command(
         _fail(err)
     if cfg.rl is not None:
         table = Table(title=f"eval ({cfg.rl})", show_header=True)
-        for column in ("pairs", "loss", "reward accuracy", "margin", "chosen", "rejected"):
+        unit, third = ("samples", "kl") if cfg.rl == "kto" else ("pairs", "reward accuracy")
+        for column in (unit, "loss", third, "margin", "chosen", "rejected"):
             table.add_column(column, justify="right")
-        table.add_row(str(result["pairs"]), f"{result['loss']:.4f}", f"{result['rewards/accuracies']:.1%}",
-                      *(f"{result[f'rewards/{name}']:.4f}" for name in ("margins", "chosen", "rejected")))
+        shown = f"{result['kl']:.4f}" if cfg.rl == "kto" else f"{result['rewards/accuracies']:.1%}"
+        table.add_row(str(result[unit]), f"{result['loss']:.4f}", shown,
+                      *(f"{result[f'rewards/{name}']:.4f}" if f"rewards/{name}" in result else "-"
+                        for name in ("margins", "chosen", "rejected")))
         console.print(table)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
@@ -414,20 +418,21 @@ def eval_command(
         console.print(f"wrote {output}", highlight=False)
 
 
-def _evaluate_preference(cfg, model, eval_samples: list, limit: int | None) -> dict:
-    """A preference config's eval pairs under ``model``: the loss and the rewards' means. DPO and IPO compare with
-    the run's reference (output_dir's reference_logps.pt, written before its first step)."""
+def _evaluate_preference(cfg, model, eval_samples: list, desirable: list[bool] | None, limit: int | None) -> dict:
+    """A preference config's eval pairs (KTO: samples) under ``model``: the loss and the rewards' means. DPO, IPO and
+    KTO compare with the run's reference (output_dir's reference_logps.pt, written before its first step)."""
     import torch
 
-    from kimitune.data.preference import make_preference_batches, samples_to_pairs
-    from kimitune.train.preference import PreferenceObjective, evaluate_pairs, figures, preference_settings
+    from kimitune.data.preference import make_example_batches, preference_examples
+    from kimitune.train.preference import evaluate_pairs, figures, objective_for, preference_settings
     from kimitune.train.trainer import REFERENCE_FILE
 
-    pairs = samples_to_pairs(eval_samples)
-    if not pairs:
-        raise ValueError("the config has no eval pairs: set test_datasets or val_set_size")
-    pairs = pairs[:limit]
     settings = preference_settings(cfg)
+    unit = "samples" if settings.unpaired else "pairs"
+    pairs = preference_examples(eval_samples, desirable, cfg.sequence_len)
+    if not pairs:
+        raise ValueError(f"the config has no eval {unit}: set test_datasets or val_set_size")
+    pairs = pairs[:limit]
     reference = None
     if settings.uses_reference:
         path = Path(cfg.output_dir) / REFERENCE_FILE
@@ -436,14 +441,14 @@ def _evaluate_preference(cfg, model, eval_samples: list, limit: int | None) -> d
                                     "its training run wrote there (train with this config first)")
         reference = torch.load(path)["eval"]
         if reference.shape[0] < len(pairs):
-            raise ValueError(f"{path} holds {reference.shape[0]} eval pairs, the config's data {len(pairs)}: "
+            raise ValueError(f"{path} holds {reference.shape[0]} eval {unit}, the config's data {len(pairs)}: "
                              "evaluate with the data the run trained with")
         reference = reference[: len(pairs)]
     device = model.lm_head.weight.device
-    batches = make_preference_batches(pairs, cfg.micro_batch_size * cfg.sequence_len, cfg.seed, 0)
-    objective = PreferenceObjective(settings, reference)
+    batches = make_example_batches(pairs, cfg.micro_batch_size * cfg.sequence_len, cfg.seed, 0)
+    objective = objective_for(settings, reference)
     values = evaluate_pairs(model, batches, objective, objective.denominator(batches), device)
-    return {"pairs": len(pairs)} | figures(values, prefix="")
+    return {unit: len(pairs)} | figures(values, objective, prefix="")
 
 
 @app.command("merge-lora", help="Merge a LoRA adapter into its base model shard by shard and write the release "

@@ -33,8 +33,9 @@ class DatasetConfig(_Strict):
         default="chat_template", description="How rows become samples. Fine-tuning: chat_template renders each "
         "row's messages with the chat template. Preference tuning (rl): chat_template.default (messages + chosen / "
         "rejected replies) or an Axolotl row layout (chatml.intel, chatml.prompt_pairs, chatml.argilla, "
-        "chatml.argilla_chat, chatml.ultra, chatml.icr, and their llama3. twins), always rendered with the "
-        "tokenizer's own chat template."
+        "chatml.argilla_chat, chatml.ultra, chatml.icr, and their llama3. twins); KTO (rl: kto): chat_template.default "
+        "(messages + completion + label) or chatml.intel, chatml.prompt_pairs, chatml.argilla, chatml.ultra and "
+        "their llama3. twins; always rendered with the tokenizer's own chat template."
     )
     split: str = Field(default="train", description="Split of a hub dataset or data folder to read.")
     name: str | None = Field(default=None, description="Hub dataset configuration name.")
@@ -208,10 +209,11 @@ class TrainConfig(_Strict):
                                           "after the datasets are joined.")
 
     # --- preference tuning (kimitune.train.preference) ------------------------------------------------
-    rl: Literal["dpo", "ipo", "orpo", "simpo"] | None = Field(
-        default=None, description="Preference tuning on chosen / rejected pairs instead of fine-tuning: dpo, ipo "
-        "(both against the model as it starts, the reference), orpo or simpo (no reference). Each pair's two "
-        "sequences are packed into one row."
+    rl: Literal["dpo", "ipo", "orpo", "simpo", "kto"] | None = Field(
+        default=None, description="Preference tuning instead of fine-tuning: on chosen / rejected pairs dpo, ipo "
+        "(both against the model as it starts, the reference), orpo or simpo (no reference), each pair's two "
+        "sequences packed into one row; on replies labelled desirable or not (KTO's unpaired data) kto, against "
+        "the reference too."
     )
     rl_beta: float | None = Field(default=None, gt=0, description="The preference loss's beta (TRL's): 0.1 "
                                   "unless set. ORPO reads orpo_alpha.")
@@ -222,6 +224,10 @@ class TrainConfig(_Strict):
                              "(TRL's CPOConfig; 0 for the SimPO paper's loss).")
     rl_label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="SimPO: label smoothing of the "
                                       "pair loss (TRL's CPOConfig label_smoothing).")
+    kto_desirable_weight: float = Field(default=1.0, gt=0, description="KTO: the weight of the desirable "
+                                        "samples' losses (TRL's KTOConfig desirable_weight).")
+    kto_undesirable_weight: float = Field(default=1.0, gt=0, description="KTO: the weight of the undesirable "
+                                          "samples' losses (TRL's KTOConfig undesirable_weight).")
 
     # --- optimisation ----------------------------------------------------------------------------------
     micro_batch_size: int = Field(default=1, gt=0, description="Samples per forward pass (packed: rows of "
@@ -276,6 +282,12 @@ class TrainConfig(_Strict):
         "layers are recomputed together from their first input, the only one kept (1 / N of the layer inputs, plus "
         "one segment's while the backward rebuilds it), for one more forward pass of every layer. Needs every layer "
         "recomputed (gradient_checkpointing: true, gradient_checkpointing_layers unset). 1: each layer keeps its input."
+    )
+    context_parallel_size: int = Field(
+        default=1, ge=1, description="Under torchrun: each row split across this many ranks (consecutive ones), "
+        "each computing its share of every layer (KDA states passed rank to rank, MLA latents all-gathered; the "
+        "result is the same); the world size must be a multiple of it, and the other ranks' factor deals out the "
+        "batches. Rows are padded to a multiple of it. 1: no split."
     )
     kda_keep_intermediates: bool = Field(
         default=False, description="On a GPU, fla's KDA kernels keep their chunk states and WY factors for the "
@@ -351,8 +363,8 @@ class TrainConfig(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _rl_not_yet(cls, raw: Any) -> Any:
-        if isinstance(raw, dict) and raw.get("rl") in ("kto", "grpo", "ppo"):
-            raise ValueError(f"rl: {raw['rl']} is not supported yet (dpo, ipo, orpo and simpo are)")
+        if isinstance(raw, dict) and raw.get("rl") in ("grpo", "ppo"):
+            raise ValueError(f"rl: {raw['rl']} is not supported yet (dpo, ipo, orpo, simpo and kto are)")
         return raw
 
     @model_validator(mode="after")
@@ -391,15 +403,27 @@ class TrainConfig(_Strict):
                              "true (or fsdp_config.activation_checkpointing: true) without gradient_checkpointing_layers")
         sft_only = [d.type for d in self.datasets + self.test_datasets if d.type != "chat_template"]
         if self.rl is None and sft_only:
-            raise ValueError(f"dataset type {sft_only[0]} is a preference format: set rl (dpo, ipo, orpo or simpo), "
+            raise ValueError(f"dataset type {sft_only[0]} is a preference format: set rl (dpo, ipo, orpo, simpo or "
+                             "kto), "
                              "or use type: chat_template to fine-tune")
         rl_keys = sorted(k for k in ("rl_beta", "orpo_alpha", "simpo_gamma", "cpo_alpha", "rl_label_smoothing")
                          if getattr(self, k) != type(self).model_fields[k].default)
         if rl_keys and self.rl is None:
             raise ValueError(f"{', '.join(rl_keys)} only apply with rl set")
+        kto_keys = sorted(k for k in ("kto_desirable_weight", "kto_undesirable_weight")
+                          if getattr(self, k) != type(self).model_fields[k].default)
+        if kto_keys and self.rl != "kto":
+            raise ValueError(f"{', '.join(kto_keys)} only apply with rl: kto (rl is {self.rl})")
         if self.rl is not None and not self.sample_packing:
             raise ValueError("preference tuning packs each pair's two sequences into one row: set sample_packing: "
                              "true")
+        if self.context_parallel_size > 1:
+            together = [key for key, used in (("rl", self.rl is not None),
+                                              ("sequence_piece_len", self.sequence_piece_len is not None),
+                                              ("recompute_segment_layers", self.recompute_segment_layers > 1)) if used]
+            if together:
+                raise ValueError(f"context_parallel_size > 1 does not work with {', '.join(together)} yet: a row split "
+                                 "across ranks is fine-tuned with whole layers on each rank")
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version: kimitune shards with FSDP2 only: set 2 (got {self.fsdp_version})")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
@@ -494,10 +518,6 @@ NOT_SUPPORTED: dict[str, str] = {
                  "gradient_checkpointing: true and sequence_piece_len",
     "tiled_mlp_num_shards": "kimitune tiles the MLP and MoE along the sequence with each layer's pieces: set "
                             "gradient_checkpointing: true and sequence_piece_len (tokens per piece)",
-    "kto_desirable_weight": "rl: kto is not supported yet (dpo, ipo, orpo, simpo are)",
-    "kto_undesirable_weight": "rl: kto is not supported yet (dpo, ipo, orpo, simpo are)",
-    "context_parallel_size": "a sequence split across GPUs is not supported yet; one GPU trains long rows with "
-                             "sequence_piece_len, activation_offloading and recompute_segment_layers",
 }
 
 

@@ -480,3 +480,19 @@ def test_offloading_is_held_to_the_hosts_memory_when_given(tmp_path):
     suggestions = suggest_settings(train, cfg, 139 * GIB, host_bytes=100 * GIB)
     pieced = next(s for s in suggestions if "sequence_piece_len" in s.change or "recompute_segment_layers" in s.change)
     assert pieced.plan.fits(139 * GIB, 100 * GIB) and pieced.change.get("recompute_segment_layers", 1) > 1
+
+
+def test_context_parallelism_splits_the_rows_tokens_and_shards_over_the_data_ranks():
+    """context_parallel_size 2 on 4 GPUs: each GPU computes half of a row's tokens, FSDP2 shards over the 2 data
+    ranks, and the MLA layers that keep their activations hold the whole row's latents; 2 on 3 GPUs is refused."""
+    cfg = widths_48b()
+    long = dict(sequence_len=65536)
+    alone = predict_peak_memory(train_config(**long), cfg, gpus=2)
+    split = predict_peak_memory(train_config(**long, context_parallel_size=2), cfg, gpus=4)
+    assert split.settings["tokens"] == 32768 and split.settings["context_parallel_size"] == 2
+    assert split.item(Part.OPTIMIZER).shards == 2 == alone.item(Part.OPTIMIZER).shards
+    mla_layers = sum(1 for i in range(cfg.num_hidden_layers) if not cfg.is_kda_layer(i))
+    assert split.item(Part.GATHERED_LATENTS).bytes == mla_layers * 65536 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2
+    assert split.peak_allocated < alone.peak_allocated
+    with pytest.raises(ValueError, match="does not divide 3 GPUs"):
+        predict_peak_memory(train_config(**long, context_parallel_size=2), cfg, gpus=3)

@@ -9,7 +9,7 @@ special tokens), the chat template, and the settings that change tokenisation or
 ``shuffle_merged_datasets``). ``key.json`` in the folder holds those parts, readable.
 
 A folder holds, per split, ``{split}_input_ids.npy`` and ``{split}_labels.npy`` (int32, all samples end to end) and
-``{split}_offsets.npy`` (int64 ``[n+1]``), plus ``report.json``. Folders are written under a temporary name and
+``{split}_offsets.npy`` (int64 ``[n+1]``), for KTO data ``{split}_desirable.npy`` (bool ``[n]``), plus ``report.json``. Folders are written under a temporary name and
 renamed into place, so a reader never sees half a cache.
 """
 
@@ -94,15 +94,19 @@ def _load_split(directory: Path, split: str) -> list[Sample]:
 
 
 def save(
-    directory: Path, parts: dict[str, Any], train: Sequence[Sample], eval: Sequence[Sample], report: DataReport
+    directory: Path, parts: dict[str, Any], train: Sequence[Sample], eval: Sequence[Sample], report: DataReport,
+    desirable: dict[str, Sequence[bool]] | None = None,
 ) -> None:
-    """Writes one preparation to ``directory`` atomically (a concurrent writer of the same key may win)."""
+    """Writes one preparation to ``directory`` atomically (a concurrent writer of the same key may win);
+    ``desirable``: KTO's labels per split ("train", "eval"), one per sample."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     _save_split(staging, "train", train)
     _save_split(staging, "eval", eval)
+    for split, flags in (desirable or {}).items():
+        np.save(staging / f"{split}_desirable.npy", np.asarray(flags, dtype=bool))
     (staging / "report.json").write_text(json.dumps(report.to_dict(), indent=1))
     (staging / "key.json").write_text(json.dumps(parts, indent=1, sort_keys=True, default=str))
     try:
@@ -111,9 +115,13 @@ def save(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load(directory: Path) -> tuple[list[Sample], list[Sample], DataReport] | None:
-    """The preparation in ``directory``, or None when there is none."""
+def load(directory: Path) -> tuple[list[Sample], list[Sample], DataReport, dict[str, list[bool]] | None] | None:
+    """The preparation in ``directory`` (train, eval, report, KTO's labels per split or None), or None when there
+    is none."""
     if not (directory / "report.json").is_file():
         return None
     report = DataReport.from_dict(json.loads((directory / "report.json").read_text()))
-    return _load_split(directory, "train"), _load_split(directory, "eval"), report
+    desirable = None
+    if (directory / "train_desirable.npy").is_file():
+        desirable = {split: np.load(directory / f"{split}_desirable.npy").tolist() for split in ("train", "eval")}
+    return _load_split(directory, "train"), _load_split(directory, "eval"), report, desirable

@@ -142,9 +142,13 @@ def _padded_batch(samples: Sequence[Sample], pad_to: int | None, pad_id: int) ->
     )
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _dense_width(length: int, capacity: int) -> int:
     """A one-sample row's width: ``length`` rounded up to ``DENSE_ROW_MULTIPLE``, at most ``capacity``."""
-    return min(-(-length // DENSE_ROW_MULTIPLE) * DENSE_ROW_MULTIPLE, max(capacity, length))
+    return min(_round_up(length, DENSE_ROW_MULTIPLE), max(capacity, length))
 
 
 def make_batches(
@@ -156,12 +160,14 @@ def make_batches(
     epoch: int,
     pad_id: int,
     pad_to_sequence_len: bool = False,
+    row_multiple: int = 1,
 ) -> list[Batch]:
     """All micro-batches of one epoch, in order; deterministic for ``(seed, epoch)``.
 
     Every sample must hold at most ``sequence_len`` tokens (``prepare_datasets`` guarantees it).
     ``pad_to_sequence_len`` gives every batch the same shape: ``[1, micro_batch_size * sequence_len]`` packed
-    (the padding is a sequence of its own in ``cu_seqlens``) or ``[B, sequence_len]`` padded.
+    (the padding is a sequence of its own in ``cu_seqlens``) or ``[B, sequence_len]`` padded. ``row_multiple``: every
+    row is padded to a multiple of it (context parallelism splits rows evenly over that many ranks).
     """
     if not samples:
         raise ValueError("make_batches: no samples")
@@ -170,17 +176,25 @@ def make_batches(
         raise ValueError(f"make_batches: sample {too_long[0]} has {len(samples[too_long[0]])} tokens > {sequence_len}")
     if sample_packing:
         capacity = micro_batch_size * sequence_len
-        pad_to = capacity if pad_to_sequence_len else None
+        pad_to = _round_up(capacity, row_multiple) if pad_to_sequence_len else None
         bins = pack_epoch([len(s) for s in samples], capacity, seed, epoch)
-        return [packed_batch([samples[i] for i in group], pad_to, pad_id) if len(group) > 1
-                else _padded_batch([samples[group[0]]], pad_to or _dense_width(len(samples[group[0]]), capacity), pad_id)
-                for group in bins]
+        batches = []
+        for group in bins:
+            tokens = sum(len(samples[i]) for i in group)
+            if len(group) > 1:
+                batches.append(packed_batch([samples[i] for i in group],
+                                            pad_to or (_round_up(tokens, row_multiple) if row_multiple > 1 else None),
+                                            pad_id))
+            else:
+                width = pad_to or _round_up(_dense_width(tokens, capacity), row_multiple)
+                batches.append(_padded_batch([samples[group[0]]], width, pad_id))
+        return batches
     order = np.random.default_rng([seed, epoch]).permutation(len(samples))
     pad_to = sequence_len if pad_to_sequence_len else None
-    return [
-        _padded_batch([samples[int(i)] for i in order[start : start + micro_batch_size]], pad_to, pad_id)
-        for start in range(0, len(order), micro_batch_size)
-    ]
+    groups = [[samples[int(i)] for i in order[start : start + micro_batch_size]]
+              for start in range(0, len(order), micro_batch_size)]
+    return [_padded_batch(group, _round_up(pad_to or max(len(s) for s in group), row_multiple), pad_id)
+            for group in groups]
 
 
 def packing_efficiency(batches: Sequence[Batch], capacity: int) -> float:

@@ -23,7 +23,10 @@ messages. A reply given as a list is its last message; the messages before it ar
 (they must then be the same for chosen and rejected) and must repeat the end of the row's prompt when it has one.
 
 KTO rows (``UNPAIRED_TYPES``): a prompt (``prompt``, ``question``, ``instruction`` as above, or ``field_messages``
-for ``chat_template``), a ``completion`` (as a reply above) and a boolean ``label`` (true: desirable).
+for ``chat_template``), a ``completion`` (as a reply above) and a boolean ``label`` (true: desirable). KTO's KL term
+scores each sample's prompt with another sample's reply (``with_kl_sequences``: TRL's rotation by one, over the
+prepared order, so that the pairing and its reference log-probabilities are fixed for the run); a batch carries
+its samples' KL sequences packed in a row of their own.
 
 Bad rows are skipped and counted by reason with their 1-based line or row, as ``prepare_datasets`` counts SFT rows
 (``SourceReport``), and so are pairs longer than ``sequence_len`` in total: a batch row holds a whole pair.
@@ -40,7 +43,7 @@ import torch
 
 from kimitune.config import DatasetConfig
 from kimitune.data.chat import FLAG_KEYS, IGNORE_INDEX, ConversationError, tokenize_conversation
-from kimitune.data.packing import Sample, packed_batch, pack_epoch
+from kimitune.data.packing import Batch, Sample, packed_batch, pack_epoch
 from kimitune.data.report import SourceReport
 from kimitune.data.rows import note_unread, read_rows
 from kimitune.data.sources import DataError, check_mappings, open_source, role_aliases, row_to_conversation
@@ -90,10 +93,27 @@ class PreferencePair:
 
 @dataclass(frozen=True)
 class UnpairedSample:
-    """One KTO example: a whole sequence (prompt + reply, labels on the reply) and whether the reply is desirable."""
+    """One KTO example: a whole sequence (prompt + reply, labels on the reply), whether the reply is desirable, and
+    (``with_kl_sequences``) its KL sequence: its prompt with another sample's reply."""
 
     sample: Sample
     desirable: bool
+    kl: Sample | None = None
+
+
+def _splice(prompt_of: Sample, reply_of: Sample, sequence_len: int) -> Sample:
+    """``prompt_of``'s prompt tokens, then ``reply_of``'s reply tokens (its labels), at most ``sequence_len``."""
+    p, r = _prompt_length(prompt_of), _prompt_length(reply_of)
+    ids = np.concatenate([prompt_of.input_ids[:p], reply_of.input_ids[r:]])[:sequence_len]
+    labels = np.concatenate([np.full(p, IGNORE_INDEX, dtype=prompt_of.labels.dtype), reply_of.labels[r:]])
+    return Sample(ids, labels[:sequence_len])
+
+
+def with_kl_sequences(samples: Sequence[UnpairedSample], sequence_len: int) -> list[UnpairedSample]:
+    """``samples`` with their KL sequences: sample i's prompt and sample i - 1's reply (the last sample's for the
+    first), TRL's mismatched pairing, cut to ``sequence_len`` tokens. A lone sample is its own partner."""
+    return [UnpairedSample(s.sample, s.desirable, _splice(s.sample, samples[i - 1].sample, sequence_len))
+            for i, s in enumerate(samples)]
 
 
 def _layout(dataset_type: str, config: DatasetConfig, replies: tuple[str, ...], unpaired: bool) -> _Layout:
@@ -362,7 +382,8 @@ class PreferenceBatch:
 @dataclass
 class UnpairedBatch:
     """One packed micro-batch of KTO samples: as ``PreferenceBatch`` with one sequence per sample (``cu_seqlens``
-    int32 ``[n + 1]``), ``desirable`` bool ``[n]`` and ``sample_ids`` int64 ``[n]``."""
+    int32 ``[n + 1]``), ``desirable`` bool ``[n]``, ``sample_ids`` int64 ``[n]`` and ``kl``: the samples' KL sequences
+    packed in the same order (a ``packing.Batch``; scored without gradients, never trained)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -371,6 +392,7 @@ class UnpairedBatch:
     sample_ids: torch.Tensor
     num_tokens: int
     num_label_tokens: int
+    kl: Batch
 
 
 def _bins(lengths: list[int], sequence_len: int, what: str, seed: int, epoch: int) -> list[list[int]]:
@@ -400,7 +422,10 @@ def make_preference_batches(
 def make_unpaired_batches(
     samples: Sequence[UnpairedSample], sequence_len: int, seed: int, epoch: int
 ) -> list[UnpairedBatch]:
-    """One epoch of KTO batches, packed as ``make_preference_batches`` packs pairs."""
+    """One epoch of KTO batches, packed as ``make_preference_batches`` packs pairs; ``samples`` must have their KL
+    sequences (``with_kl_sequences``)."""
+    if any(s.kl is None for s in samples):
+        raise ValueError("make_unpaired_batches: the samples need their KL sequences (with_kl_sequences)")
     bins = _bins([len(s.sample) for s in samples], sequence_len, "sample", seed, epoch)
     batches = []
     for group in bins:
@@ -408,5 +433,26 @@ def make_unpaired_batches(
         batches.append(UnpairedBatch(packed.input_ids, packed.labels, packed.cu_seqlens,
                                      torch.tensor([samples[i].desirable for i in group], dtype=torch.bool),
                                      torch.tensor(group, dtype=torch.int64), packed.num_tokens,
-                                     packed.num_label_tokens))
+                                     packed.num_label_tokens, packed_batch([samples[i].kl for i in group], None, 0)))
     return batches
+
+
+def preference_examples(samples: Sequence[Sample], desirable: Sequence[bool] | None,
+                        sequence_len: int) -> list[PreferencePair] | list[UnpairedSample]:
+    """A prepared split (``PreparedData``) as what a preference run trains on: pairs (``samples`` in the flat form
+    ``pairs_to_samples`` makes), or with ``desirable`` (KTO's labels, one per sample) the unpaired samples with
+    their KL sequences."""
+    if desirable is None:
+        return samples_to_pairs(samples)
+    if len(desirable) != len(samples):
+        raise ValueError(f"{len(desirable)} KTO labels for {len(samples)} samples")
+    return with_kl_sequences([UnpairedSample(s, bool(d)) for s, d in zip(samples, desirable)], sequence_len)
+
+
+def make_example_batches(examples: Sequence[PreferencePair] | Sequence[UnpairedSample], sequence_len: int, seed: int,
+                         epoch: int) -> list[PreferenceBatch] | list[UnpairedBatch]:
+    """One epoch of ``preference_examples``' batches: ``make_unpaired_batches`` for KTO's samples, else
+    ``make_preference_batches``."""
+    if examples and isinstance(examples[0], UnpairedSample):
+        return make_unpaired_batches(examples, sequence_len, seed, epoch)
+    return make_preference_batches(examples, sequence_len, seed, epoch)

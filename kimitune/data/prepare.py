@@ -6,7 +6,8 @@ settings, counts every row it skips or truncates, holds out the eval split, and 
 ``kimitune preprocess CONFIG`` runs.
 
 Preference data (``rl`` set): each row is a pair (``kimitune.data.preference``), shuffled and held out as a whole;
-the prepared lists hold each pair as two samples, chosen then rejected (``pairs_to_samples``).
+the prepared lists hold each pair as two samples, chosen then rejected (``pairs_to_samples``). KTO data (``rl:
+kto``): each row one sample with its ``desirable`` label, kept beside the samples.
 
 Eval set: the ``test_datasets`` when given; else ``val_set_size`` samples (a fraction below 1, a count from 1)
 drawn from the merged training samples with the config's ``seed``; else none. ``shuffle_merged_datasets`` shuffles
@@ -29,7 +30,7 @@ from kimitune.config import TrainConfig, load_config
 from kimitune.data import cache
 from kimitune.data.chat import IGNORE_INDEX, ROLES, ConversationError, tokenize_conversation
 from kimitune.data.packing import Sample, pack_epoch
-from kimitune.data.preference import pairs_to_samples, tokenize_preference_rows
+from kimitune.data.preference import pairs_to_samples, tokenize_preference_rows, tokenize_unpaired_rows
 from kimitune.data.report import DataReport, SourceReport
 from kimitune.data.rows import note_unread, read_rows
 from kimitune.data.sources import DataError, Source, check_mappings, open_source, role_aliases, row_to_conversation
@@ -43,6 +44,7 @@ class PreparedData:
     train: list[Sample]
     eval: list[Sample]
     report: DataReport
+    desirable: dict[str, list[bool]] | None = None  # rl: kto: each sample's label, per split ("train", "eval")
 
 
 def _check(config: TrainConfig, tokenizer: Any) -> None:
@@ -120,15 +122,20 @@ def _hold_out(samples: list[Sample], val_set_size: float, seed: int) -> tuple[li
 
 def _tokenize_all(
     config: TrainConfig, tokenizer: Any, train_sources: Sequence[Source], eval_sources: Sequence[Source], show: bool
-) -> tuple[list[Sample], list[Sample], DataReport]:
-    report = DataReport(unit="samples" if config.rl is None else "pairs")
+) -> tuple[list[Sample], list[Sample], DataReport, dict[str, list[bool]] | None]:
+    pairs = config.rl is not None and config.rl != "kto"
+    report = DataReport(unit="pairs" if pairs else "samples")
     train: list[Sample] = []
     eval: list[Sample] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not show) as progress:
         for sources, split, out in ((train_sources, "train", train), (eval_sources, "eval", eval)):
             for source in sources:
-                if config.rl is not None:
+                if config.rl == "kto":
+                    items, source_report = tokenize_unpaired_rows(
+                        source.config, tokenizer, config.sequence_len, name=source.name.partition(" ")[0], split=split,
+                        train_on_eos=config.train_on_eos, progress=progress)
+                elif config.rl is not None:
                     items, source_report = tokenize_preference_rows(
                         source.config, tokenizer, config.sequence_len, name=source.name.partition(" ")[0], split=split,
                         field_chosen=source.config.field_chosen, field_rejected=source.config.field_rejected,
@@ -144,9 +151,13 @@ def _tokenize_all(
     elif config.val_set_size > 0:
         train, eval = _hold_out(train, config.val_set_size, config.seed)
         report.eval_from = f"val_set_size {config.val_set_size:g} of the training {report.unit}"
-    if config.rl is not None:
+    desirable = None
+    if config.rl == "kto":
+        desirable = {"train": [u.desirable for u in train], "eval": [u.desirable for u in eval]}
+        train, eval = [u.sample for u in train], [u.sample for u in eval]
+    elif pairs:
         train, eval = pairs_to_samples(train), pairs_to_samples(eval)
-    return train, eval, report
+    return train, eval, report, desirable
 
 
 def prepare_datasets(config: TrainConfig, tokenizer: Any, progress: bool = True) -> PreparedData:
@@ -160,26 +171,27 @@ def prepare_datasets(config: TrainConfig, tokenizer: Any, progress: bool = True)
     eval_sources = [open_source(entry, f"test_datasets[{i}]") for i, entry in enumerate(config.test_datasets)]
     parts = cache.key_parts(config, tokenizer, train_sources, eval_sources)
     directory = cache.cache_root(config) / cache.cache_key(parts)
+    pairs = config.rl is not None and config.rl != "kto"
     cached = cache.load(directory)
     if cached is not None:
-        train, eval, report = cached
+        train, eval, report, desirable = cached
         report.from_cache = True
     else:
-        train, eval, report = _tokenize_all(config, tokenizer, train_sources, eval_sources, progress)
-        per_item = 1 if config.rl is None else 2  # a pair is stored as two samples
+        train, eval, report, desirable = _tokenize_all(config, tokenizer, train_sources, eval_sources, progress)
+        per_item = 2 if pairs else 1  # a pair is stored as two samples
         report.train_samples, report.eval_samples = len(train) // per_item, len(eval) // per_item
-        cache.save(directory, parts, train, eval, report)
+        cache.save(directory, parts, train, eval, report, desirable)
     report.cache_dir = str(directory)
     if config.sample_packing:
         # Depends on micro_batch_size, which the cache key leaves out: computed on every call.
         capacity = config.micro_batch_size * config.sequence_len
         lengths = [len(s) for s in train]
-        if config.rl is not None:  # a pair is packed whole
+        if pairs:  # a pair is packed whole
             lengths = [a + b for a, b in zip(lengths[0::2], lengths[1::2])]
         bins = pack_epoch(lengths, capacity, config.seed, epoch=0)
         report.packed_batches = len(bins)
         report.packing_efficiency = sum(len(s) for s in train) / (len(bins) * capacity)
-    return PreparedData(train=train, eval=eval, report=report)
+    return PreparedData(train=train, eval=eval, report=report, desirable=desirable)
 
 
 def run_preprocess(config: TrainConfig | str | Path, console: Console | None = None) -> PreparedData:

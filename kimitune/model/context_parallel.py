@@ -1,8 +1,9 @@
 """One row split across the ranks of a process group (context parallelism) with the project's own state passing:
 the exact maths of model/pieces.py with one piece per rank.
 
-Rank r holds tokens [r * L, (r + 1) * L) of the row (L = T / ranks). Each decoder layer then runs on every rank's
-piece; what passes between ranks is what passes between pieces:
+Every rank is given the whole row and computes its share: rank r holds tokens [r * L, (r + 1) * L) of the row
+(L = T / ranks). Each decoder layer then runs on every rank's piece; what passes between ranks is what passes
+between pieces:
 
 - a KDA layer's short-conv and recurrent states, sent from rank r to r + 1 after r's piece (point to point; in
   the backward their gradients go back from r + 1 to r), so the KDA layers run one rank after another;
@@ -12,28 +13,36 @@ piece; what passes between ranks is what passes between pieces:
 
 Packed rows keep their sequences apart across ranks as across pieces. The loss is each rank's tokens' summed
 cross-entropy against the row's targets (shifted over the whole row, so the last token of a rank predicts the first
-of the next); the caller sums it and the parameters' gradients over the ranks. The MoE's load-balancing loss is the
-whole row's: its routing terms are summed over the ranks (with their gradients), and each rank returns its share of
-it. Not here yet: layers in pieces within a rank, the trainer's ``context_parallel_size``. On CUDA, fla-core's context parallelism is the faster route for KDA (the layers here run
-one rank after another); this module runs on any backend, gloo on the CPU included.
+of the next); the caller sums it and the parameters' gradients over the ranks (FSDP2 over the same ranks does, in
+its gradient reduction). The MoE's load-balancing loss is the whole row's: its routing terms are summed over the
+ranks (with their gradients), and each rank returns its share of it.
 
-    context_parallel_loss(model, input_ids [B, T], labels [B, T], cu_seqlens | None, group, options)
-        -> (this rank's summed loss, its share of the load-balancing loss or None), float32 scalars
+Every layer runs as a module call (``layer(...)``, checkpointed where it recomputes), so FSDP2's hooks gather and
+free its weights as in any forward; an MLA layer all-gathers its latents from inside its own forward
+(``GatheredPrefix``). Not here yet: layers in pieces within a rank, MLA's causal work balanced across the ranks
+(the last rank attends over the most), fla-core's context parallelism on CUDA (the faster route for KDA: the layers
+here run one rank after another); this module runs on any backend, gloo on the CPU included.
+
+    model(input_ids [B, T], labels [B, T], cu_seqlens | None, loss_reduction="sum" | "none",
+          options=RunOptions(context_parallel=group))
+        -> this rank's share: the loss of its tokens, its share of the load-balancing loss
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.autograd import Function
 from torch.utils.checkpoint import checkpoint
 
-from kimitune.model.mla import MLAPrefix
-from kimitune.model.moe import RouterTerms, load_balancing_loss
+from kimitune.model.mla import GatheredPrefix
+from kimitune.model.moe import RouterTerms
 from kimitune.model.options import RunOptions
 from kimitune.model.pieces import Piece, initial_states, router_tensors, run_kda_piece, split_into_pieces
 from kimitune.ops import BatchLayout
-from kimitune.ops.loss import linear_cross_entropy
 
 
 class _ReceiveFromPrevious(Function):
@@ -106,8 +115,39 @@ class _AllGather(Function):
         return grad[:, ctx.rank * ctx.length:(ctx.rank + 1) * ctx.length], None
 
 
-def _kda_across_ranks(layer, h, piece: Piece, rank: int, group, options: RunOptions):
-    attention = layer.self_attn
+@dataclass(frozen=True)
+class RowShare:
+    """A row split over ``group``'s ranks: every rank's piece, and this rank's index (``piece`` is its own)."""
+
+    pieces: list[Piece]
+    rank: int
+    group: Any
+
+    @property
+    def piece(self) -> Piece:
+        return self.pieces[self.rank]
+
+    @property
+    def ranks(self) -> int:
+        return len(self.pieces)
+
+
+def share_of_row(layout: BatchLayout | None, total: int, group, device: torch.device) -> RowShare:
+    """The split of a row of ``total`` tokens (its ``layout``, None when unpacked) over ``group``'s ranks."""
+    ranks = dist.get_world_size(group)
+    if total % ranks:
+        raise ValueError(f"context parallelism: the row's {total} tokens do not split evenly over {ranks} ranks (pad "
+                         f"it to a multiple of {ranks})")
+    return RowShare(split_into_pieces(layout, total, total // ranks, device), dist.get_rank(group), group)
+
+
+def _run(recompute: bool):
+    """torch.utils.checkpoint for a recomputed layer, else a plain call."""
+    return checkpoint if recompute else lambda fn, *args, use_reentrant: fn(*args)
+
+
+def _kda_across_ranks(layer, h, share: RowShare, options: RunOptions, recompute: bool):
+    attention, piece, rank, group = layer.self_attn, share.piece, share.rank, share.group
     rows = h.shape[0] if piece.layout is None else 1
     packed = piece.layout is not None
     sequences = 1 if not packed else piece.layout.cu_seqlens_cpu.numel() - 1
@@ -118,7 +158,7 @@ def _kda_across_ranks(layer, h, piece: Piece, rank: int, group, options: RunOpti
         conv = _ReceiveFromPrevious.apply(anchor, (rows, width[0], width[-1]), h.dtype, group, rank - 1)
         recurrent = _ReceiveFromPrevious.apply(
             anchor, (rows, attention.num_heads, attention.head_dim, attention.head_dim), torch.float32, group, rank - 1)
-    out, counts, score_sum, conv_out, recurrent_out = checkpoint(
+    out, counts, score_sum, conv_out, recurrent_out = _run(recompute)(
         run_kda_piece, layer, h, piece.layout, initial_states(conv, sequences, packed),
         initial_states(recurrent, sequences, packed), piece.carries, options, use_reentrant=False)
     if piece.carries:
@@ -127,55 +167,39 @@ def _kda_across_ranks(layer, h, piece: Piece, rank: int, group, options: RunOpti
     return out, counts, score_sum
 
 
-def _mla_across_ranks(layer, h, piece: Piece, pieces: list[Piece], rank: int, group, options: RunOptions):
-    attention = layer.self_attn
-    _, kv_a = attention._query_and_latent(layer.input_layernorm(h))  # the layer computes them again for itself
-    latent, k_shared = kv_a.split([attention.kv_lora_rank, attention.rope_dim], dim=-1)
-    latents = _AllGather.apply(attention.kv_a_layernorm(latent), group)
-    shared = _AllGather.apply(k_shared, group)
+def _mla_across_ranks(layer, h, share: RowShare, options: RunOptions, recompute: bool):
+    piece, rank, group = share.piece, share.rank, share.group
     begin = piece.first_start if piece.layout is not None else 0
-    blocks = [(latents[:, max(p.start, begin):p.end], shared[:, max(p.start, begin):p.end])
-              for p in pieces[:rank] if p.end > begin] if piece.continues else []
-    out, router, _ = checkpoint(layer, h, piece.layout, MLAPrefix(blocks) if blocks else None, False, options,
-                                use_reentrant=False)
-    # Every rank's backward must reach the all-gathers (their backward is a collective), also where no later piece
-    # of this rank read them
-    out = out + 0 * (latents.sum() + shared.sum()).to(out.dtype)
+
+    def gather(latent: torch.Tensor, k_shared: torch.Tensor):
+        latents, shared = _AllGather.apply(latent, group), _AllGather.apply(k_shared, group)
+        blocks = [(latents[:, max(p.start, begin):p.end], shared[:, max(p.start, begin):p.end])
+                  for p in share.pieces[:rank] if p.end > begin] if piece.continues else []
+        return blocks, 0 * (latents.sum() + shared.sum())
+
+    out, router, _ = _run(recompute)(layer, h, piece.layout, GatheredPrefix(gather), False, options,
+                                     use_reentrant=False)
     return (out, *router_tensors(router))
 
 
-def context_parallel_loss(model, input_ids: torch.Tensor, labels: torch.Tensor,
-                          cu_seqlens: torch.Tensor | None, group,
-                          options: RunOptions = RunOptions()) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """This rank's summed loss over its tokens of the row and its share of the load-balancing loss (None when the
-    coefficient, the options' or else the model config's, is 0); see the module docstring. ``input_ids`` /
-    ``labels`` [B, T]: the whole row (unpacked, or packed with ``cu_seqlens`` on the host); T a multiple of the
-    ranks."""
-    from kimitune.model.modeling import shift_labels
+def layer_across_ranks(layer, h: torch.Tensor, share: RowShare, options: RunOptions,
+                       recompute: bool) -> tuple[torch.Tensor, RouterTerms | None]:
+    """A decoder layer on this rank's piece h [B, L, C] of the row -> (its output, its MoE's routing terms over this
+    rank's tokens, or None for a dense layer); ``recompute``: the layer recomputes in the backward."""
+    run = _kda_across_ranks if layer.is_kda else _mla_across_ranks
+    out, counts, score_sum = run(layer, h, share, options, recompute)
+    if counts is None:
+        return out, None
+    return out, RouterTerms(counts, score_sum, h.shape[0] * h.shape[1], layer.mlp.top_k)
 
-    ranks, rank = dist.get_world_size(group), dist.get_rank(group)
-    B, T = input_ids.shape
-    if T % ranks:
-        raise ValueError(f"context parallelism: the row's {T} tokens do not split evenly over {ranks} ranks (pad "
-                         f"it to a multiple of {ranks})")
-    device = input_ids.device
-    layout = BatchLayout.of(cu_seqlens, device, T)
-    pieces = split_into_pieces(layout, T, T // ranks, device)
-    piece = pieces[rank]
-    targets = shift_labels(labels, layout)[:, piece.start:piece.end]
-    h = model.model.embed_tokens(input_ids[:, piece.start:piece.end])
-    routers = []
-    for layer in model.model.layers:
-        if layer.is_kda:
-            h, counts, score_sum = _kda_across_ranks(layer, h, piece, rank, group, options)
-        else:
-            h, counts, score_sum = _mla_across_ranks(layer, h, piece, pieces, rank, group, options)
-        if counts is not None:  # the whole row's routing terms
-            counts = counts.clone()
-            dist.all_reduce(counts, group=group)
-            routers.append(RouterTerms(counts, _AllReduce.apply(score_sum, group), B * T, layer.mlp.top_k))
-    hidden = model.model.norm(h)
-    loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), model.lm_head.weight, targets.reshape(-1),
-                                reduction="sum", impl=options.loss_impl)
-    aux = load_balancing_loss(routers, options.aux_loss_coef(model.config))
-    return loss, None if aux is None else aux / ranks  # the ranks' shares add up to the row's
+
+def whole_row_routers(routers: list[RouterTerms], share: RowShare) -> list[RouterTerms]:
+    """Each MoE layer's routing terms summed over the ranks (the score sums with their gradients): the whole row's,
+    on every rank."""
+    whole = []
+    for router in routers:
+        counts = router.tokens_per_expert.clone()
+        dist.all_reduce(counts, group=share.group)
+        whole.append(RouterTerms(counts, _AllReduce.apply(router.score_sum, share.group),
+                                 router.num_tokens * share.ranks, router.top_k))
+    return whole

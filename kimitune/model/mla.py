@@ -16,6 +16,7 @@ head, not S * kv_lora_rank * heads * (nope + v).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,16 @@ class MLAPrefix:
     blocks: list[tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class GatheredPrefix:
+    """A prefix made from this input's own latents: ``gather(latent, k_shared)`` -> (blocks, tie), the blocks that
+    precede the input (``MLAPrefix``'s form; the earlier ranks' under context parallelism, model/context_parallel.py)
+    and a zero scalar the layer adds to its output, so that every rank's backward reaches the collective that made
+    the blocks, whether or not it attends to any."""
+
+    gather: Callable[[torch.Tensor, torch.Tensor], tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]
+
+
 class MultiheadLatentAttention(nn.Module):
     """x [B, T, C] -> [B, T, C]. Parameter names are transformers' KimiLinearAttention's."""
 
@@ -98,19 +109,25 @@ class MultiheadLatentAttention(nn.Module):
         self,
         x: torch.Tensor,
         cu_seqlens: BatchLayout | torch.Tensor | None = None,
-        state: MLAState | MLAPrefix | None = None,
+        state: MLAState | MLAPrefix | GatheredPrefix | None = None,
         return_state: bool = False,
     ) -> tuple[torch.Tensor, MLAState | None]:
         """x [B, T, C] -> (y [B, T, C], the latents including this input when ``return_state`` else None; after an
-        ``MLAPrefix``, this input's own latents)."""
+        ``MLAPrefix`` or a ``GatheredPrefix``, this input's own latents)."""
         B, T, _ = x.shape
         q, kv_a = self._query_and_latent(x)
         q = q.view(B, T, self.num_heads, -1).transpose(1, 2)
         latent, k_shared = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
+        tie = None
+        if isinstance(state, GatheredPrefix):
+            blocks, tie = state.gather(latent, k_shared)
+            state = MLAPrefix(blocks) if blocks else None
+            return_state = False
         if isinstance(state, MLAPrefix):
             out = self._attention_after_prefix(q, latent, k_shared, state, BatchLayout.of(cu_seqlens, x.device, T))
             y = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+            y = y if tie is None else y + tie.to(y.dtype)
             return y, (MLAState(latent, k_shared) if return_state else None)
         valid = None
         if state is not None:
@@ -123,6 +140,7 @@ class MultiheadLatentAttention(nn.Module):
         else:
             out = self._expanded_attention(q, latent, k_shared, valid, cu_seqlens, return_state)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        y = y if tie is None else y + tie.to(y.dtype)
         return y, (MLAState(latent, k_shared, valid) if return_state else None)
 
     def _expand(self, latent: torch.Tensor, k_shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kimitune.model.configuration import KimiLinearConfig
+from kimitune.model.context_parallel import RowShare, layer_across_ranks, share_of_row, whole_row_routers
 from kimitune.model.kda import KDAForgetGate, KDAState, KimiDeltaAttention
 from kimitune.model.mla import MLAState, MultiheadLatentAttention
 from kimitune.model.moe import (
@@ -120,11 +121,21 @@ class KimiLinearModel(nn.Module):
         layout: BatchLayout | None = None,
         cache: KimiLinearCache | None = None,
         options: RunOptions = RunOptions(),
+        share: RowShare | None = None,
     ) -> tuple[torch.Tensor, list[RouterTerms]]:
-        """-> (hidden [B, T, C], the routing terms of each MoE layer)."""
+        """-> (hidden [B, T, C], the routing terms of each MoE layer). ``share``: under context parallelism, the
+        row's split over the ranks (``input_ids`` and ``layout`` are this rank's piece; the routing terms returned
+        are the whole row's)."""
         h = self.embed_tokens(input_ids)
         recompute = options.recompute_layers if torch.is_grad_enabled() and cache is None else frozenset()
         segment = options.segment_layers
+        if share is not None:
+            routers = []
+            for i, layer in enumerate(self.layers):
+                h, router = layer_across_ranks(layer, h, share, options, i in recompute)
+                if router is not None:
+                    routers.append(router)
+            return self.norm(h), whole_row_routers(routers, share)
         if segment > 1 and recompute:
             if len(recompute) < len(self.layers):
                 raise ValueError("segment_layers needs every decoder layer recomputed")
@@ -263,11 +274,19 @@ class KimiLinearForCausalLM(nn.Module):
         options = options or RunOptions()
         self._check_inputs(input_ids, labels, cu_seqlens, cache, return_logits, loss_reduction)
         layout = BatchLayout.of(cu_seqlens, input_ids.device, input_ids.shape[1])  # once, for every layer
-        targets = None if labels is None else shift_labels(labels, layout).reshape(-1)
+        targets = None if labels is None else shift_labels(labels, layout)
+        share = None
+        if options.context_parallel is not None:  # this rank's piece of the row (model/context_parallel.py)
+            self._check_context_parallel(cache, loss_reduction, options)
+            share = share_of_row(layout, input_ids.shape[1], options.context_parallel, input_ids.device)
+            piece = share.piece
+            input_ids, layout = input_ids[:, piece.start:piece.end], piece.layout
+            targets = None if targets is None else targets[:, piece.start:piece.end]
+        targets = None if targets is None else targets.reshape(-1)
         # Started before the layers, so that the loss finds its rows without waiting for the GPU (LossRows).
         fused_loss = targets is not None and not return_logits and options.loss_impl == "fused"
         loss_rows = LossRows(targets) if fused_loss else None
-        hidden, routers = self.model(input_ids, layout, cache, options)
+        hidden, routers = self.model(input_ids, layout, cache, options, share)
         out = KimiLinearOutput(cache=cache)
         if return_logits:
             out.logits = self.lm_head(hidden)
@@ -286,7 +305,20 @@ class KimiLinearForCausalLM(nn.Module):
         if routers:
             out.router_stats = torch.stack([router.tokens_per_expert for router in routers])
         out.aux_loss = load_balancing_loss(routers, options.aux_loss_coef(self.config))
+        if share is not None and out.aux_loss is not None:
+            out.aux_loss = out.aux_loss / share.ranks  # every rank has the whole row's: its share, to be summed
         return out
+
+    @staticmethod
+    def _check_context_parallel(cache, loss_reduction: str, options: RunOptions) -> None:
+        if cache is not None:
+            raise ValueError("context parallelism splits a training row: it takes no cache")
+        if loss_reduction == "mean":
+            raise ValueError("context parallelism gives each rank's share of the loss: loss_reduction 'sum' or "
+                             "'none' (the caller divides by the row's count)")
+        if options.sequence_piece_len or options.segment_layers > 1:
+            raise ValueError("context parallelism does not run layers in pieces within a rank yet: drop "
+                             "sequence_piece_len and segment_layers")
 
     def _check_inputs(self, input_ids, labels, cu_seqlens, cache, return_logits, loss_reduction) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):

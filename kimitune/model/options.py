@@ -8,6 +8,7 @@ builds them once from its config) instead of being set on the built model's modu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,9 @@ class RunOptions:
     many tokens along the sequence (model/pieces.py: the long-context step); None: whole. segment_layers: with every
     layer recomputed, runs of this many layers are recomputed together from their first input, which alone is kept
     (two levels of recomputation: one more forward of each segment, 1 / segment_layers of the layer inputs kept, plus
-    one segment's while it is rebuilt); 1: every layer keeps its input."""
+    one segment's while it is rebuilt); 1: every layer keeps its input. context_parallel: the process group over
+    whose ranks each row is split (model/context_parallel.py; every rank gets the whole row and computes its share);
+    None: no split."""
 
     recompute_layers: frozenset[int] = frozenset()
     kda_keep_intermediates: bool = False
@@ -29,6 +32,7 @@ class RunOptions:
     router_aux_loss_coef: float | None = None
     sequence_piece_len: int | None = None
     segment_layers: int = 1
+    context_parallel: Any = None  # a torch.distributed ProcessGroup
 
     def aux_loss_coef(self, config) -> float:
         """The load-balancing loss's weight: these options', else the model config's."""

@@ -27,6 +27,7 @@ class Part(Enum):
     WHOLE_LAYERS = "activations of layers not recomputed"
     REBUILT_LAYER = "one layer rebuilt in the backward"
     PIECE_STATES = "states between pieces"
+    GATHERED_LATENTS = "MLA latents of the whole row (context parallelism)"
     SEGMENT_INPUTS = "one segment's inputs, rebuilt"
     BROUGHT_BACK = "offloaded, back for one layer"
     ACTIVATIONS = "activations"

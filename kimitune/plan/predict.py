@@ -30,7 +30,7 @@ from kimitune.model.summary import format_count
 from kimitune.plan import activations
 from kimitune.plan.activations import Kernels
 from kimitune.plan.parts import GIB, MemoryItem, MemoryPlan, Part
-from kimitune.plan.shapes import ModelShapes, model_shapes
+from kimitune.plan.shapes import MLAShape, ModelShapes, model_shapes
 from kimitune.plan.sharding import fsdp_items
 
 CUBLAS_WORKSPACE = 64 * 2**20  # two cuBLAS handles' workspaces, allocated through PyTorch's caching allocator
@@ -59,10 +59,15 @@ def predict_peak_memory(
     ``fused``: fla-core's fused RMSNorm / gated norm / SwiGLU kernels run (kimitune.ops.norm, on CUDA with
     fla-core installed); False for PyTorch's.
     ``gpus``: processes under torchrun, each with its own micro-batches; above 1 the model is sharded with FSDP2 as
-    ``train.fsdp_config`` says (``sharding.py``).
+    ``train.fsdp_config`` says (``sharding.py``). With ``train.context_parallel_size`` C, every C consecutive GPUs
+    split each row: each computes T / C of its tokens (and holds the whole row's MLA latents for the layers that keep
+    their activations), and FSDP2 shards over the gpus / C data ranks.
     """
     if gpus < 1:
         raise ValueError(f"gpus must be at least 1, got {gpus}")
+    split = train.context_parallel_size
+    if gpus % split:
+        raise ValueError(f"context_parallel_size {split} does not divide {gpus} GPUs: use a multiple of {split}")
     loss = loss or "fused"
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -70,20 +75,27 @@ def predict_peak_memory(
     autocast = train.adapter is None if autocast is None else autocast
     quant = "int8" if train.load_in_8bit else "fp8" if train.load_in_fp8 else "int4" if train.load_in_4bit else None
     shapes = model_shapes(train, model_config)
-    T = train.micro_batch_size * train.sequence_len
+    row = train.micro_batch_size * train.sequence_len
+    T = -(-row // split)  # this GPU's tokens of the row
     kernels = Kernels(fused_norms=fused, packed=packed, kda_keep_intermediates=train.kda_keep_intermediates)
 
     items = _weights(train, shapes, quant)
-    if gpus > 1:
-        items = fsdp_items(items, train, shapes, gpus, quant is not None)
+    if gpus // split > 1:
+        items = fsdp_items(items, train, shapes, gpus // split, quant is not None)
     recomputed = recomputed_layers(train, len(shapes.layers), gpus)
     items += _offloaded(train, shapes, _activations(train, shapes, kernels, recomputed, T, loss), T)
+    if split > 1:
+        kept = [layer.attention for i, layer in enumerate(shapes.layers)
+                if isinstance(layer.attention, MLAShape) and i not in recomputed]
+        latents = sum(mla.latent_and_shared_key for mla in kept) * row * 2.0
+        items.append(MemoryItem(Part.GATHERED_LATENTS, latents, f"{len(kept)} MLA layers x {row:,} tokens"))
     items += _transients(shapes, recomputed, T, pieced_tokens(train, T) if recomputed else T, quant, items[-1].bytes)
 
     peak = sum(item.bytes for item in items)
     overhead = ALLOCATOR_OVERHEAD * (peak - items[0].bytes) + CUDA_CONTEXT
     settings = {
-        "tokens": T, "gpus": gpus, "gradient_checkpointing": train.gradient_checkpointing,
+        "tokens": T, "gpus": gpus, "context_parallel_size": split,
+        "gradient_checkpointing": train.gradient_checkpointing,
         "recomputed_layers": len(recomputed), "adapter": train.adapter,
         "quantisation": quant, "loss": loss, "autocast": autocast, "packed": packed, "fused_kernels": fused,
         "kda_keep_intermediates": train.kda_keep_intermediates, "sequence_piece_len": train.sequence_piece_len,

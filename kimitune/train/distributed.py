@@ -24,6 +24,14 @@ identity, and the trainer runs exactly as it always has.
 - Data (in the trainer): every rank walks the same global micro-batch stream; rank r takes micro-batches r, r + N,
   r + 2N, ... of each step's ``gradient_accumulation_steps * N``. The stream position (epoch, index) is therefore
   the same on every rank and does not depend on N, which is what lets a checkpoint resume on another world size.
+- Context parallelism (``context_parallel_size: C``): the ranks form a 2-D mesh (data N / C, context C; consecutive
+  ranks share a row). The data ranks deal out the batches as above (every rank of a context group takes the same
+  micro-batches) and each context group splits each row (model/context_parallel.py). FSDP2 shards over the data
+  dimension: the ranks of a context group hold the same shards, and their gradients are summed over the group
+  after the backward (``sum_over_context``). Sharding over the context dimension too would put FSDP's per-layer
+  collectives, which need every rank at the same layer, between the row's rank-to-rank state passing, which runs
+  the ranks one after another: a deadlock; along the data dimension every FSDP collective joins ranks at the same
+  place in the row. Losses and gradients are sums over every rank, as without it.
 """
 
 from __future__ import annotations
@@ -47,6 +55,33 @@ class World:
     size: int = 1
     device: torch.device | None = None
     started_group: bool = False  # this World started the process group (and shuts it down)
+    context_parallel: int = 1  # consecutive ranks that split each row (split_rows)
+    context_group: Any = None  # their process group, None without a split
+    mesh: Any = None  # the (data, context) DeviceMesh, None without a split
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's place among the ranks that take different batches."""
+        return self.rank // self.context_parallel
+
+    @property
+    def data_size(self) -> int:
+        """How many ranks take different batches."""
+        return self.size // self.context_parallel
+
+    def split_rows(self, context_parallel: int) -> None:
+        """Groups every ``context_parallel`` consecutive ranks to split each row (a 2-D device mesh: data, context);
+        a ValueError names a world size that is not a multiple of it."""
+        if context_parallel == 1:
+            return
+        if self.size % context_parallel:
+            raise ValueError(f"context_parallel_size: {context_parallel} does not divide the {self.size} ranks "
+                             f"torchrun started: start a multiple of {context_parallel}")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(self.device.type, (self.size // context_parallel, context_parallel),
+                                     mesh_dim_names=("data", "context"))
+        self.context_parallel, self.context_group = context_parallel, self.mesh["context"].get_group()
 
     @property
     def is_main(self) -> bool:
@@ -132,7 +167,8 @@ def shard_model(model: nn.Module, world: World, *, bf16: bool, offload_params: b
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(world.device.type, (world.size,))
+    # With rows split, the data ranks of this rank's context column (see the module docstring)
+    mesh = world.mesh["data"] if world.mesh is not None else init_device_mesh(world.device.type, (world.size,))
     settings = dict(
         mesh=mesh,
         mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -190,11 +226,24 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     return total
 
 
+def sum_over_context(params: list[nn.Parameter], world: World) -> None:
+    """Each gradient (its local shard) summed over this rank's context group, in place; nothing without one."""
+    if world.context_group is None:
+        return
+    from torch.distributed.tensor import DTensor
+
+    for param in params:
+        if param.grad is not None:
+            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+            dist.all_reduce(grad, group=world.context_group)
+
+
 def shard_of(items: list, world: World) -> list:
-    """This rank's items: every ``world.size``-th one from ``world.rank``."""
-    return items[world.rank::world.size]
+    """This rank's items: every ``world.data_size``-th one from ``world.data_rank`` (the ranks of a context group
+    take the same ones)."""
+    return items[world.data_rank::world.data_size]
 
 
 def forward_passes_per_rank(count: int, world: World) -> int:
     """The most items ``shard_of`` gives any rank: FSDP needs every rank to run as many forward passes."""
-    return math.ceil(count / world.size)
+    return math.ceil(count / world.data_size)

@@ -1,4 +1,4 @@
-"""Preference losses on the log-probabilities of whole replies: DPO, IPO, SimPO and ORPO (issue 26).
+"""Preference losses on the log-probabilities of whole replies: DPO, IPO, SimPO, ORPO and KTO (issue 26).
 
 A packed preference row holds pairs as adjacent sequences, pair k's chosen reply at sequence 2k and its rejected one
 at 2k + 1 (``kimitune.data.preference``). The model gives each token's loss (``loss_reduction="none"``: position t's
@@ -19,6 +19,18 @@ IPO only). The formulas are TRL 1.16's, which the tests hold them to:
 
 Rewards (logged): beta * (policy - reference) for DPO and IPO, beta * the average log-probability for SimPO and
 ORPO, as TRL logs them.
+
+KTO (TRL 1.16's KTOTrainer, loss_type kto) scores unpaired samples (``kimitune.data.preference.UnpairedBatch``),
+each with a ``desirable`` label, a reference log-probability and a KL sequence (its prompt with another sample's
+reply) with its own reference log-probability:
+
+    kl      max(0, mean over the step's KL sequences of (policy - reference)), without gradient
+    kto     desirable: desirable_weight * (1 - sigmoid(beta * ((logp - ref) - kl)));
+            undesirable: undesirable_weight * (1 - sigmoid(beta * (kl - (logp - ref)))); the mean over the samples
+
+TRL estimates ``kl`` per micro-batch (averaged over the ranks); kimitune over the whole step's samples (every
+micro-batch, every rank), the same number when a step is one micro-batch, and a steadier one otherwise. Rewards:
+beta * (logp - ref), their means over the desirable and the undesirable samples.
 """
 
 from __future__ import annotations
@@ -30,23 +42,27 @@ import torch
 import torch.nn.functional as F
 
 PAIR_LOSSES = ("dpo", "ipo", "simpo", "orpo")
-USES_REFERENCE = ("dpo", "ipo")
+UNPAIRED_LOSSES = ("kto",)
+USES_REFERENCE = ("dpo", "ipo", "kto")
 
 
 @dataclass(frozen=True)
 class PreferenceSettings:
-    """What a preference run optimises: ``kind`` one of ``PAIR_LOSSES``; ``beta`` (Axolotl's ``rl_beta``, or
-    ``orpo_alpha`` for ORPO); ``simpo_gamma``, ``cpo_alpha`` and ``label_smoothing`` as TRL's CPOConfig (SimPO)."""
+    """What a preference run optimises: ``kind`` one of ``PAIR_LOSSES`` or ``UNPAIRED_LOSSES``; ``beta`` (Axolotl's
+    ``rl_beta``, or ``orpo_alpha`` for ORPO); ``simpo_gamma``, ``cpo_alpha`` and ``label_smoothing`` as TRL's
+    CPOConfig (SimPO); ``desirable_weight`` and ``undesirable_weight`` as TRL's KTOConfig."""
 
     kind: str
     beta: float
     simpo_gamma: float = 0.5
     cpo_alpha: float = 0.0
     label_smoothing: float = 0.0
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in PAIR_LOSSES:
-            raise ValueError(f"preference loss must be one of {PAIR_LOSSES}, got {self.kind!r}")
+        if self.kind not in PAIR_LOSSES + UNPAIRED_LOSSES:
+            raise ValueError(f"preference loss must be one of {PAIR_LOSSES + UNPAIRED_LOSSES}, got {self.kind!r}")
         if self.beta <= 0:
             raise ValueError(f"the preference loss's beta must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
@@ -55,6 +71,11 @@ class PreferenceSettings:
     @property
     def uses_reference(self) -> bool:
         return self.kind in USES_REFERENCE
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the data are unpaired samples with labels (KTO), not pairs."""
+        return self.kind in UNPAIRED_LOSSES
 
     @property
     def nll_over_whole_chosen(self) -> bool:
@@ -74,7 +95,9 @@ def preference_settings(config) -> PreferenceSettings:
         beta = config.orpo_alpha
     return PreferenceSettings(config.rl, beta=0.1 if beta is None else beta, simpo_gamma=config.simpo_gamma,
                               cpo_alpha=config.cpo_alpha if config.rl == "simpo" else 0.0,
-                              label_smoothing=config.rl_label_smoothing)
+                              label_smoothing=config.rl_label_smoothing,
+                              desirable_weight=config.kto_desirable_weight,
+                              undesirable_weight=config.kto_undesirable_weight)
 
 
 @dataclass
@@ -220,20 +243,28 @@ def reference_log_probs(model, batches, num_pairs: int, device, options=None) ->
     it is now, in eval mode. Run before the first step, this is the reference: a new LoRA adapter adds exactly
     zero (its B is zero) and full fine-tuning starts from the base weights, so no second copy of the model is
     needed; the result is kept with the run (a resumed run reads it back, its model having moved on).
-    ``batches``: objects with input_ids, labels, cu_seqlens and pair_ids (int64 [n], indices into the result)."""
+    ``batches``: objects with input_ids, labels, cu_seqlens and pair_ids (int64 [n], indices into the result), or
+    KTO's ``UnpairedBatch`` (sample_ids; ``kl``): then a row holds (the sample's, its KL sequence's)."""
     was_training = model.training
     model.eval()
     result = torch.full((num_pairs, 2), float("nan"))
+
+    def scored(rows) -> torch.Tensor:
+        return reply_log_probs(model, rows.input_ids.to(device), rows.labels.to(device), rows.cu_seqlens,
+                               options)[0].float().cpu()
+
     try:
         for batch in batches:
-            logps = reply_log_probs(model, batch.input_ids.to(device), batch.labels.to(device), batch.cu_seqlens,
-                                    options)[0]
-            result[batch.pair_ids] = logps.view(-1, 2).float().cpu()
+            if hasattr(batch, "sample_ids"):
+                result[batch.sample_ids] = torch.stack([scored(batch), scored(batch.kl)], dim=1)
+            else:
+                result[batch.pair_ids] = scored(batch).view(-1, 2)
     finally:
         model.train(was_training)
     if torch.isnan(result).any():
         missing = torch.isnan(result[:, 0]).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"reference log-probabilities missing for pairs {missing}: every pair must be in a batch")
+        raise ValueError(f"reference log-probabilities missing for examples {missing}: every example must be in a "
+                         "batch")
     return result
 
 
@@ -252,7 +283,9 @@ class PreferenceObjective:
     """A preference run's objective for ``kimitune.train.step.TrainStep``: the mean of the pairs' terms over the
     global batch, plus the chosen tokens' mean NLL times ``nll_weight``. ``reference``: float32 [num_pairs, 2]
     (host), every training pair's reference log-probabilities by pair id (``reference_log_probs``), or None for
-    losses without one. Its step ``sums`` are ``METRICS``' numerators and ``pairs``."""
+    losses without one. Its step ``sums`` are ``FIGURES``: ``METRICS``' numerators and ``pairs``."""
+
+    FIGURES = (*METRICS, "pairs")
 
     def __init__(self, settings: PreferenceSettings, reference: torch.Tensor | None = None) -> None:
         if settings.uses_reference and reference is None:
@@ -289,36 +322,132 @@ class PreferenceObjective:
                    "rewards/margins": sums.margins, "rewards/accuracies": sums.correct, "pairs": sums.pairs}
         return MicroBatchLoss(loss, loss.detach().float(), figures, aux_loss)
 
+    @staticmethod
+    def means(sums: dict[str, float]) -> dict[str, float]:
+        """``METRICS`` as means over the pairs from a step's (or a window's) summed ``FIGURES``."""
+        pairs = max(sums.get("pairs", 0.0), 1.0)
+        return {name: sums[name] / pairs for name in METRICS if name in sums}
 
-def metric_means(sums: dict[str, float]) -> dict[str, float]:
-    """``METRICS`` as means over the pairs from a step's (or a window's) summed figures."""
-    pairs = max(sums.get("pairs", 0.0), 1.0)
-    return {name: sums[name] / pairs for name in METRICS if name in sums}
+
+def kto_terms(settings: PreferenceSettings, logps: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor,
+              kl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample (``logps``, ``reference`` float32 [n], ``desirable`` bool [n], ``kl`` a detached scalar): the KTO
+    losses [n] (the module docstring's formula, weights included) and the rewards [n] (detached)."""
+    ratio = logps - reference
+    desired = settings.desirable_weight * (1 - torch.sigmoid(settings.beta * (ratio - kl)))
+    undesired = settings.undesirable_weight * (1 - torch.sigmoid(settings.beta * (kl - ratio)))
+    return torch.where(desirable, desired, undesired), settings.beta * ratio.detach()
+
+
+class KtoObjective:
+    """KTO's objective for ``TrainStep``: the mean of the samples' ``kto_terms`` over the global batch, with the KL
+    estimate of the step (``begin_step``, which the step runs first: the KL sequences of all its micro-batches scored
+    without gradients, summed over the ranks). ``reference``: float32 [num_samples, 2] (host), each sample's and
+    its KL sequence's reference log-probabilities by sample id (``reference_log_probs``). Step ``sums``:
+    ``FIGURES``, the rewards summed over the desirable and the undesirable samples, their counts, the KL estimate
+    times the samples, and the samples."""
+
+    FIGURES = ("rewards/chosen", "rewards/rejected", "desirable", "undesirable", "kl", "samples")
+
+    def __init__(self, settings: PreferenceSettings, reference: torch.Tensor | None) -> None:
+        if not settings.unpaired:
+            raise ValueError(f"KtoObjective scores unpaired samples, not {settings.kind} pairs")
+        if reference is None:
+            raise ValueError("kto needs the reference log-probabilities of the training samples")
+        self.settings, self.reference = settings, reference
+        self.kl: torch.Tensor | None = None
+
+    def denominator(self, batches) -> int:
+        """The samples of ``batches`` (every rank's micro-batches of the step)."""
+        return sum(b.sample_ids.numel() for b in batches)
+
+    @torch.no_grad()
+    def begin_step(self, model, batches, device, options=None, world=None, spare=()) -> torch.Tensor:
+        """The KL estimate of the step (a float32 device scalar, also kept for its micro-batches): this rank's
+        ``batches``' KL sequences scored by the model as it is, against their reference, the sum and the count
+        summed over ``world``'s ranks. ``spare``: batches scored and discarded (FSDP needs as many passes on every
+        rank)."""
+        from kimitune.train.step import to_device
+
+        device = torch.device(device)
+        total = torch.zeros(2, device=device)
+        for i, batch in enumerate([*batches, *spare]):
+            kl = batch.kl
+            logps = reply_log_probs(model, to_device(kl.input_ids, device), to_device(kl.labels, device),
+                                    kl.cu_seqlens, options)[0]
+            if i < len(batches):
+                reference = to_device(self.reference[batch.sample_ids, 1], device)
+                total += torch.stack([(logps - reference).sum(), torch.full((), float(logps.numel()), device=device)])
+        if world is not None:
+            world.all_reduce_sum_(total)
+        self.kl = (total[0] / total[1].clamp_min(1)).clamp_min(0)
+        return self.kl
+
+    def __call__(self, model, batch, input_ids: torch.Tensor, layout, options, samples: int):
+        from kimitune.train.step import MicroBatchLoss, to_device
+
+        if self.kl is None:
+            raise RuntimeError("KtoObjective: begin_step must run before the step's micro-batches")
+        logps, _, _, _, aux_loss = reply_log_probs(model, input_ids, to_device(batch.labels, input_ids.device),
+                                                   layout, options)
+        device = input_ids.device
+        desirable = to_device(batch.desirable, device)
+        reference = to_device(self.reference[batch.sample_ids, 0], device)
+        losses, rewards = kto_terms(self.settings, logps, reference, desirable, self.kl)
+        loss = losses.sum() / max(samples, 1)
+        count = torch.full((), float(logps.numel()), device=device)
+        wanted = desirable.float()
+        figures = {"rewards/chosen": (rewards * wanted).sum(), "rewards/rejected": (rewards * (1 - wanted)).sum(),
+                   "desirable": wanted.sum(), "undesirable": (1 - wanted).sum(), "kl": self.kl * count,
+                   "samples": count}
+        return MicroBatchLoss(loss, loss.detach().float(), figures, aux_loss)
+
+    @staticmethod
+    def means(sums: dict[str, float]) -> dict[str, float]:
+        """The mean rewards of the desirable and the undesirable samples (where there were any), their margin, and
+        the KL estimate, from a step's (or a window's) summed ``FIGURES``."""
+        out = {}
+        for name, count in (("rewards/chosen", "desirable"), ("rewards/rejected", "undesirable")):
+            if sums.get(count, 0.0) > 0:
+                out[name] = sums[name] / sums[count]
+        if len(out) == 2:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        if sums.get("samples", 0.0) > 0:
+            out["kl"] = sums["kl"] / sums["samples"]
+        return out
+
+
+def objective_for(settings: PreferenceSettings, reference: torch.Tensor | None):
+    """The objective of a preference run: ``KtoObjective`` for KTO, else ``PreferenceObjective``."""
+    return KtoObjective(settings, reference) if settings.unpaired else PreferenceObjective(settings, reference)
 
 
 @torch.no_grad()
-def evaluate_pairs(model, batches: list, objective: PreferenceObjective, counts: PairCounts, device,
-                   options=None, autocast=None, spare: list = ()) -> torch.Tensor:
-    """float32 [1 + len(METRICS) + 1] on ``device``: ``objective``'s loss over ``batches`` (divided by ``counts``,
-    the whole eval set's), then ``METRICS``' numerators and the pairs; ``figures`` names them. The model is put in
-    eval mode. ``spare``: batches run and discarded (FSDP needs as many passes on every rank)."""
+def evaluate_pairs(model, batches: list, objective, counts, device, options=None, autocast=None, spare: list = (),
+                   world=None) -> torch.Tensor:
+    """float32 [1 + len(objective.FIGURES)] on ``device``: ``objective``'s loss over ``batches`` (pairs, or KTO's
+    samples; divided by ``counts``, the whole eval set's), then its ``FIGURES``' sums; ``figures`` names them. The
+    model is put in eval mode. ``spare``: batches run and discarded (FSDP needs as many passes on every rank);
+    ``world``: the ranks KTO's KL estimate is summed over (the whole eval set's)."""
     from kimitune.ops import BatchLayout
 
     model.eval()
-    values = torch.zeros(2 + len(METRICS), device=device)
+    values = torch.zeros(1 + len(objective.FIGURES), device=device)
     with autocast or contextlib.nullcontext():
+        if hasattr(objective, "begin_step"):
+            objective.begin_step(model, batches, device, options, world, spare)
         for i, batch in enumerate([*batches, *spare]):
             input_ids = batch.input_ids.to(device)
             part = objective(model, batch, input_ids, BatchLayout.of(batch.cu_seqlens, device, input_ids.shape[1]),
                              options, counts)
             if i < len(batches):
-                values += torch.stack([part.reported, *(part.sums[name] for name in (*METRICS, "pairs"))])
+                values += torch.stack([part.reported, *(part.sums[name] for name in objective.FIGURES)])
     return values
 
 
-def figures(values: torch.Tensor, prefix: str = "eval_") -> dict[str, float]:
-    """``evaluate_pairs``' values (summed over ranks, if any) as ``{prefix}loss`` and ``{prefix}`` + each metric's
-    mean over the pairs."""
+def figures(values: torch.Tensor, objective, prefix: str = "eval_") -> dict[str, float]:
+    """``evaluate_pairs``' values (summed over ranks, if any) as ``{prefix}loss`` and ``{prefix}`` + each of the
+    objective's means."""
     loss, *sums = values.tolist()
-    means = metric_means(dict(zip((*METRICS, "pairs"), sums)))
+    means = objective.means(dict(zip(objective.FIGURES, sums)))
     return {f"{prefix}loss": loss} | {f"{prefix}{name}": value for name, value in means.items()}

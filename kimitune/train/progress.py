@@ -26,6 +26,8 @@ def status_text(record: dict) -> str:
         parts.append(f"loss {record['loss']:.4f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s")
     if "rewards/accuracies" in record:
         parts.append(f"acc {record['rewards/accuracies']:.2f}")
+    if "kl" in record:
+        parts.append(f"kl {record['kl']:.3f}")
     if "eval_loss" in record:
         parts.append(f"eval {record['eval_loss']:.4f}")
     return "  ".join(parts)
@@ -39,6 +41,9 @@ def step_line(record: dict, total: int, eta_seconds: float | None) -> str:
                   f"{record['tokens_per_s']:,.0f} tokens/s"]
     if "rewards/accuracies" in record:  # a preference run: pairs ranked right, and the mean reward margin
         parts.append(f"reward acc {record['rewards/accuracies']:.2f} margin {record['rewards/margins']:.3f}")
+    if "kl" in record:  # KTO: the KL estimate, and the mean rewards' margin when the window had both labels
+        parts.append(f"kl {record['kl']:.3f}" + (f" margin {record['rewards/margins']:.3f}"
+                                                  if "rewards/margins" in record else ""))
     if "eval_loss" in record:
         parts.append(f"eval loss {record['eval_loss']:.4f}")
     if "eval_rewards/accuracies" in record:

@@ -63,6 +63,7 @@ class TrainingSetup:
     autocast_bf16: bool  # its forwards run under bf16 autocast: full fine-tuning's float32 weights only
     adapter_settings: object | None = None
     preference: PreferenceSettings | None = None  # a preference run (rl): train_samples and eval_pairs are pairs
+    # (KTO: unpaired samples with their KL sequences)
     eval_pairs: list = field(default_factory=list)
     _epoch_cache: dict = field(default_factory=dict)
     _batches_per_epoch: int | None = None
@@ -74,10 +75,10 @@ class TrainingSetup:
     def train_batches(self, epoch: int) -> list:
         """The micro-batches of one epoch, in training order (deterministic for seed and epoch)."""
         if epoch not in self._epoch_cache and self.preference is not None:
-            from kimitune.data.preference import make_preference_batches
+            from kimitune.data.preference import make_example_batches
 
-            self._epoch_cache = {epoch: make_preference_batches(self.train_samples, self.row_capacity,
-                                                                self.config.seed, epoch)}
+            self._epoch_cache = {epoch: make_example_batches(self.train_samples, self.row_capacity,
+                                                             self.config.seed, epoch)}
         if epoch not in self._epoch_cache:
             from kimitune.data import make_batches
 
@@ -90,6 +91,7 @@ class TrainingSetup:
                 epoch=epoch,
                 pad_id=self.pad_id,
                 pad_to_sequence_len=self.config.pad_to_sequence_len,
+                row_multiple=self.config.context_parallel_size,
             )}
         return self._epoch_cache[epoch]
 
@@ -212,13 +214,15 @@ def build_training_setup(
     preference, train_samples, eval_pairs = None, prepared.train, []
     eval_batches = []
     if config.rl is not None:
-        from kimitune.data.preference import make_preference_batches, samples_to_pairs
+        from kimitune.data.preference import make_example_batches, preference_examples
 
         preference = preference_settings(config)
-        train_samples, eval_pairs = samples_to_pairs(prepared.train), samples_to_pairs(prepared.eval)
+        desirable = prepared.desirable or {}
+        train_samples = preference_examples(prepared.train, desirable.get("train"), config.sequence_len)
+        eval_pairs = preference_examples(prepared.eval, desirable.get("eval"), config.sequence_len)
         if eval_pairs:
-            eval_batches = make_preference_batches(eval_pairs, config.micro_batch_size * config.sequence_len,
-                                                   config.seed, 0)
+            eval_batches = make_example_batches(eval_pairs, config.micro_batch_size * config.sequence_len,
+                                                config.seed, 0)
     elif prepared.eval:
         eval_batches = make_batches(
             prepared.eval,
@@ -229,6 +233,7 @@ def build_training_setup(
             epoch=0,
             pad_id=getattr(tokenizer, "pad_token_id", None) or 0,
             pad_to_sequence_len=config.pad_to_sequence_len,
+            row_multiple=config.context_parallel_size,
         )
     return TrainingSetup(
         config=config,

@@ -135,6 +135,9 @@ class TrainStep:
         (``objective.denominator``; for fine-tuning its label tokens)."""
         step_loss = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
+        if hasattr(self.objective, "begin_step"):  # a figure of the whole step first: KTO's KL estimate
+            with self._autocast():
+                self.objective.begin_step(self.model, micro_batches, self.device, self.options, self.world)
         for batch in micro_batches:
             input_ids = to_device(batch.input_ids, self.device)
             layout = BatchLayout.of(batch.cu_seqlens, self.device, input_ids.shape[1])
@@ -147,6 +150,8 @@ class TrainStep:
             step_loss += part.reported
             for name, value in part.sums.items():
                 sums[name] = sums[name] + value if name in sums else value
+        if self.world is not None:
+            distributed.sum_over_context(self.params, self.world)  # a split row's ranks each hold part of its grads
         grad_norm = distributed.clip_grad_norm(self.params, self.max_norm).float()
         if self.world is not None:
             self.world.all_reduce_sum_(step_loss)

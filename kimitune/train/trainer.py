@@ -47,13 +47,7 @@ from kimitune.train.resume_checks import check_resume_target, schedule_change_wa
 from kimitune.train.run_record import record_finished
 from kimitune.train.schedule import build_scheduler, warmup_steps_for
 from kimitune.train.settings import run_options
-from kimitune.train.preference import (
-    PreferenceObjective,
-    evaluate_pairs,
-    figures,
-    metric_means,
-    reference_log_probs,
-)
+from kimitune.train.preference import evaluate_pairs, figures, objective_for, reference_log_probs
 from kimitune.train.step import TrainStep
 from kimitune.train.setup import (
     TrainingSetup,
@@ -173,6 +167,11 @@ class Trainer:
         if resume_from is not None and config.max_steps is not None:  # refused before the data and the model
             check_resume_target(resume_from, config.max_steps, self.output_dir)
         check_model_source(config, resume_from)
+        if config.context_parallel_size > 1 and not distributed.launched_by_torchrun():
+            raise ValueError(f"context_parallel_size: {config.context_parallel_size} splits each row across ranks: "
+                             f"start the run under torchrun with a multiple of {config.context_parallel_size} "
+                             "processes")
+        world.split_rows(config.context_parallel_size)
         if distributed.launched_by_torchrun() and world.size > 1 and builds_on_meta(config):
             # Only rank 0 reads or draws the weights (on its CPU); the others build the modules on the meta
             # device from rank 0's config and receive their shards after sharding.
@@ -197,7 +196,7 @@ class Trainer:
         model, device = setup.model, setup.device
 
         # One step consumes micro_batches_per_step micro-batches of the stream, dealt out across the ranks.
-        micro_batches_per_step = config.gradient_accumulation_steps * world.size
+        micro_batches_per_step = config.gradient_accumulation_steps * world.data_size
         steps_per_epoch = max(1, math.ceil(setup.batches_per_epoch / micro_batches_per_step))
         total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * steps_per_epoch))
         warmup = warmup_steps_for(total_steps, config.warmup_steps, config.warmup_ratio)
@@ -226,10 +225,11 @@ class Trainer:
         self._eval_objective, objective = None, None
         if setup.preference is not None:
             reference = self._reference(setup, world, console, resumed=resume_from is not None) or {}
-            objective = PreferenceObjective(setup.preference, reference.get("train"))
-            self._eval_objective = PreferenceObjective(setup.preference, reference.get("eval"))
+            objective = objective_for(setup.preference, reference.get("train"))
+            self._eval_objective = objective_for(setup.preference, reference.get("eval"))
         train_step = TrainStep(
-            model, optimizer, device, options=run_options(config, model, sharded=distributed.is_sharded(model)),
+            model, optimizer, device, options=run_options(config, model, sharded=distributed.is_sharded(model),
+                                                          context_group=world.context_group),
             max_grad_norm=config.max_grad_norm, autocast_bf16=setup.autocast_bf16, world=world,
             skipped=state.skipped_steps, bad_in_a_row=state.bad_steps_in_a_row,
             offload_activations=config.activation_offloading, objective=objective,
@@ -289,7 +289,7 @@ class Trainer:
                     }
                     if window_sums:
                         names = list(window_sums)
-                        record |= metric_means(dict(zip(names, torch.stack([window_sums[n] for n in names])
+                        record |= objective.means(dict(zip(names, torch.stack([window_sums[n] for n in names])
                                                         .tolist())))
                     window_tokens, window_start, window_sums = 0, time.perf_counter(), {}
                 if evaluating:
@@ -355,14 +355,15 @@ class Trainer:
         from kimitune.infer.evaluate import summed_loss
 
         mine = distributed.shard_of(setup.eval_batches, world)
-        options = RunOptions(sequence_piece_len=self.config.sequence_piece_len)  # a long sample's memory bound
+        options = RunOptions(sequence_piece_len=self.config.sequence_piece_len,  # a long sample's memory bound
+                             context_parallel=world.context_group)
         spare = distributed.forward_passes_per_rank(len(setup.eval_batches), world) - len(mine)
         if setup.preference is not None:
             return self._evaluate_pairs(setup, mine, spare, autocast, world, options)
         total, count = summed_loss(setup.model, mine, autocast, options)
         if spare:  # FSDP needs as many forward passes on every rank: repeat one batch, discard its loss
             summed_loss(setup.model, setup.eval_batches[:1] * spare, autocast, options)
-        total, count = world.sum(total, count)
+        total, count = world.sum(total, count / world.context_parallel)  # a context group's ranks share the batches
         loss = total / max(count, 1)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
 
@@ -371,8 +372,8 @@ class Trainer:
         objective = self._eval_objective
         counts = objective.denominator(setup.eval_batches)  # of the whole eval set
         values = evaluate_pairs(setup.model, mine, objective, counts, setup.device, options, autocast,
-                                spare=setup.eval_batches[:1] * spare)
-        return figures(world.all_reduce_sum_(values))
+                                spare=setup.eval_batches[:1] * spare, world=world)
+        return figures(world.all_reduce_sum_(values), objective)
 
     def _reference(self, setup: TrainingSetup, world: distributed.World, console: Console,
                    resumed: bool) -> dict[str, torch.Tensor] | None:
@@ -388,7 +389,7 @@ class Trainer:
                                         "reference log-probabilities its first run wrote there")
             reference = torch.load(path)
             if reference["train"].shape[0] != len(setup.train_samples):
-                raise ValueError(f"{path} holds {reference['train'].shape[0]} training pairs, the data "
+                raise ValueError(f"{path} holds {reference['train'].shape[0]} training examples, the data "
                                  f"{len(setup.train_samples)}: resume with the data the run started with")
             return reference
         started = time.perf_counter()
@@ -404,7 +405,8 @@ class Trainer:
             partial = path.with_suffix(".partial")
             torch.save(reference, partial)
             partial.replace(path)
-        console.print(f"reference log-probabilities of {len(setup.train_samples)} + {len(setup.eval_pairs)} pairs "
+        unit = "samples" if setup.preference.unpaired else "pairs"
+        console.print(f"reference log-probabilities of {len(setup.train_samples)} + {len(setup.eval_pairs)} {unit} "
                       f"in {time.perf_counter() - started:.1f} s (the model as it starts), kept in {path.name}")
         return reference
 

@@ -153,3 +153,23 @@ def quickstart_samples(tokenizer):
 def test_quickstart_packs_at_least_95_percent(quickstart_samples, sequence_len, micro_batch_size):
     batches = make_batches(quickstart_samples, sequence_len, micro_batch_size, True, seed=0, epoch=0, pad_id=PAD)
     assert packing_efficiency(batches, micro_batch_size * sequence_len) >= 0.95
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_row_multiple_pads_every_row_to_a_multiple_without_changing_its_samples(packing):
+    """Context parallelism splits rows evenly: with row_multiple 4 every row's width is a multiple of 4, the real
+    tokens and their labels are the batches' without it, and the padding has no loss (packed: a sequence of its
+    own)."""
+    samples = random_samples([3, 7, 5, 2, 4, 9, 6])
+    plain = make_batches(samples, 16, 2, packing, seed=0, epoch=0, pad_id=PAD)
+    split = make_batches(samples, 16, 2, packing, seed=0, epoch=0, pad_id=PAD, row_multiple=4)
+    assert len(plain) == len(split)
+    for a, b in zip(plain, split):
+        assert b.input_ids.shape[1] % 4 == 0 and b.num_tokens == a.num_tokens
+        assert b.num_label_tokens == a.num_label_tokens
+        width = a.input_ids.shape[1]
+        assert torch.equal(b.input_ids[:, :width], a.input_ids) and torch.equal(b.labels[:, :width], a.labels)
+        assert (b.labels[:, width:] == IGNORE_INDEX).all()
+        if b.cu_seqlens is not None:
+            assert b.cu_seqlens[-1] == b.input_ids.shape[1]
+            assert b.cu_seqlens.tolist()[: len(a.cu_seqlens)] == a.cu_seqlens.tolist()

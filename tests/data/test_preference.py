@@ -33,6 +33,7 @@ from kimitune.data.preference import (
     tokenize_preference_rows,
     tokenize_reply,
     tokenize_unpaired_rows,
+    with_kl_sequences,
 )
 
 SYSTEM = {"role": "system", "content": "Recall the value of each key."}
@@ -307,17 +308,34 @@ def test_too_long_pairs_and_no_pairs_are_refused():
 def test_unpaired_batches():
     pairs = numbered_pairs([(5, 7), (9, 3), (4, 4), (30, 1)])
     samples = [UnpairedSample(pair.chosen, desirable=i % 2 == 0) for i, pair in enumerate(pairs)]
+    with pytest.raises(ValueError, match="KL sequences"):
+        make_unpaired_batches(samples, 40, seed=0, epoch=0)
+    samples = with_kl_sequences(samples, 40)
     batches = make_unpaired_batches(samples, 40, seed=0, epoch=0)
     seen = []
     for batch in batches:
         assert batch.desirable.dtype == torch.bool and batch.sample_ids.dtype == torch.int64
         assert batch.cu_seqlens.shape == (len(batch.sample_ids) + 1,) and batch.num_tokens <= 40
-        cu = batch.cu_seqlens.tolist()
+        cu, kl_cu = batch.cu_seqlens.tolist(), batch.kl.cu_seqlens.tolist()
         for k, (index, desirable) in enumerate(zip(batch.sample_ids.tolist(), batch.desirable.tolist())):
             assert batch.input_ids[0, cu[k] : cu[k + 1]].tolist() == samples[index].sample.input_ids.tolist()
+            assert batch.kl.input_ids[0, kl_cu[k] : kl_cu[k + 1]].tolist() == samples[index].kl.input_ids.tolist()
             assert desirable == samples[index].desirable
             seen.append(index)
     assert sorted(seen) == [0, 1, 2, 3]
+
+
+def test_a_kl_sequence_is_a_samples_prompt_and_the_previous_samples_reply():
+    """TRL's pairing (x_1, y_n), (x_2, y_1), ...: prompt tokens unlabelled, the borrowed reply's labels kept."""
+    def sample(prompt, reply):
+        return Sample(np.array(prompt + reply, np.int32), np.array([-100] * len(prompt) + reply, np.int32))
+
+    samples = [UnpairedSample(sample([1, 2], [10, 11, 12]), True), UnpairedSample(sample([3], [20]), False),
+               UnpairedSample(sample([4, 5, 6], [30, 31]), True)]
+    kl = [s.kl for s in with_kl_sequences(samples, 5)]
+    assert [k.input_ids.tolist() for k in kl] == [[1, 2, 30, 31], [3, 10, 11, 12], [4, 5, 6, 20]]
+    assert [k.labels.tolist() for k in kl] == [[-100, -100, 30, 31], [-100, 10, 11, 12], [-100, -100, -100, 20]]
+    assert with_kl_sequences(samples, 3)[1].kl.input_ids.tolist() == [3, 10, 11]  # cut to sequence_len
 
 
 SHIPPED = ("dpo_train.jsonl", "dpo_eval.jsonl")

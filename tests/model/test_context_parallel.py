@@ -1,7 +1,8 @@
-"""Context parallelism on the CPU (gloo; kimitune/model/context_parallel.py): a row split over 1, 2 and 4 ranks gives
-the one-process loss (with the load-balancing loss) and every trained gradient (summed over the ranks) within 1e-5
-of their scale, packed rows whose sequences do and do not cross the ranks' boundaries and unpacked ones, LoRA and
-full fine-tuning."""
+"""Context parallelism on the CPU (gloo; kimitune/model/context_parallel.py): a row split over 1, 2 and 4 ranks by the
+model's own forward (``RunOptions(context_parallel=group)``) gives the one-process loss (with the load-balancing
+loss) and every trained gradient (summed over the ranks) within 1e-5 of their scale, packed rows whose sequences do
+and do not cross the ranks' boundaries and unpacked ones, LoRA and full fine-tuning, with and without recomputed
+layers. The trainer's ``context_parallel_size`` under FSDP2 is tested in tests/train/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from model_helpers import micro_config, perturb_  # noqa: E402
 
 from kimitune import KimiLinearForCausalLM  # noqa: E402
 from kimitune.adapters.lora import LoraSettings, apply_lora  # noqa: E402
-from kimitune.model.context_parallel import context_parallel_loss  # noqa: E402
+from kimitune.model import RunOptions  # noqa: E402
 
 CASES = {
     "packed": (1, 48, [0, 3, 17, 24, 30, 48]),  # 2 ranks: cut at 24 (a boundary); 4 ranks: 12, 24, 36 (inside too)
@@ -56,8 +57,11 @@ def _worker(rank: int, ranks: int, init: str, case: str, lora: bool, out: str):
     torch.set_num_threads(1)
     model = build(lora)
     ids, bounds = batch(case)
-    loss, aux = context_parallel_loss(model, ids, ids, bounds, dist.group.WORLD)
-    loss = loss + aux  # the summed token loss and the load-balancing loss, as the one process adds them
+    # LoRA with every layer recomputed, full fine-tuning with none: both paths of each layer across the ranks
+    options = RunOptions(context_parallel=dist.group.WORLD,
+                         recompute_layers=model.recomputed_layers() if lora else frozenset())
+    result = model(ids, labels=ids, cu_seqlens=bounds, return_logits=False, loss_reduction="sum", options=options)
+    loss = result.loss + result.aux_loss  # the summed token loss and the load-balancing loss, as the one process adds them
     loss.backward()
     dist.all_reduce(loss.detach_())
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -89,5 +93,8 @@ def test_a_row_that_does_not_split_evenly_is_refused(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)  # a two-rank group, as far as the check goes
     monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
     ids = torch.zeros(1, 7, dtype=torch.long)
+    options = RunOptions(context_parallel=object())
     with pytest.raises(ValueError, match="do not split evenly over 2 ranks"):
-        context_parallel_loss(build(False), ids, ids, None, None)
+        build(False)(ids, labels=ids, loss_reduction="sum", return_logits=False, options=options)
+    with pytest.raises(ValueError, match="loss_reduction 'sum' or 'none'"):
+        build(False)(ids, labels=ids, return_logits=False, options=options)

@@ -139,8 +139,7 @@ def test_gradient_checkpointing_offload_is_axolotls_offloaded_checkpointing():
 
 
 @pytest.mark.parametrize("key, value, hint", [("tiled_mlp", True, "sequence_piece_len"),
-                                              ("tiled_mlp_num_shards", 4, "sequence_piece_len"),
-                                              ("context_parallel_size", 2, "not supported yet")])
+                                              ("tiled_mlp_num_shards", 4, "sequence_piece_len")])
 def test_axolotl_keys_done_another_way_are_refused_with_what_to_use(key, value, hint):
     from kimitune.config import ConfigError, parse_config
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_preference_training import pairs_data  # noqa: F401  (a fixture)
+from test_preference_training import pairs_data, unpaired_data  # noqa: F401  (fixtures)
 from test_trainer import ROOT, losses, raw_config, run, small_data  # noqa: F401  (small_data is a fixture)
 
 from kimitune.train.checkpointing import list_checkpoints
@@ -138,17 +138,64 @@ def test_ce_lora_runs_on_two_ranks(small_data, tmp_path):
             assert math.isclose(second_two, second_one, rel_tol=1e-3) and second_two < first_two
 
 
-def test_dpo_with_lora_on_two_ranks_equals_one_process(pairs_data, tmp_path):
-    """Preference tuning under torchrun: the pairs dealt out across the ranks, the loss and the rewards summed over
-    them, the reference computed on every rank (so FSDP's passes stay in step): as one process with the same batch."""
+@pytest.mark.parametrize("kind", ["dpo", "kto"])
+def test_preference_tuning_with_lora_on_two_ranks_equals_one_process(pairs_data, unpaired_data, tmp_path, kind):
+    """Preference tuning under torchrun: the pairs (KTO: samples) dealt out across the ranks, the loss and the
+    rewards summed over them (KTO's KL estimate too, over the whole step's samples), the reference computed on every
+    rank (so FSDP's passes stay in step): as one process with the same batch."""
     from test_preference_training import raw_config as dpo_config
 
     lora = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True, "learning_rate": 1e-2}
+    data, extra = (pairs_data, {}) if kind == "dpo" else (unpaired_data, {"rl": "kto", "rl_beta": 0.5})
     two, one = tmp_path / "two", tmp_path / "one"
-    torchrun(dpo_config(pairs_data, two, **STEPS, **TWO, **lora), tmp_path)
-    run(dpo_config(pairs_data, one, **STEPS, **ONE, **lora))
+    torchrun(dpo_config(data, two, **STEPS, **TWO, **lora, **extra), tmp_path)
+    run(dpo_config(data, one, **STEPS, **ONE, **lora, **extra))
     assert_close(losses(two), losses(one))
-    rewards = lambda out: [(r["step"], r["rewards/margins"]) for r in  # noqa: E731
-                           map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "rewards/margins" in r]
+    figure = "rewards/margins" if kind == "dpo" else "kl"
+    rewards = lambda out: [(r["step"], r[figure]) for r in  # noqa: E731
+                           map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if figure in r]
     assert_close(rewards(two), rewards(one))
     assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(eval_losses(two), eval_losses(one)))
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_context_parallel_on_two_ranks_equals_one_process_and_resumes_on_one(small_data, tmp_path, adapter):
+    """context_parallel_size: 2 under torchrun: both ranks take the same micro-batches and each computes half of
+    every row (FSDP2 over the 2-D mesh, flattened), so the run is the one-process run with the same batches: losses
+    and eval losses within 1e-5 (full fine-tuning; LoRA with every layer recomputed). A checkpoint written with the
+    rows split resumes on one process and continues as that run does."""
+    extra = {} if adapter == "full" else {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True,
+                                          "learning_rate": 1e-2, "gradient_checkpointing": True}
+    split, one = tmp_path / "split", tmp_path / "one"
+    torchrun(raw_config(small_data, split, **STEPS, **ONE, **extra, context_parallel_size=2), tmp_path)
+    run(raw_config(small_data, one, **STEPS, **ONE, **extra))
+    assert_close(losses(split), losses(one))
+    assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(eval_losses(split), eval_losses(one)))
+    if adapter == "full":
+        assert list_checkpoints(split)[-1].name == "checkpoint-2"
+        run(raw_config(small_data, split, resume_from_checkpoint=True, **STEPS, **ONE))
+        assert_close(losses(split), losses(one))
+
+
+def test_context_parallel_settings_that_cannot_work_are_refused(small_data, tmp_path):
+    from kimitune.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="does not work with rl"):
+        parse_config(raw_config(small_data, tmp_path, context_parallel_size=2, rl="dpo"))
+    with pytest.raises(ConfigError, match="sequence_piece_len"):
+        parse_config(raw_config(small_data, tmp_path, context_parallel_size=2, gradient_checkpointing=True,
+                                sequence_piece_len=64))
+    with pytest.raises(ValueError, match="under torchrun"):
+        run(raw_config(small_data, tmp_path / "alone", context_parallel_size=2))
+    with pytest.raises(AssertionError, match="does not divide the 3 ranks"):
+        torchrun(raw_config(small_data, tmp_path / "three", context_parallel_size=2), tmp_path, nproc=3)
+
+
+def test_context_parallel_with_two_data_ranks_equals_one_process(small_data, tmp_path):
+    """Four ranks: two data ranks (FSDP2 shards over them, each takes its micro-batches) by two context ranks (each
+    row split in halves): as one process with the same global batch."""
+    four, one = tmp_path / "four", tmp_path / "one"
+    torchrun(raw_config(small_data, four, **STEPS, **TWO, context_parallel_size=2), tmp_path, nproc=4)
+    run(raw_config(small_data, one, **STEPS, **ONE))
+    assert_close(losses(four), losses(one))
+    assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(eval_losses(four), eval_losses(one)))

@@ -250,3 +250,80 @@ def test_dpo_and_ipo_equal_trls_dpo_trainer_on_the_tiny_model(policy_and_referen
                                     labels, cu)[0].view(-1, 2)
     sums, _ = preference_sums(PreferenceSettings(kind, beta=0.1), policy, ids, labels, cu, reference)
     assert (sums.pair_losses / sums.pairs).item() == pytest.approx(expected, abs=1e-5)
+
+
+def shipped_unpaired(count: int = 3) -> list[dict]:
+    """``shipped_pairs`` as KTO's examples: each pair's chosen reply desirable, its rejected one not, with TRL's KL
+    completions (the batch's completions rotated by one)."""
+    examples = []
+    for pair in shipped_pairs(count):
+        examples.append({"prompt_ids": pair["prompt_ids"], "completion_ids": pair["chosen_ids"], "label": True})
+        examples.append({"prompt_ids": pair["prompt_ids"], "completion_ids": pair["rejected_ids"], "label": False})
+    completions = [e["completion_ids"] for e in examples]
+    for example, kl in zip(examples, [completions[-1], *completions[:-1]]):
+        example["KL_completion_ids"] = kl
+    return examples
+
+
+@pytest.mark.parametrize("undesirable_weight, swapped", [(1.0, False), (1.5, True)])
+def test_kto_equals_trls_kto_trainer_on_the_tiny_model(policy_and_reference, tmp_path, undesirable_weight, swapped):
+    """TRL 1.16's KTOTrainer.compute_loss (loss_type kto; transformers' Kimi Linear and a reference model) against
+    kimitune's KtoObjective on one packed micro-batch of the same samples, with KL sequences made by kimitune's own
+    pairing (with_kl_sequences) and the reference's log-probabilities computed by it: the same loss. With the two
+    models swapped the KL estimate is positive (unswapped TRL and kimitune both clamp it to 0)."""
+    import numpy as np
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import KTOConfig, KTOTrainer
+
+    from kimitune.data import Sample, load_tokenizer
+    from kimitune.data.preference import UnpairedSample, make_unpaired_batches, with_kl_sequences
+    from kimitune.ops import BatchLayout
+    from kimitune.train.preference import KtoObjective, reference_log_probs
+
+    policy_dir, reference_dir = policy_and_reference[::-1] if swapped else policy_and_reference
+    examples = shipped_unpaired()
+    args = KTOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(examples), report_to=[], beta=0.1,
+                     undesirable_weight=undesirable_weight, use_cpu=True, bf16=False, max_length=None)
+    trainer = KTOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
+        ref_model=AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32), args=args,
+        train_dataset=Dataset.from_list([{"prompt": "a", "completion": "b", "label": True}] * 2),  # unused: ids given
+        processing_class=load_tokenizer(str(Path(__file__).resolve().parents[2] / "examples/tokenizer")))
+    expected = trainer.compute_loss(trainer.model, trainer.data_collator(examples)).item()
+
+    def sample(prompt, reply):
+        return Sample(np.array(prompt + reply, np.int32), np.array([-100] * len(prompt) + reply, np.int32))
+
+    samples = with_kl_sequences([UnpairedSample(sample(e["prompt_ids"], e["completion_ids"]), e["label"])
+                                 for e in examples], 10**6)
+    for ours, theirs in zip(samples, examples):  # the same mismatched pairing as TRL's
+        assert ours.kl.input_ids.tolist() == theirs["prompt_ids"] + theirs["KL_completion_ids"]
+    (batch,) = make_unpaired_batches(samples, 10**6, seed=0, epoch=0)
+    reference = reference_log_probs(KimiLinearForCausalLM.from_pretrained(reference_dir, dtype=torch.float32),
+                                    [batch], len(samples), "cpu")
+    policy = KimiLinearForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    settings = PreferenceSettings("kto", beta=0.1, undesirable_weight=undesirable_weight)
+    objective = KtoObjective(settings, reference)
+    kl = objective.begin_step(policy, [batch], "cpu")
+    assert (kl.item() > 0.01) if swapped else (kl.item() == 0)
+    part = objective(policy, batch, batch.input_ids, BatchLayout.of(batch.cu_seqlens, "cpu"), None, len(samples))
+    assert part.loss.item() == pytest.approx(expected, abs=1e-5)
+    means = objective.means({name: value.item() for name, value in part.sums.items()})
+    assert set(means) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "kl"}
+    assert means["kl"] == pytest.approx(kl.item())
+
+
+def test_kto_terms_follow_the_papers_formula():
+    from kimitune.train.preference import kto_terms
+
+    logps, reference = torch.tensor([-3.0, -5.0, -2.0]), torch.tensor([-3.5, -4.0, -2.0])
+    desirable, kl = torch.tensor([True, False, True]), torch.tensor(0.2)
+    settings = PreferenceSettings("kto", beta=0.5, desirable_weight=2.0, undesirable_weight=0.5)
+    losses, rewards = kto_terms(settings, logps, reference, desirable, kl)
+    ratio = logps - reference
+    expected = torch.stack([2.0 * (1 - torch.sigmoid(0.5 * (ratio[0] - kl))),
+                            0.5 * (1 - torch.sigmoid(0.5 * (kl - ratio[1]))),
+                            2.0 * (1 - torch.sigmoid(0.5 * (ratio[2] - kl)))])
+    torch.testing.assert_close(losses, expected)
+    torch.testing.assert_close(rewards, 0.5 * ratio)

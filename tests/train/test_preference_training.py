@@ -1,6 +1,6 @@
 """`kimitune train` with rl set: the DPO quickstart learns to rank held-out pairs, every loss trains, a LoRA run writes
-a PEFT adapter that merges like a fine-tuned one, a resumed run continues exactly on its kept reference, and the
-keys that cannot work are refused."""
+a PEFT adapter that merges like a fine-tuned one, a resumed run continues exactly on its kept reference, KTO trains on
+unpaired samples and `kimitune eval` scores them, and the keys that cannot work are refused."""
 
 from __future__ import annotations
 
@@ -112,8 +112,10 @@ def test_a_lora_dpo_adapter_is_peft_and_merges_onto_its_base(pairs_data, tmp_pat
 
 
 def test_what_cannot_work_is_refused_with_its_reason(pairs_data, tmp_path):
-    with pytest.raises(ConfigError, match="kto is not supported yet"):
-        parse_config(raw_config(pairs_data, tmp_path, rl="kto"))
+    with pytest.raises(ConfigError, match="grpo is not supported yet"):
+        parse_config(raw_config(pairs_data, tmp_path, rl="grpo"))
+    with pytest.raises(ConfigError, match="only apply with rl: kto"):
+        parse_config(raw_config(pairs_data, tmp_path, kto_undesirable_weight=1.3))
     with pytest.raises(ConfigError, match="sample_packing"):
         parse_config(raw_config(pairs_data, tmp_path, sample_packing=False))
     with pytest.raises(ConfigError, match="preference format"):
@@ -136,3 +138,60 @@ def test_kimitune_eval_of_a_dpo_config_needs_its_runs_reference(pairs_data, tmp_
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "dpo.yaml"), "--model", str(model), "--tokenizer",
                                       str(ROOT / "examples/tokenizer"), "--device", "cpu"])
     assert result.exit_code != 0 and "reference_logps.pt is missing" in " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def unpaired_data(pairs_data, tmp_path_factory) -> dict[str, str]:
+    """The pairs as KTO's rows (chat_template.default: messages, completion, label): each pair's chosen reply
+    desirable, its rejected one not."""
+    folder = tmp_path_factory.mktemp("unpaired")
+    out = {"cache": str(folder / "cache")}
+    for split in ("train", "eval"):
+        rows = []
+        for line in Path(pairs_data[split]).read_text().splitlines():
+            pair = json.loads(line)
+            for key, label in (("chosen", True), ("rejected", False)):
+                rows.append(json.dumps({"messages": pair["messages"], "completion": pair[key], "label": label}))
+        (folder / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+        out[split] = str(folder / f"{split}.jsonl")
+    return out
+
+
+def test_kto_trains_on_unpaired_samples_resumes_exactly_and_eval_scores_them(unpaired_data, tmp_path):
+    """rl: kto on the pairs' replies as labelled samples (2 micro-batches a step, so the KL estimate spans them):
+    the kept reference holds each sample's and its KL sequence's log-probability, the logged figures are KTO's
+    (rewards per label, their margin, the KL estimate), the eval loss falls, a resumed run continues exactly, and
+    `kimitune eval` gives the run's last eval figures."""
+    from typer.testing import CliRunner
+
+    from kimitune.cli import app
+
+    raw = lambda out, **kw: raw_config(unpaired_data, out, **({"rl": "kto", "rl_beta": 0.5,  # noqa: E731
+                                                               "kto_undesirable_weight": 1.2, "max_steps": 8,
+                                                               "save_steps": 4, "eval_steps": 4} | kw))
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    run(raw(whole))
+    reference = torch.load(whole / REFERENCE_FILE)
+    assert reference["train"].shape == (96, 2) and reference["eval"].shape == (16, 2)
+    assert torch.isfinite(reference["train"]).all()
+    logged = [r for r in records(whole) if "loss" in r]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "kl"} <= set(logged[-1])
+    assert "rewards/accuracies" not in logged[-1]
+    evals = [r for r in records(whole) if "eval_loss" in r]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] and evals[-1]["eval_kl"] >= 0
+
+    run(raw(split))
+    assert list_checkpoints(split)[-1].name == "checkpoint-4"
+    run(raw(split, resume_from_checkpoint=True))  # steps 5 to 8 again, from checkpoint-4
+    got = [(r["step"], r["loss"], r["kl"]) for r in records(split) if "loss" in r]
+    expected = [(r["step"], r["loss"], r["kl"]) for r in logged]
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    assert [g[1:] for g in got] == [pytest.approx(e[1:], rel=1e-5, abs=1e-7) for e in expected]
+
+    (tmp_path / "kto.yaml").write_text(yaml.safe_dump(raw(whole)))
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "kto.yaml"), "--device", "cpu", "--output",
+                                      str(tmp_path / "eval.json")])
+    assert result.exit_code == 0, result.output
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert scored["samples"] == 16 and scored["loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-5)
+    assert scored["kl"] == pytest.approx(evals[-1]["eval_kl"], rel=1e-4, abs=1e-6)
