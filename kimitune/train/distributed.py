@@ -226,16 +226,29 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     return total
 
 
+SUM_BUCKET_ELEMENTS = 1 << 26  # 256 MB of float32 gradients per all-reduce
+
+
 def sum_over_context(params: list[nn.Parameter], world: World) -> None:
-    """Each gradient (its local shard) summed over this rank's context group, in place; nothing without one."""
+    """Each gradient (its local shard) summed over this rank's context group, in place; nothing without one. The
+    gradients go in buckets of one dtype and up to ``SUM_BUCKET_ELEMENTS`` (one collective each, as DDP's)."""
     if world.context_group is None:
         return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
     from torch.distributed.tensor import DTensor
 
-    for param in params:
-        if param.grad is not None:
-            grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-            dist.all_reduce(grad, group=world.context_group)
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    buckets: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+    for grad in grads:
+        same = buckets.setdefault(grad.dtype, [[]])
+        if same[-1] and sum(g.numel() for g in same[-1]) + grad.numel() > SUM_BUCKET_ELEMENTS:
+            same.append([])
+        same[-1].append(grad)
+    for bucket in (b for runs in buckets.values() for b in runs):
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, group=world.context_group)
+        for grad, summed in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            grad.copy_(summed)
 
 
 def shard_of(items: list, world: World) -> list:

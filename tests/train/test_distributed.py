@@ -199,3 +199,25 @@ def test_context_parallel_with_two_data_ranks_equals_one_process(small_data, tmp
     run(raw_config(small_data, one, **STEPS, **ONE))
     assert_close(losses(four), losses(one))
     assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(eval_losses(four), eval_losses(one)))
+
+
+def test_context_sums_go_in_buckets_and_land_on_their_gradients(monkeypatch, tmp_path):
+    """sum_over_context on a one-rank gloo group with buckets of 5 elements: every gradient keeps its values (the
+    sum over one rank), whatever bucket it went in, float32 and bf16 apart."""
+    import torch
+    import torch.distributed as dist
+
+    from kimitune.train import distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(distributed, "SUM_BUCKET_ELEMENTS", 5)
+        params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype)) for n, dtype in
+                  ((3, torch.float32), (4, torch.float32), (2, torch.bfloat16), (7, torch.float32), (1, torch.float32))]
+        for i, p in enumerate(params):
+            p.grad = torch.arange(p.numel(), dtype=p.dtype) + 10 * i
+        expected = [p.grad.clone() for p in params]
+        distributed.sum_over_context(params, distributed.World(context_group=dist.group.WORLD))
+        assert all(torch.equal(p.grad, e) for p, e in zip(params, expected))
+    finally:
+        dist.destroy_process_group()
