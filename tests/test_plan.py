@@ -496,3 +496,16 @@ def test_context_parallelism_splits_the_rows_tokens_and_shards_over_the_data_ran
     assert split.peak_allocated < alone.peak_allocated
     with pytest.raises(ValueError, match="does not divide 3 GPUs"):
         predict_peak_memory(train_config(**long, context_parallel_size=2), cfg, gpus=3)
+
+
+def test_a_long_row_that_does_not_fit_is_suggested_split_across_the_gpus():
+    """262,144 tokens of the 48B in 8-bit on 4 GPUs of 80 GiB: the plan suggests splitting the row over the 4 GPUs
+    (and over 8), each suggestion planned and fitting."""
+    cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    train = train_config(sequence_len=262144, gradient_checkpointing=True, load_in_8bit=True)
+    assert not predict_peak_memory(train, cfg, gpus=4).fits(80 * 2**30)
+    found = {s.text: s for s in suggest_settings(train, cfg, 80 * 2**30, gpus=4)}
+    assert "context_parallel_size: 4" in found
+    assert "8 GPUs (torchrun --nproc_per_node 8), context_parallel_size: 8" in found
+    assert found["context_parallel_size: 4"].plan.settings["tokens"] == 65536
+    assert all(s.plan.fits(80 * 2**30) for s in found.values())

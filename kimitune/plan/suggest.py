@@ -39,7 +39,7 @@ def _yaml(value: Any) -> str:
 def _candidates(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: float, gpus: int,
                 host_bytes: float | None = None, **kwargs: Any) -> list[dict[str, Any]]:
     """Changes to try, in order: the config's own settings from the cheapest in speed, then pairs with gradient
-    checkpointing, then more GPUs."""
+    checkpointing, then more GPUs, then (long rows) each row split across the GPUs (context_parallel_size)."""
     candidates: list[dict[str, Any]] = []
     layers = model_config.num_hidden_layers
     if train.kda_keep_intermediates:  # the cheapest memory to give back (benchmarks/RESULTS.md has its speed)
@@ -86,6 +86,10 @@ def _candidates(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: f
     candidates += [{GPUS: n} for n in more_gpus]
     if not train.gradient_checkpointing:
         candidates += [{GPUS: n, "gradient_checkpointing": True} for n in more_gpus]
+    if rows > 4096:  # a long row split across GPUs: those given first, then more
+        split = [n for n in (2, 4, 8) if train.context_parallel_size < n <= gpus and gpus % n == 0]
+        candidates += [{"context_parallel_size": n} for n in split]
+        candidates += [{GPUS: n, "context_parallel_size": n} for n in more_gpus]
     return candidates
 
 

@@ -98,3 +98,30 @@ def test_a_row_that_does_not_split_evenly_is_refused(monkeypatch):
         build(False)(ids, labels=ids, loss_reduction="sum", return_logits=False, options=options)
     with pytest.raises(ValueError, match="loss_reduction 'sum' or 'none'"):
         build(False)(ids, labels=ids, return_logits=False, options=options)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_context_parallel_path_on_one_gpu_equals_the_plain_path(tmp_path):
+    """N = 1 on CUDA (nccl, one rank): the model's forward through the context-parallel path (fla's kernels,
+    cuDNN or flash attention) gives the plain path's loss and gradients, packed, in float32."""
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/init", rank=0, world_size=1)
+    try:
+        model = build(True).cuda()
+        ids, bounds = batch("packed")
+        ids = ids.cuda()
+        results = []
+        for options in (RunOptions(), RunOptions(context_parallel=dist.group.WORLD)):
+            model.zero_grad(set_to_none=True)
+            out = model(ids, labels=ids, cu_seqlens=bounds, return_logits=False, loss_reduction="sum",
+                        options=options)
+            (out.loss + out.aux_loss).backward()
+            results.append((out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.grad is not None}))
+        (plain, plain_grads), (split, split_grads) = results
+        assert split == pytest.approx(plain, rel=1e-4)
+        for name, grad in plain_grads.items():
+            error, scale = (split_grads[name] - grad).abs().max().item(), grad.abs().max().item()
+            assert error <= 1e-3 * scale + 1e-7, name
+    finally:
+        dist.destroy_process_group()
