@@ -418,8 +418,7 @@ class TrainConfig(_Strict):
             raise ValueError("preference tuning packs each pair's two sequences into one row: set sample_packing: "
                              "true")
         if self.context_parallel_size > 1:
-            together = [key for key, used in (("rl", self.rl is not None),
-                                              ("sequence_piece_len", self.sequence_piece_len is not None),
+            together = [key for key, used in (("sequence_piece_len", self.sequence_piece_len is not None),
                                               ("recompute_segment_layers", self.recompute_segment_layers > 1)) if used]
             if together:
                 raise ValueError(f"context_parallel_size > 1 does not work with {', '.join(together)} yet: a row split "

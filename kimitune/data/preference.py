@@ -404,15 +404,24 @@ def _bins(lengths: list[int], sequence_len: int, what: str, seed: int, epoch: in
     return pack_epoch(lengths, sequence_len, seed, epoch)
 
 
+def _padded_to(samples: Sequence[Sample], row_multiple: int) -> int | None:
+    """The row length that pads ``samples`` to a multiple of ``row_multiple`` (None for 1: no padding)."""
+    total = sum(len(s) for s in samples)
+    return None if row_multiple == 1 else -(-total // row_multiple) * row_multiple
+
+
 def make_preference_batches(
-    pairs: Sequence[PreferencePair], sequence_len: int, seed: int, epoch: int
+    pairs: Sequence[PreferencePair], sequence_len: int, seed: int, epoch: int, row_multiple: int = 1
 ) -> list[PreferenceBatch]:
     """One epoch of batches: pairs packed whole (chosen then rejected, side by side) into rows of at most
-    ``sequence_len`` tokens by first-fit-decreasing on their total length; deterministic for ``(seed, epoch)``."""
+    ``sequence_len`` tokens by first-fit-decreasing on their total length; deterministic for ``(seed, epoch)``.
+    ``row_multiple``: rows padded to a multiple of it (context parallelism), the padding a last sequence of its
+    own, without labels, after the pairs."""
     bins = _bins([len(p.chosen) + len(p.rejected) for p in pairs], sequence_len, "pair", seed, epoch)
     batches = []
     for group in bins:
-        packed = packed_batch(pairs_to_samples([pairs[i] for i in group]), None, 0)  # no padding: pad id unused
+        samples = pairs_to_samples([pairs[i] for i in group])
+        packed = packed_batch(samples, _padded_to(samples, row_multiple), 0)  # the pads have no labels
         batches.append(PreferenceBatch(packed.input_ids, packed.labels, packed.cu_seqlens,
                                        torch.tensor(group, dtype=torch.int64), packed.num_tokens,
                                        packed.num_label_tokens))
@@ -420,20 +429,21 @@ def make_preference_batches(
 
 
 def make_unpaired_batches(
-    samples: Sequence[UnpairedSample], sequence_len: int, seed: int, epoch: int
+    samples: Sequence[UnpairedSample], sequence_len: int, seed: int, epoch: int, row_multiple: int = 1
 ) -> list[UnpairedBatch]:
-    """One epoch of KTO batches, packed as ``make_preference_batches`` packs pairs; ``samples`` must have their KL
-    sequences (``with_kl_sequences``)."""
+    """One epoch of KTO batches, packed (and padded) as ``make_preference_batches`` packs pairs; ``samples`` must
+    have their KL sequences (``with_kl_sequences``)."""
     if any(s.kl is None for s in samples):
         raise ValueError("make_unpaired_batches: the samples need their KL sequences (with_kl_sequences)")
     bins = _bins([len(s.sample) for s in samples], sequence_len, "sample", seed, epoch)
     batches = []
     for group in bins:
-        packed = packed_batch([samples[i].sample for i in group], None, 0)
+        own, kl = [samples[i].sample for i in group], [samples[i].kl for i in group]
+        packed = packed_batch(own, _padded_to(own, row_multiple), 0)
         batches.append(UnpairedBatch(packed.input_ids, packed.labels, packed.cu_seqlens,
                                      torch.tensor([samples[i].desirable for i in group], dtype=torch.bool),
                                      torch.tensor(group, dtype=torch.int64), packed.num_tokens,
-                                     packed.num_label_tokens, packed_batch([samples[i].kl for i in group], None, 0)))
+                                     packed.num_label_tokens, packed_batch(kl, _padded_to(kl, row_multiple), 0)))
     return batches
 
 
@@ -450,9 +460,9 @@ def preference_examples(samples: Sequence[Sample], desirable: Sequence[bool] | N
 
 
 def make_example_batches(examples: Sequence[PreferencePair] | Sequence[UnpairedSample], sequence_len: int, seed: int,
-                         epoch: int) -> list[PreferenceBatch] | list[UnpairedBatch]:
+                         epoch: int, row_multiple: int = 1) -> list[PreferenceBatch] | list[UnpairedBatch]:
     """One epoch of ``preference_examples``' batches: ``make_unpaired_batches`` for KTO's samples, else
     ``make_preference_batches``."""
     if examples and isinstance(examples[0], UnpairedSample):
-        return make_unpaired_batches(examples, sequence_len, seed, epoch)
-    return make_preference_batches(examples, sequence_len, seed, epoch)
+        return make_unpaired_batches(examples, sequence_len, seed, epoch, row_multiple)
+    return make_preference_batches(examples, sequence_len, seed, epoch, row_multiple)

@@ -19,7 +19,8 @@ ranks (with their gradients), and each rank returns its share of it.
 
 Every layer runs as a module call (``layer(...)``, checkpointed where it recomputes), so FSDP2's hooks gather and
 free its weights as in any forward; an MLA layer all-gathers its latents from inside its own forward
-(``GatheredPrefix``). Not here yet: layers in pieces within a rank, MLA's causal work balanced across the ranks
+(``GatheredPrefix``). Per-sequence sums (preference tuning's log-probabilities) are each rank's share summed over
+the group, gradients included (``sum_over_ranks``). Not here yet: layers in pieces within a rank, MLA's causal work balanced across the ranks
 (the last rank attends over the most), fla-core's context parallelism on CUDA (the faster route for KDA: the layers
 here run one rank after another); this module runs on any backend, gloo on the CPU included.
 
@@ -203,3 +204,24 @@ def whole_row_routers(routers: list[RouterTerms], share: RowShare) -> list[Route
         whole.append(RouterTerms(counts, _AllReduce.apply(router.score_sum, share.group),
                                  router.num_tokens * share.ranks, router.top_k))
     return whole
+
+
+def context_ranks(options: RunOptions | None) -> int:
+    """How many ranks split each row under ``options`` (1 without context parallelism)."""
+    group = None if options is None else options.context_parallel
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def own_span(total: int, options: RunOptions) -> slice:
+    """This rank's tokens of a row of ``total`` under ``options.context_parallel`` (all of them without it)."""
+    ranks = context_ranks(options)
+    if ranks == 1:
+        return slice(0, total)
+    length, rank = total // ranks, dist.get_rank(options.context_parallel)
+    return slice(rank * length, (rank + 1) * length)
+
+
+def sum_over_ranks(x: torch.Tensor, options: RunOptions | None) -> torch.Tensor:
+    """``x`` summed over the ranks that split the row, the gradients summed back (``x`` itself without them): each
+    rank's partial per-sequence sums made whole on every rank."""
+    return x if context_ranks(options) == 1 else _AllReduce.apply(x, options.context_parallel)

@@ -269,7 +269,9 @@ class KimiLinearForCausalLM(nn.Module):
         The loss is the mean (or sum, ``loss_reduction="sum"``) over the shifted labels != -100 of the token
         cross-entropy, or each token's, float32 [B * T] with 0 where nothing is predicted (``"none"``: position t's
         loss is that of predicting token t + 1); with ``return_logits=False`` it is computed without materialising
-        the [B * T, V] logits.
+        the [B * T, V] logits. With ``options.context_parallel`` (a process group) every rank passes the whole row
+        and gets its share: the loss (``"sum"`` or ``"none"``) and logits of its piece of the row, its share of the
+        load-balancing loss (model/context_parallel.py).
         """
         options = options or RunOptions()
         self._check_inputs(input_ids, labels, cu_seqlens, cache, return_logits, loss_reduction)

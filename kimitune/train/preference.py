@@ -181,41 +181,50 @@ class PreferenceSums:
 
 
 def reply_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens, options=None,
-                    whole_chosen_nll: bool = False):
+                    whole_chosen_nll: bool = False, sequences: int | None = None):
     """One packed row of pairs (``input_ids`` / ``labels`` [1, T] on the model's device, ``cu_seqlens`` int32
     [2n + 1] on the host or the batch's ``BatchLayout``; pair k's chosen sequence at 2k, its rejected at 2k + 1) ->
     (reply log-probabilities [2n], reply token counts [2n], the chosen sequences' summed NLL over every token
     (prompt included) or None, its token count or None, the model's load-balancing loss or None).
 
-    With ``whole_chosen_nll`` the model scores every token (ORPO needs the prompt's too); else only the replies'."""
+    With ``whole_chosen_nll`` the model scores every token (ORPO needs the prompt's too); else only the replies'.
+    ``sequences``: the row's real sequences (2n), where padding follows them as one more (context parallelism); None:
+    all of the layout's. Under ``options.context_parallel`` each rank scores its share of the row and the sums are
+    made whole on every rank (with their gradients): every rank returns the same values."""
+    from kimitune.model.context_parallel import own_span, sum_over_ranks
     from kimitune.model.modeling import shift_labels  # the model's own shift: a sequence's last token predicts nothing
     from kimitune.ops import BatchLayout
 
     layout = BatchLayout.of(cu_seqlens, input_ids.device, input_ids.shape[1])
-    sequences = layout.host_bounds.numel() - 1
-    reply = shift_labels(labels, layout).reshape(-1) != -100
+    counted = layout.host_bounds.numel() - 1
+    sequences = counted if sequences is None else sequences
+    mine = own_span(layout.total, options)
+    reply = (shift_labels(labels, layout).reshape(-1) != -100)[mine]
     scored = input_ids if whole_chosen_nll else labels
     out = model(input_ids, labels=scored, cu_seqlens=layout, return_logits=False, loss_reduction="none",
                 options=options)
-    ids = sequence_ids(layout.cu_seqlens, layout.total)
+    ids = sequence_ids(layout.cu_seqlens, layout.total)[mine]
     token_losses = out.loss
-    logps = -sequence_sums(token_losses * reply, ids, sequences)
-    tokens = sequence_sums(reply.float(), ids, sequences)
+    logps = sum_over_ranks(-sequence_sums(token_losses * reply, ids, counted), options)[:sequences]
+    tokens = sum_over_ranks(sequence_sums(reply.float(), ids, counted), options)[:sequences]
     nll = nll_tokens = None
     if whole_chosen_nll:
-        scored_tokens = shift_labels(input_ids, layout).reshape(-1) != -100
-        chosen_token = (ids % 2 == 0) & scored_tokens
-        nll, nll_tokens = (token_losses * chosen_token).sum(), chosen_token.sum().float()
+        scored_tokens = (shift_labels(input_ids, layout).reshape(-1) != -100)[mine]
+        chosen_token = (ids % 2 == 0) & (ids < sequences) & scored_tokens
+        nll = sum_over_ranks((token_losses * chosen_token).sum(), options)
+        nll_tokens = sum_over_ranks(chosen_token.sum().float(), options)
     return logps, tokens, nll, nll_tokens, out.aux_loss
 
 
 def preference_sums(settings: PreferenceSettings, model, input_ids: torch.Tensor, labels: torch.Tensor,
-                    cu_seqlens: torch.Tensor, reference: torch.Tensor | None, options=None):
+                    cu_seqlens: torch.Tensor, reference: torch.Tensor | None, options=None, pairs: int | None = None):
     """One micro-batch's ``PreferenceSums`` and the model's load-balancing loss (or None). ``reference``: float32
     [n, 2] on the device, the reference log-probabilities of the batch's pairs (chosen, rejected), or None for
-    losses without a reference."""
+    losses without a reference. ``pairs``: the row's n, where padding follows the pairs (None: every sequence is a
+    pair's)."""
     logps, tokens, nll, nll_tokens, aux_loss = reply_log_probs(
-        model, input_ids, labels, cu_seqlens, options, whole_chosen_nll=settings.nll_over_whole_chosen)
+        model, input_ids, labels, cu_seqlens, options, whole_chosen_nll=settings.nll_over_whole_chosen,
+        sequences=None if pairs is None else 2 * pairs)
     chosen, rejected = logps[0::2], logps[1::2]
     reference_chosen, reference_rejected = (None, None) if reference is None else (reference[:, 0], reference[:, 1])
     terms = pair_terms(settings, chosen, rejected, tokens[0::2], tokens[1::2], reference_chosen, reference_rejected)
@@ -249,16 +258,17 @@ def reference_log_probs(model, batches, num_pairs: int, device, options=None) ->
     model.eval()
     result = torch.full((num_pairs, 2), float("nan"))
 
-    def scored(rows) -> torch.Tensor:
+    def scored(rows, sequences: int) -> torch.Tensor:
         return reply_log_probs(model, rows.input_ids.to(device), rows.labels.to(device), rows.cu_seqlens,
-                               options)[0].float().cpu()
+                               options, sequences=sequences)[0].float().cpu()
 
     try:
         for batch in batches:
             if hasattr(batch, "sample_ids"):
-                result[batch.sample_ids] = torch.stack([scored(batch), scored(batch.kl)], dim=1)
+                n = batch.sample_ids.numel()
+                result[batch.sample_ids] = torch.stack([scored(batch, n), scored(batch.kl, n)], dim=1)
             else:
-                result[batch.pair_ids] = scored(batch).view(-1, 2)
+                result[batch.pair_ids] = scored(batch, 2 * batch.pair_ids.numel()).view(-1, 2)
     finally:
         model.train(was_training)
     if torch.isnan(result).any():
@@ -304,7 +314,8 @@ class PreferenceObjective:
         for b in batches:
             scored = b.input_ids if self.settings.nll_over_whole_chosen else b.labels
             ids = sequence_ids(b.cu_seqlens, b.input_ids.shape[1])
-            tokens += int(((shift_labels(scored, b.cu_seqlens)[0] != -100) & (ids % 2 == 0)).sum())
+            chosen = (ids % 2 == 0) & (ids < 2 * b.pair_ids.numel())  # not the padding after the pairs
+            tokens += int(((shift_labels(scored, b.cu_seqlens)[0] != -100) & chosen).sum())
         return PairCounts(pairs, tokens)
 
     def __call__(self, model, batch, input_ids: torch.Tensor, layout, options, counts: PairCounts):
@@ -314,19 +325,33 @@ class PreferenceObjective:
         if self.settings.uses_reference:
             reference = to_device(self.reference[batch.pair_ids], input_ids.device)
         sums, aux_loss = preference_sums(self.settings, model, input_ids, to_device(batch.labels, input_ids.device),
-                                         layout, reference, options)
+                                         layout, reference, options, pairs=batch.pair_ids.numel())
         loss = sums.pair_losses / max(counts.pairs, 1)
         if self.nll_weight:
             loss = loss + self.nll_weight * sums.nll / max(counts.nll_tokens, 1)
         figures = {"rewards/chosen": sums.chosen_rewards, "rewards/rejected": sums.rejected_rewards,
                    "rewards/margins": sums.margins, "rewards/accuracies": sums.correct, "pairs": sums.pairs}
-        return MicroBatchLoss(loss, loss.detach().float(), figures, aux_loss)
+        return _rank_share(MicroBatchLoss(loss, loss.detach().float(), figures, aux_loss), options)
 
     @staticmethod
     def means(sums: dict[str, float]) -> dict[str, float]:
         """``METRICS`` as means over the pairs from a step's (or a window's) summed ``FIGURES``."""
         pairs = max(sums.get("pairs", 0.0), 1.0)
         return {name: sums[name] / pairs for name in METRICS if name in sums}
+
+
+def _rank_share(part, options):
+    """A micro-batch's loss and figures as one rank's share: under context parallelism every rank of the group has
+    computed the same whole-row values (``reply_log_probs``), which the step sums over every rank; a rank's share
+    is 1 / the group's size (its gradients, summed back over the group, are then the row's)."""
+    from kimitune.model.context_parallel import context_ranks
+
+    ranks = context_ranks(options)
+    if ranks == 1:
+        return part
+    part.loss, part.reported = part.loss / ranks, part.reported / ranks
+    part.sums = {name: value / ranks for name, value in part.sums.items()}
+    return part
 
 
 def kto_terms(settings: PreferenceSettings, logps: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor,
@@ -374,7 +399,7 @@ class KtoObjective:
         for i, batch in enumerate([*batches, *spare]):
             kl = batch.kl
             logps = reply_log_probs(model, to_device(kl.input_ids, device), to_device(kl.labels, device),
-                                    kl.cu_seqlens, options)[0]
+                                    kl.cu_seqlens, options, sequences=batch.sample_ids.numel())[0]
             if i < len(batches):
                 reference = to_device(self.reference[batch.sample_ids, 1], device)
                 total += torch.stack([(logps - reference).sum(), torch.full((), float(logps.numel()), device=device)])
@@ -389,7 +414,7 @@ class KtoObjective:
         if self.kl is None:
             raise RuntimeError("KtoObjective: begin_step must run before the step's micro-batches")
         logps, _, _, _, aux_loss = reply_log_probs(model, input_ids, to_device(batch.labels, input_ids.device),
-                                                   layout, options)
+                                                   layout, options, sequences=batch.sample_ids.numel())
         device = input_ids.device
         desirable = to_device(batch.desirable, device)
         reference = to_device(self.reference[batch.sample_ids, 0], device)
@@ -400,7 +425,7 @@ class KtoObjective:
         figures = {"rewards/chosen": (rewards * wanted).sum(), "rewards/rejected": (rewards * (1 - wanted)).sum(),
                    "desirable": wanted.sum(), "undesirable": (1 - wanted).sum(), "kl": self.kl * count,
                    "samples": count}
-        return MicroBatchLoss(loss, loss.detach().float(), figures, aux_loss)
+        return _rank_share(MicroBatchLoss(loss, loss.detach().float(), figures, aux_loss), options)
 
     @staticmethod
     def means(sums: dict[str, float]) -> dict[str, float]:

@@ -78,7 +78,8 @@ class TrainingSetup:
             from kimitune.data.preference import make_example_batches
 
             self._epoch_cache = {epoch: make_example_batches(self.train_samples, self.row_capacity,
-                                                             self.config.seed, epoch)}
+                                                             self.config.seed, epoch,
+                                                             self.config.context_parallel_size)}
         if epoch not in self._epoch_cache:
             from kimitune.data import make_batches
 
@@ -222,7 +223,7 @@ def build_training_setup(
         eval_pairs = preference_examples(prepared.eval, desirable.get("eval"), config.sequence_len)
         if eval_pairs:
             eval_batches = make_example_batches(eval_pairs, config.micro_batch_size * config.sequence_len,
-                                                config.seed, 0)
+                                                config.seed, 0, config.context_parallel_size)
     elif prepared.eval:
         eval_batches = make_batches(
             prepared.eval,

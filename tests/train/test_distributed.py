@@ -138,20 +138,23 @@ def test_ce_lora_runs_on_two_ranks(small_data, tmp_path):
             assert math.isclose(second_two, second_one, rel_tol=1e-3) and second_two < first_two
 
 
-@pytest.mark.parametrize("kind", ["dpo", "kto"])
-def test_preference_tuning_with_lora_on_two_ranks_equals_one_process(pairs_data, unpaired_data, tmp_path, kind):
+@pytest.mark.parametrize("kind, split", [("dpo", False), ("kto", False), ("dpo", True), ("orpo", True), ("kto", True)])
+def test_preference_tuning_with_lora_on_two_ranks_equals_one_process(pairs_data, unpaired_data, tmp_path, kind,
+                                                                      split):
     """Preference tuning under torchrun: the pairs (KTO: samples) dealt out across the ranks, the loss and the
     rewards summed over them (KTO's KL estimate too, over the whole step's samples), the reference computed on every
-    rank (so FSDP's passes stay in step): as one process with the same batch."""
+    rank (so FSDP's passes stay in step): as one process with the same batch. ``split``: both ranks take the same
+    batches and split each row (context_parallel_size 2; the rows padded to an even length after their pairs)."""
     from test_preference_training import raw_config as dpo_config
 
     lora = {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True, "learning_rate": 1e-2}
-    data, extra = (pairs_data, {}) if kind == "dpo" else (unpaired_data, {"rl": "kto", "rl_beta": 0.5})
+    data, extra = (unpaired_data, {"rl": "kto", "rl_beta": 0.5}) if kind == "kto" else (pairs_data, {"rl": kind})
     two, one = tmp_path / "two", tmp_path / "one"
-    torchrun(dpo_config(data, two, **STEPS, **TWO, **lora, **extra), tmp_path)
+    ranks = {"context_parallel_size": 2, **ONE} if split else TWO
+    torchrun(dpo_config(data, two, **STEPS, **ranks, **lora, **extra), tmp_path)
     run(dpo_config(data, one, **STEPS, **ONE, **lora, **extra))
     assert_close(losses(two), losses(one))
-    figure = "rewards/margins" if kind == "dpo" else "kl"
+    figure = "kl" if kind == "kto" else "rewards/margins"
     rewards = lambda out: [(r["step"], r[figure]) for r in  # noqa: E731
                            map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if figure in r]
     assert_close(rewards(two), rewards(one))
@@ -180,8 +183,9 @@ def test_context_parallel_on_two_ranks_equals_one_process_and_resumes_on_one(sma
 def test_context_parallel_settings_that_cannot_work_are_refused(small_data, tmp_path):
     from kimitune.config import ConfigError, parse_config
 
-    with pytest.raises(ConfigError, match="does not work with rl"):
-        parse_config(raw_config(small_data, tmp_path, context_parallel_size=2, rl="dpo"))
+    with pytest.raises(ConfigError, match="does not work with recompute_segment_layers"):
+        parse_config(raw_config(small_data, tmp_path, context_parallel_size=2, gradient_checkpointing=True,
+                                recompute_segment_layers=2))
     with pytest.raises(ConfigError, match="sequence_piece_len"):
         parse_config(raw_config(small_data, tmp_path, context_parallel_size=2, gradient_checkpointing=True,
                                 sequence_piece_len=64))
@@ -191,12 +195,16 @@ def test_context_parallel_settings_that_cannot_work_are_refused(small_data, tmp_
         torchrun(raw_config(small_data, tmp_path / "three", context_parallel_size=2), tmp_path, nproc=3)
 
 
-def test_context_parallel_with_two_data_ranks_equals_one_process(small_data, tmp_path):
+@pytest.mark.parametrize("adapter", ["full", "lora"])
+def test_context_parallel_with_two_data_ranks_equals_one_process(small_data, tmp_path, adapter):
     """Four ranks: two data ranks (FSDP2 shards over them, each takes its micro-batches) by two context ranks (each
-    row split in halves): as one process with the same global batch."""
+    row split in halves): as one process with the same global batch (full fine-tuning; LoRA with every layer
+    recomputed, the MLA latents gathered again in the recomputation)."""
+    extra = {} if adapter == "full" else {"adapter": "lora", "lora_r": 4, "lora_alpha": 8, "lora_target_linear": True,
+                                          "learning_rate": 1e-2, "gradient_checkpointing": True}
     four, one = tmp_path / "four", tmp_path / "one"
-    torchrun(raw_config(small_data, four, **STEPS, **TWO, context_parallel_size=2), tmp_path, nproc=4)
-    run(raw_config(small_data, one, **STEPS, **ONE))
+    torchrun(raw_config(small_data, four, **STEPS, **TWO, **extra, context_parallel_size=2), tmp_path, nproc=4)
+    run(raw_config(small_data, one, **STEPS, **ONE, **extra))
     assert_close(losses(four), losses(one))
     assert all(math.isclose(x, y, abs_tol=1e-5) for x, y in zip(eval_losses(four), eval_losses(one)))
 

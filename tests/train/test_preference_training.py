@@ -186,7 +186,9 @@ def test_kto_trains_on_unpaired_samples_resumes_exactly_and_eval_scores_them(unp
     got = [(r["step"], r["loss"], r["kl"]) for r in records(split) if "loss" in r]
     expected = [(r["step"], r["loss"], r["kl"]) for r in logged]
     assert [g[0] for g in got] == [e[0] for e in expected]
-    assert [g[1:] for g in got] == [pytest.approx(e[1:], rel=1e-5, abs=1e-7) for e in expected]
+    assert [g[1] for g in got] == pytest.approx([e[1] for e in expected], rel=1e-5)
+    # the KL estimate is a difference of close sums of log-probabilities: float32 noise across runs is absolute
+    assert [g[2] for g in got] == pytest.approx([e[2] for e in expected], abs=1e-4)
 
     (tmp_path / "kto.yaml").write_text(yaml.safe_dump(raw(whole)))
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "kto.yaml"), "--device", "cpu", "--output",
