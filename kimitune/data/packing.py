@@ -104,18 +104,20 @@ def _label_tokens(labels: np.ndarray) -> int:
     return int(np.count_nonzero(labels[1:] != IGNORE_INDEX))
 
 
-def packed_batch(samples: Sequence[Sample], pad_to: int | None, pad_id: int) -> Batch:
+def packed_batch(samples: Sequence[Sample], pad_to: int | None, pad_id: int, row_multiple: int = 1) -> Batch:
     """``samples`` end to end in one row [1, total] with their ``cu_seqlens``; ``pad_to``: padded to that many
-    tokens with ``pad_id`` (the padding a sequence of its own, with no loss)."""
+    tokens with ``pad_id`` (the padding a sequence of its own, after the samples, with no loss); ``row_multiple``:
+    padded (further) to a multiple of it."""
     lengths = [len(s) for s in samples]
     input_ids = np.concatenate([s.input_ids for s in samples]).astype(np.int64)
     labels = np.concatenate([s.labels for s in samples]).astype(np.int64)
     num_tokens = len(input_ids)
-    if pad_to is not None and pad_to > num_tokens:
+    width = round_up(max(pad_to or 0, num_tokens), row_multiple)
+    if width > num_tokens:
         # The padding becomes a sequence of its own, so that no real token attends to it.
-        lengths.append(pad_to - num_tokens)
-        input_ids = np.concatenate([input_ids, np.full(pad_to - num_tokens, pad_id, dtype=np.int64)])
-        labels = np.concatenate([labels, np.full(pad_to - num_tokens, IGNORE_INDEX, dtype=np.int64)])
+        lengths.append(width - num_tokens)
+        input_ids = np.concatenate([input_ids, np.full(width - num_tokens, pad_id, dtype=np.int64)])
+        labels = np.concatenate([labels, np.full(width - num_tokens, IGNORE_INDEX, dtype=np.int64)])
     cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
     return Batch(
         input_ids=torch.from_numpy(input_ids)[None],
@@ -142,13 +144,14 @@ def _padded_batch(samples: Sequence[Sample], pad_to: int | None, pad_id: int) ->
     )
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
     return -(-n // multiple) * multiple
 
 
 def _dense_width(length: int, capacity: int) -> int:
     """A one-sample row's width: ``length`` rounded up to ``DENSE_ROW_MULTIPLE``, at most ``capacity``."""
-    return min(_round_up(length, DENSE_ROW_MULTIPLE), max(capacity, length))
+    return min(round_up(length, DENSE_ROW_MULTIPLE), max(capacity, length))
 
 
 def make_batches(
@@ -176,24 +179,21 @@ def make_batches(
         raise ValueError(f"make_batches: sample {too_long[0]} has {len(samples[too_long[0]])} tokens > {sequence_len}")
     if sample_packing:
         capacity = micro_batch_size * sequence_len
-        pad_to = _round_up(capacity, row_multiple) if pad_to_sequence_len else None
+        pad_to = round_up(capacity, row_multiple) if pad_to_sequence_len else None
         bins = pack_epoch([len(s) for s in samples], capacity, seed, epoch)
         batches = []
         for group in bins:
-            tokens = sum(len(samples[i]) for i in group)
             if len(group) > 1:
-                batches.append(packed_batch([samples[i] for i in group],
-                                            pad_to or (_round_up(tokens, row_multiple) if row_multiple > 1 else None),
-                                            pad_id))
+                batches.append(packed_batch([samples[i] for i in group], pad_to, pad_id, row_multiple))
             else:
-                width = pad_to or _round_up(_dense_width(tokens, capacity), row_multiple)
+                width = pad_to or round_up(_dense_width(len(samples[group[0]]), capacity), row_multiple)
                 batches.append(_padded_batch([samples[group[0]]], width, pad_id))
         return batches
     order = np.random.default_rng([seed, epoch]).permutation(len(samples))
     pad_to = sequence_len if pad_to_sequence_len else None
     groups = [[samples[int(i)] for i in order[start : start + micro_batch_size]]
               for start in range(0, len(order), micro_batch_size)]
-    return [_padded_batch(group, _round_up(pad_to or max(len(s) for s in group), row_multiple), pad_id)
+    return [_padded_batch(group, round_up(pad_to or max(len(s) for s in group), row_multiple), pad_id)
             for group in groups]
 
 

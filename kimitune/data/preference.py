@@ -404,12 +404,6 @@ def _bins(lengths: list[int], sequence_len: int, what: str, seed: int, epoch: in
     return pack_epoch(lengths, sequence_len, seed, epoch)
 
 
-def _padded_to(samples: Sequence[Sample], row_multiple: int) -> int | None:
-    """The row length that pads ``samples`` to a multiple of ``row_multiple`` (None for 1: no padding)."""
-    total = sum(len(s) for s in samples)
-    return None if row_multiple == 1 else -(-total // row_multiple) * row_multiple
-
-
 def make_preference_batches(
     pairs: Sequence[PreferencePair], sequence_len: int, seed: int, epoch: int, row_multiple: int = 1
 ) -> list[PreferenceBatch]:
@@ -420,8 +414,7 @@ def make_preference_batches(
     bins = _bins([len(p.chosen) + len(p.rejected) for p in pairs], sequence_len, "pair", seed, epoch)
     batches = []
     for group in bins:
-        samples = pairs_to_samples([pairs[i] for i in group])
-        packed = packed_batch(samples, _padded_to(samples, row_multiple), 0)  # the pads have no labels
+        packed = packed_batch(pairs_to_samples([pairs[i] for i in group]), None, 0, row_multiple)  # pads: no labels
         batches.append(PreferenceBatch(packed.input_ids, packed.labels, packed.cu_seqlens,
                                        torch.tensor(group, dtype=torch.int64), packed.num_tokens,
                                        packed.num_label_tokens))
@@ -438,12 +431,12 @@ def make_unpaired_batches(
     bins = _bins([len(s.sample) for s in samples], sequence_len, "sample", seed, epoch)
     batches = []
     for group in bins:
-        own, kl = [samples[i].sample for i in group], [samples[i].kl for i in group]
-        packed = packed_batch(own, _padded_to(own, row_multiple), 0)
+        packed = packed_batch([samples[i].sample for i in group], None, 0, row_multiple)
+        kl = packed_batch([samples[i].kl for i in group], None, 0, row_multiple)
         batches.append(UnpairedBatch(packed.input_ids, packed.labels, packed.cu_seqlens,
                                      torch.tensor([samples[i].desirable for i in group], dtype=torch.bool),
                                      torch.tensor(group, dtype=torch.int64), packed.num_tokens,
-                                     packed.num_label_tokens, packed_batch(kl, _padded_to(kl, row_multiple), 0)))
+                                     packed.num_label_tokens, kl))
     return batches
 
 

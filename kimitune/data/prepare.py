@@ -120,10 +120,15 @@ def _hold_out(samples: list[Sample], val_set_size: float, seed: int) -> tuple[li
     return [s for s, e in zip(samples, is_eval) if not e], [samples[i] for i in held_out]
 
 
+def _holds_pairs(config: TrainConfig) -> bool:
+    """Whether the prepared lists hold preference pairs, two samples each (rl set, but not KTO's unpaired data)."""
+    return config.rl is not None and config.rl != "kto"
+
+
 def _tokenize_all(
     config: TrainConfig, tokenizer: Any, train_sources: Sequence[Source], eval_sources: Sequence[Source], show: bool
 ) -> tuple[list[Sample], list[Sample], DataReport, dict[str, list[bool]] | None]:
-    pairs = config.rl is not None and config.rl != "kto"
+    pairs = _holds_pairs(config)
     report = DataReport(unit="pairs" if pairs else "samples")
     train: list[Sample] = []
     eval: list[Sample] = []
@@ -131,15 +136,15 @@ def _tokenize_all(
     with Progress(*columns, disable=not show) as progress:
         for sources, split, out in ((train_sources, "train", train), (eval_sources, "eval", eval)):
             for source in sources:
+                preference = dict(name=source.name.partition(" ")[0], split=split, train_on_eos=config.train_on_eos,
+                                  progress=progress)
                 if config.rl == "kto":
-                    items, source_report = tokenize_unpaired_rows(
-                        source.config, tokenizer, config.sequence_len, name=source.name.partition(" ")[0], split=split,
-                        train_on_eos=config.train_on_eos, progress=progress)
-                elif config.rl is not None:
+                    items, source_report = tokenize_unpaired_rows(source.config, tokenizer, config.sequence_len,
+                                                                  **preference)
+                elif pairs:
                     items, source_report = tokenize_preference_rows(
-                        source.config, tokenizer, config.sequence_len, name=source.name.partition(" ")[0], split=split,
-                        field_chosen=source.config.field_chosen, field_rejected=source.config.field_rejected,
-                        train_on_eos=config.train_on_eos, progress=progress)
+                        source.config, tokenizer, config.sequence_len, field_chosen=source.config.field_chosen,
+                        field_rejected=source.config.field_rejected, **preference)
                 else:
                     items, source_report = _tokenize_source(source, config, tokenizer, split, progress)
                 out.extend(items)
@@ -171,7 +176,7 @@ def prepare_datasets(config: TrainConfig, tokenizer: Any, progress: bool = True)
     eval_sources = [open_source(entry, f"test_datasets[{i}]") for i, entry in enumerate(config.test_datasets)]
     parts = cache.key_parts(config, tokenizer, train_sources, eval_sources)
     directory = cache.cache_root(config) / cache.cache_key(parts)
-    pairs = config.rl is not None and config.rl != "kto"
+    pairs = _holds_pairs(config)
     cached = cache.load(directory)
     if cached is not None:
         train, eval, report, desirable = cached

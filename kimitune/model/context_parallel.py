@@ -37,12 +37,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.autograd import Function
-from torch.utils.checkpoint import checkpoint
 
 from kimitune.model.mla import GatheredPrefix
 from kimitune.model.moe import RouterTerms
 from kimitune.model.options import RunOptions
-from kimitune.model.pieces import Piece, initial_states, router_tensors, run_kda_piece, split_into_pieces
+from kimitune.model.pieces import Piece, checkpointed, initial_states, router_tensors, run_kda_piece, split_into_pieces
 from kimitune.ops import BatchLayout
 
 
@@ -142,11 +141,6 @@ def share_of_row(layout: BatchLayout | None, total: int, group, device: torch.de
     return RowShare(split_into_pieces(layout, total, total // ranks, device), dist.get_rank(group), group)
 
 
-def _run(recompute: bool):
-    """torch.utils.checkpoint for a recomputed layer, else a plain call."""
-    return checkpoint if recompute else lambda fn, *args, use_reentrant: fn(*args)
-
-
 def _kda_across_ranks(layer, h, share: RowShare, options: RunOptions, recompute: bool):
     attention, piece, rank, group = layer.self_attn, share.piece, share.rank, share.group
     rows = h.shape[0] if piece.layout is None else 1
@@ -159,7 +153,7 @@ def _kda_across_ranks(layer, h, share: RowShare, options: RunOptions, recompute:
         conv = _ReceiveFromPrevious.apply(anchor, (rows, width[0], width[-1]), h.dtype, group, rank - 1)
         recurrent = _ReceiveFromPrevious.apply(
             anchor, (rows, attention.num_heads, attention.head_dim, attention.head_dim), torch.float32, group, rank - 1)
-    out, counts, score_sum, conv_out, recurrent_out = _run(recompute)(
+    out, counts, score_sum, conv_out, recurrent_out = checkpointed(recompute)(
         run_kda_piece, layer, h, piece.layout, initial_states(conv, sequences, packed),
         initial_states(recurrent, sequences, packed), piece.carries, options, use_reentrant=False)
     if piece.carries:
@@ -178,7 +172,7 @@ def _mla_across_ranks(layer, h, share: RowShare, options: RunOptions, recompute:
                   for p in share.pieces[:rank] if p.end > begin] if piece.continues else []
         return blocks, 0 * (latents.sum() + shared.sum())
 
-    out, router, _ = _run(recompute)(layer, h, piece.layout, GatheredPrefix(gather), False, options,
+    out, router, _ = checkpointed(recompute)(layer, h, piece.layout, GatheredPrefix(gather), False, options,
                                      use_reentrant=False)
     return (out, *router_tensors(router))
 

@@ -124,23 +124,22 @@ class MultiheadLatentAttention(nn.Module):
             blocks, tie = state.gather(latent, k_shared)
             state = MLAPrefix(blocks) if blocks else None
             return_state = False
+        valid = None
         if isinstance(state, MLAPrefix):
             out = self._attention_after_prefix(q, latent, k_shared, state, BatchLayout.of(cu_seqlens, x.device, T))
-            y = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-            y = y if tie is None else y + tie.to(y.dtype)
-            return y, (MLAState(latent, k_shared) if return_state else None)
-        valid = None
-        if state is not None:
-            latent = torch.cat([state.latent, latent.to(state.latent.dtype)], dim=1)
-            k_shared = torch.cat([state.k_shared, k_shared.to(state.k_shared.dtype)], dim=1)
-            if state.valid is not None:
-                valid = F.pad(state.valid, (0, T), value=True)
-        if T == 1 and state is not None and not torch.is_grad_enabled():  # a decode step
-            out = self._absorbed_attention(q, latent, k_shared, valid).to(latent.dtype)
         else:
-            out = self._expanded_attention(q, latent, k_shared, valid, cu_seqlens, return_state)
+            if state is not None:
+                latent = torch.cat([state.latent, latent.to(state.latent.dtype)], dim=1)
+                k_shared = torch.cat([state.k_shared, k_shared.to(state.k_shared.dtype)], dim=1)
+                if state.valid is not None:
+                    valid = F.pad(state.valid, (0, T), value=True)
+            if T == 1 and state is not None and not torch.is_grad_enabled():  # a decode step
+                out = self._absorbed_attention(q, latent, k_shared, valid).to(latent.dtype)
+            else:
+                out = self._expanded_attention(q, latent, k_shared, valid, cu_seqlens, return_state)
         y = self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-        y = y if tie is None else y + tie.to(y.dtype)
+        if tie is not None:
+            y = y + tie.to(y.dtype)
         return y, (MLAState(latent, k_shared, valid) if return_state else None)
 
     def _expand(self, latent: torch.Tensor, k_shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

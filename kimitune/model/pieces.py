@@ -93,6 +93,15 @@ def _run_mla_piece(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | None
     return (out, *router_tensors(router), *own)
 
 
+def _call(fn, *args, use_reentrant: bool):
+    return fn(*args)
+
+
+def checkpointed(recompute: bool):
+    """``torch.utils.checkpoint.checkpoint`` when ``recompute``, else a plain call with the same signature."""
+    return checkpoint if recompute else _call
+
+
 def router_tensors(router: RouterTerms | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """A MoE layer's (tokens per expert, score sum) as tensors to return from a checkpointed piece; None for dense."""
     return (None, None) if router is None else (router.tokens_per_expert, router.score_sum)
@@ -105,7 +114,7 @@ def layer_in_pieces(layer: nn.Module, h: torch.Tensor, layout: BatchLayout | Non
     B, T, _ = h.shape
     pieces = split_into_pieces(layout, T, piece_len, h.device)
     # Without gradients (evaluation) nothing is saved, so nothing needs recomputing
-    run = checkpoint if torch.is_grad_enabled() else lambda fn, *args, use_reentrant: fn(*args)
+    run = checkpointed(torch.is_grad_enabled())
     packed = layout is not None
     outputs, router = [], None
     conv = recurrent = None  # KDA: the carried states of the sequence that goes on

@@ -355,8 +355,7 @@ class Trainer:
         from kimitune.infer.evaluate import summed_loss
 
         mine = distributed.shard_of(setup.eval_batches, world)
-        options = RunOptions(sequence_piece_len=self.config.sequence_piece_len,  # a long sample's memory bound
-                             context_parallel=world.context_group)
+        options = self._pass_options(world)
         spare = distributed.forward_passes_per_rank(len(setup.eval_batches), world) - len(mine)
         if setup.preference is not None:
             return self._evaluate_pairs(setup, mine, spare, autocast, world, options)
@@ -374,6 +373,11 @@ class Trainer:
         values = evaluate_pairs(setup.model, mine, objective, counts, setup.device, options, autocast,
                                 spare=setup.eval_batches[:1] * spare, world=world)
         return figures(world.all_reduce_sum_(values), objective)
+
+    def _pass_options(self, world: distributed.World) -> RunOptions:
+        """How passes without gradients (evaluation, the reference) run: in the pieces that bound a long sample's
+        memory, each row split over the context group where there is one."""
+        return RunOptions(sequence_piece_len=self.config.sequence_piece_len, context_parallel=world.context_group)
 
     def _reference(self, setup: TrainingSetup, world: distributed.World, console: Console,
                    resumed: bool) -> dict[str, torch.Tensor] | None:
@@ -393,7 +397,7 @@ class Trainer:
                                  f"{len(setup.train_samples)}: resume with the data the run started with")
             return reference
         started = time.perf_counter()
-        options = RunOptions(sequence_piece_len=self.config.sequence_piece_len)
+        options = self._pass_options(world)
         # Every rank computes all of it: the passes stay the same on every rank, as FSDP needs.
         reference = {
             "train": reference_log_probs(setup.model, setup.train_batches(0), len(setup.train_samples),

@@ -98,6 +98,14 @@ def test_a_row_that_does_not_split_evenly_is_refused(monkeypatch):
         build(False)(ids, labels=ids, loss_reduction="sum", return_logits=False, options=options)
     with pytest.raises(ValueError, match="loss_reduction 'sum' or 'none'"):
         build(False)(ids, labels=ids, return_logits=False, options=options)
+    with pytest.raises(ValueError, match="drop sequence_piece_len and segment_layers"):
+        build(False)(ids, labels=ids, loss_reduction="sum", return_logits=False,
+                     options=RunOptions(context_parallel=object(), sequence_piece_len=4))
+    from kimitune.model import KimiLinearCache
+
+    model = build(False)
+    with pytest.raises(ValueError, match="it takes no cache"):
+        model(ids[:, :6], cache=KimiLinearCache(), options=options)
 
 
 @pytest.mark.gpu

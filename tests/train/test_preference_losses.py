@@ -327,3 +327,21 @@ def test_kto_terms_follow_the_papers_formula():
                             2.0 * (1 - torch.sigmoid(0.5 * (ratio[2] - kl)))])
     torch.testing.assert_close(losses, expected)
     torch.testing.assert_close(rewards, 0.5 * ratio)
+
+
+def test_kto_inputs_that_cannot_work_are_named():
+    import numpy as np
+
+    from kimitune.data import Sample
+    from kimitune.data.preference import preference_examples
+    from kimitune.train.preference import KtoObjective
+
+    sample = Sample(np.array([1, 2, 3], np.int32), np.array([-100, 2, 3], np.int32))
+    with pytest.raises(ValueError, match="3 KTO labels for 2 samples"):
+        preference_examples([sample, sample], [True, False, True], 8)
+    with pytest.raises(ValueError, match="kto needs the reference"):
+        KtoObjective(PreferenceSettings("kto", beta=0.1), None)
+    with pytest.raises(ValueError, match="not dpo pairs"):
+        KtoObjective(PreferenceSettings("dpo", beta=0.1), torch.zeros(1, 2))
+    with pytest.raises(RuntimeError, match="begin_step must run"):
+        KtoObjective(PreferenceSettings("kto", beta=0.1), torch.zeros(1, 2))(None, None, None, None, None, 1)
