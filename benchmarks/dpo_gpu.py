@@ -10,10 +10,25 @@ train LoRA (r=16, alpha=32, all-linear) with AdamW, beta 0.1, on ``--pairs`` pai
 - TRL 1.16: ``DPOTrainer`` on transformers' ``KimiLinearForCausalLM`` with PEFT's LoRA (the reference is the model
   with its adapter disabled, computed every step, TRL's default), the same pairs pre-tokenised, padded per batch.
 
-Tokens/s counts the tokens of both sequences of every pair (no padding) over the timed steps; peak is the GPU's.
+kimitune only (TRL's row would not be like for like, or would not fit; it is left out with a note or refused):
+
+- ``--piece N``: the recomputed layers (and the reference pass, without gradients) computed in pieces of ``N``
+  tokens along the packed row (``RunOptions.sequence_piece_len``, kimitune.model.pieces): activations then grow
+  with ``N``, not the row's length. Needs ``--ckpt on`` (the pieces are what recomputes). TRL ignores it.
+- ``--quant int8|fp8|nf4``: the frozen weights quantised (``kimitune.quant.quantize_model_``, before LoRA), bf16
+  compute; TRL is then left out (a note says so).
+- ``--layers 27``: the whole 48B, built straight on the GPU in bf16 or quantised form, one layer at a time
+  (train_48b.py's ``build``: no CPU state dict, which at 48B would be too slow and too big); TRL would not fit.
+
+Tokens/s counts the tokens of both sequences of every pair (no padding) over the timed steps; peak is the GPU's
+(kimitune's measured from the built model on: the build's own transients left out).
 
     python benchmarks/dpo_gpu.py                         # both tools, 4 layers
     python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512
+    python benchmarks/dpo_gpu.py --pairs 8 --prompt 1024 --reply 512 --piece 2048   # pieces: the memory target
+    python benchmarks/dpo_gpu.py --tools kimitune --quant int8 --pairs 8 --prompt 1024 --reply 512
+    python benchmarks/dpo_gpu.py --tools kimitune --layers 27 --pairs 4 --prompt 1024 --reply 512   # the whole 48B
+    python benchmarks/dpo_gpu.py --tools kimitune --layers 27 --quant nf4 --pairs 4 --prompt 1024 --reply 512
     python benchmarks/dpo_gpu.py --smoke                 # tiny preset on the CPU: checks the script only
 """
 
@@ -24,6 +39,7 @@ import gc
 import json
 import os
 import time
+from dataclasses import replace
 
 import torch
 
@@ -31,6 +47,7 @@ import lora_peers  # benchmarks/lora_peers.py: the LoRA set-ups shared with trai
 from train_gpu import model_config
 
 DEVICE = "cuda"
+WHOLE_48B = 27  # --layers: the 48B's own depth, built as train_48b.py builds it
 
 
 def random_pairs(pairs: int, prompt: int, reply: int, vocab: int, seed: int = 1) -> list[dict]:
@@ -77,12 +94,33 @@ def _allocated_gib() -> float:
     return torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
 
 
-def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool) -> dict:
+def build_kimitune(cfg, state, ckpt: bool, quant: str | None, piece: int | None):
+    """kimitune's model with LoRA and the ``RunOptions`` its passes run with. ``state`` None: the whole 48B, built on
+    the device by train_48b.py's ``build`` (bf16, or ``quant``'s form, layer by layer); otherwise from ``state``
+    (the weights TRL's row gets too) by lora_peers.build_kimitune, its frozen weights quantised by ``quant`` before
+    LoRA goes on."""
+    from kimitune.model import RunOptions
+
+    if state is None:
+        from kimitune.quant import QuantSpec
+        from train_48b import build  # benchmarks/train_48b.py
+
+        model, _ = build(cfg, QuantSpec.parse(quant) if quant else None, DEVICE,
+                         torch.bfloat16 if DEVICE == "cuda" else torch.float32, experts=False)
+        options = RunOptions(recompute_layers=model.recomputed_layers() if ckpt else frozenset())
+    else:  # quantize_model_ runs there before apply_lora
+        model, _, options = lora_peers.build_kimitune(cfg, state, DEVICE, ckpt=ckpt, quant=quant)
+    return model, replace(options, sequence_piece_len=piece)
+
+
+def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quant: str | None = None,
+                 piece: int | None = None) -> dict:
     from kimitune.train.preference import PreferenceObjective, PreferenceSettings, reference_log_probs
     from kimitune.train.step import TrainStep
 
     _fresh()
-    model, _, options = lora_peers.build_kimitune(cfg, state, DEVICE, ckpt=ckpt)
+    model, options = build_kimitune(cfg, state, ckpt, quant, piece)
+    _fresh()  # the peak from the built model on: a quantising build's bf16 transients are not the step's
     built = _allocated_gib()
     batch = packed_batch(examples)
     reference = reference_log_probs(model, [batch], len(examples), DEVICE, options)
@@ -149,7 +187,8 @@ def main() -> None:
     global DEVICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tools", default="kimitune,trl")
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=4,
+                        help=f"decoder layers at the 48B's widths; {WHOLE_48B}: the whole 48B (kimitune only)")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--reply", type=int, default=256)
@@ -157,34 +196,61 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--ckpt", default="on", choices=("on", "off"),
                         help="recompute every decoder layer in the backward (TRL's default, gradient_checkpointing)")
+    parser.add_argument("--piece", type=int, default=None,
+                        help="kimitune: compute the recomputed layers in pieces of this many tokens along the row "
+                             "(RunOptions.sequence_piece_len; needs --ckpt on); TRL ignores it")
+    parser.add_argument("--quant", default=None, choices=("int8", "fp8", "nf4"),
+                        help="kimitune: quantise the frozen weights (before LoRA); TRL's row is then left out")
     parser.add_argument("--work", default="/tmp/dpo_gpu")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU: checks the script only")
     args = parser.parse_args()
+    tools = args.tools.split(",")
+    if args.piece is not None and args.piece < 1:
+        parser.error("--piece must be at least 1")
+    if args.piece is not None and args.ckpt != "on":
+        parser.error("--piece needs --ckpt on: the pieces are what recomputes (kimitune's sequence_piece_len)")
+    if args.layers == WHOLE_48B and "trl" in tools:
+        parser.error(f"--layers {WHOLE_48B} is the whole 48B, kimitune only (TRL's bf16 model and its per-step "
+                     "reference would not fit): pass --tools kimitune")
+    if args.quant and "trl" in tools:
+        print(f"note: --quant {args.quant} quantises kimitune's frozen weights only; TRL's bf16 row would not be "
+              "like for like, so it is left out", flush=True)
+        tools = [tool for tool in tools if tool != "trl"]
+        if not tools:
+            parser.error("--quant leaves no tool to run: pass --tools kimitune")
+    if args.piece is not None and "trl" in tools:
+        print(f"note: --piece {args.piece} is kimitune's; TRL's row runs its layers whole", flush=True)
     if args.smoke:
         DEVICE = "cpu"
         args.pairs, args.prompt, args.reply, args.warmup, args.steps = 2, 16, 8, 1, 2
     tokenizer_dir = os.path.join(os.path.dirname(__file__), "..", "examples", "tokenizer")
     cfg = model_config(args.layers, "tiny" if args.smoke else "kimi-linear-48b-a3b")
-    state = lora_peers.random_state(cfg, torch.bfloat16 if DEVICE == "cuda" else torch.float32, DEVICE)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    # The whole 48B is built on the device by kimitune_row itself: no state dict on the CPU.
+    state = None if args.layers == WHOLE_48B else lora_peers.random_state(cfg, dtype, DEVICE)
     examples = random_pairs(args.pairs, args.prompt, args.reply, cfg.vocab_size)
+    unquantised = "bf16" if dtype == torch.bfloat16 else "fp32"
     rows = []
-    for tool in args.tools.split(","):
+    for tool in tools:
         if tool == "kimitune":
-            rows.append(kimitune_row(cfg, state, examples, args.warmup, args.steps, args.ckpt == "on"))
+            rows.append(kimitune_row(cfg, state, examples, args.warmup, args.steps, args.ckpt == "on", args.quant,
+                                     args.piece))
         elif tool == "trl":
             rows.append(trl_row(cfg, state, examples, args.warmup, args.steps, tokenizer_dir, args.work,
                                 args.ckpt == "on"))
         else:
             raise SystemExit(f"unknown tool {tool!r}: kimitune or trl")
-        rows[-1].update(pairs=args.pairs, prompt=args.prompt, reply=args.reply, layers=args.layers, ckpt=args.ckpt)
+        ours = tool == "kimitune"
+        rows[-1].update(pairs=args.pairs, prompt=args.prompt, reply=args.reply, layers=args.layers, ckpt=args.ckpt,
+                        piece=args.piece if ours else None, weights=(args.quant if ours else None) or unquantised)
         print(json.dumps(rows[-1]), flush=True)
-    print("\n| tool | pairs x (prompt + 2 replies) | recompute | tokens/s | step ms | peak GiB | peak above the built "
-          "model GiB |\n|---|---|---|---|---|---|---|")
+    print("\n| tool | layers | weights | pairs x (prompt + 2 replies) | recompute | piece | tokens/s | step ms "
+          "| peak GiB | peak above the built model GiB |\n|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['tool']} | {args.pairs} x ({args.prompt} + 2 x {args.reply}) | {args.ckpt} "
-              f"| {row['tokens_per_s'] / 1e3:.1f}k | {row['step_ms']:.0f} | {row['peak_gib']:.1f} "
-              f"| {row['peak_gib'] - row['built_gib']:.1f} |")
+        print(f"| {row['tool']} | {row['layers']} | {row['weights']} | {args.pairs} x ({args.prompt} + 2 x "
+              f"{args.reply}) | {args.ckpt} | {row['piece'] or 'whole'} | {row['tokens_per_s'] / 1e3:.1f}k "
+              f"| {row['step_ms']:.0f} | {row['peak_gib']:.1f} | {row['peak_gib'] - row['built_gib']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -6,7 +6,10 @@ LoRA r=16, alpha=32 on every linear layer (PEFT's ``all-linear``: the LM head ex
 ``(model, loss_fn, ...)`` where ``loss_fn(input_ids, labels)`` is the mean token loss of the step, computed as each
 tool trains: kimitune without full logits (``return_logits=False``, what its trainer does), the peer from the
 full logits (what transformers does). ``build_kimitune`` also returns the ``RunOptions`` its passes run with, for a
-``kimitune.train.step.TrainStep`` (kimitune's own training step, which the GPU benchmarks time).
+``kimitune.train.step.TrainStep`` (kimitune's own training step, which the GPU benchmarks time). With ``quant``
+(issue 24) kimitune's frozen weights are quantised before the LoRA is added (``kimitune.quant.quantize_model_``:
+"fp8" float8 e4m3 or "int8", one scale per row), as ``load_in_fp8`` / ``load_in_8bit`` train; ``TOOL_QUANT`` names
+the benchmark rows that do so.
 
 Used by ``train_gpu.py`` (bf16 on CUDA) and ``train_cpu.py`` (float32 on the CPU).
 """
@@ -18,6 +21,7 @@ import torch
 from kimitune.model import KimiLinearConfig, KimiLinearForCausalLM
 
 LORA_R, LORA_ALPHA = 16, 32
+TOOL_QUANT = {"kimitune+fp8": "fp8", "kimitune+int8": "int8"}  # row tool -> build_kimitune's quant
 
 
 def random_state(cfg: KimiLinearConfig, dtype: torch.dtype, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -31,14 +35,18 @@ def random_state(cfg: KimiLinearConfig, dtype: torch.dtype, device: str, seed: i
 
 
 def build_kimitune(cfg: KimiLinearConfig, state: dict, device: str, ckpt: bool = False, experts: bool = False,
-                   ckpt_layers: int | None = None):
-    """``ckpt_layers``: with ``ckpt``, how many decoder layers recompute (None: all)."""
+                   ckpt_layers: int | None = None, quant=None):
+    """``ckpt_layers``: with ``ckpt``, how many decoder layers recompute (None: all). ``quant``: a ``QuantSpec`` or
+    a name ``QuantSpec.parse`` takes ("fp8", "int8", ...): the frozen weights are quantised first (None: as loaded)."""
     from kimitune.adapters import LoraSettings, apply_lora
     from kimitune.model import RunOptions
+    from kimitune.quant import quantize_model_
 
     with torch.device("meta"):
         model = KimiLinearForCausalLM(cfg)
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, assign=True)
+    if quant is not None:
+        quantize_model_(model, quant)  # before apply_lora, which adapts the quantised linears
     apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", target_experts=experts))
     options = RunOptions(recompute_layers=model.recomputed_layers(ckpt_layers) if ckpt else frozenset())
     model.train()
@@ -102,15 +110,18 @@ def copy_lora_weights(kimitune_model, peer_model) -> int:
 
 def planned_peak_gib(cfg: KimiLinearConfig, tool: str, seq: int, ckpt: bool, ckpt_layers: int | None = None) -> float:
     """kimitune.plan's prediction of ``build_kimitune``'s training step (bf16, no autocast, one unpacked
-    sequence, fused AdamW), as torch.cuda.max_memory_allocated would read it, in GiB; NaN for the peer."""
+    sequence, fused AdamW; the ``TOOL_QUANT`` rows with their weights quantised), as torch.cuda.max_memory_allocated
+    would read it, in GiB; NaN for the peer."""
     if tool == "peer":
         return float("nan")
     experts = tool == "kimitune+experts"
+    quant = TOOL_QUANT.get(tool)
     from kimitune.config import parse_config
     from kimitune.plan import predict_peak_memory
 
     train, _ = parse_config({"base_model": "unused", "adapter": "lora", "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
                              "lora_target_linear": True, "lora_target_experts": experts, "sequence_len": seq,
                              "gradient_checkpointing": ckpt, "gradient_checkpointing_layers": ckpt_layers,
-                             "optimizer": "adamw_torch_fused"})
+                             "optimizer": "adamw_torch_fused", "load_in_fp8": quant == "fp8",
+                             "load_in_8bit": quant == "int8"})
     return predict_peak_memory(train, cfg, autocast=False, packed=False).peak_allocated_gib

@@ -8,13 +8,16 @@ gradient checkpointing per decoder layer, bf16 compute, AdamW (fused) on the LoR
 logits, each step kimitune's own (``kimitune.train.step.TrainStep``: clipping at 1.0, the device-side non-finite skip).
 Each row runs ``--warmup`` + ``--steps`` steps on one sequence of random tokens and prints tokens/s, model
 FLOPs utilisation (counted as in train_gpu.py, whose helpers it uses), peak GPU memory (max allocated and
-reserved) and the build time.
+reserved) and the build time. ``--cap-gib X`` limits the process to X GiB of the GPU
+(``torch.cuda.set_per_process_memory_fraction``), so that an H200 answers whether a row fits a smaller card.
 
     python benchmarks/train_48b.py --bits 8 --seq 8192                  # target: peak <= 70 GiB
     python benchmarks/train_48b.py --bits 4 --seq 8192,32768            # target: 32768 tokens fit in 80 GB
     python benchmarks/train_48b.py --bits 8 --seq 8192 --experts        # LoRA on the experts too
     python benchmarks/train_48b.py --bits 16 --seq 8192 --ckpt-layers 0 --kda-keep  # H200: the 3x row, fastest
     python benchmarks/train_48b.py --bits 8 --fp8 --seq 8192 --ckpt-layers 0,27     # float8 e4m3 frozen weights
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python benchmarks/train_48b.py --bits 8 --fp8 --seq 8192 \
+        --cap-gib 80 --ckpt-layers 0,14                                 # issue 24: within an 80 GiB card
     python benchmarks/train_48b.py --estimate                           # the paper estimate below, no GPU
     python benchmarks/train_48b.py --smoke                              # tiny depth/width on the CPU: checks the script
 
@@ -27,7 +30,6 @@ Paper estimate of the peak (GiB = 2^30 bytes; ``--estimate`` prints it from the 
 | LoRA fp32 params + grads + 2 AdamW states (20.9 M; +experts 839 M), 16 B each | 0.3 | 0.3 | 0.3 | 12.5 |
 | checkpointed layer inputs, 27 x T x 2304 x 2 B | 0.9 | 0.9 | 3.8 | 0.9 |
 | one layer recomputed in backward (saved activations of its forward) | 1.5 | 1.5 | 6.1 | 2.3 |
-The model (27 layers, 256 experts top-8 of 1024, hidden 2304, vocab 163840; examples/models/kimi-linear-48b-a3b.json)
 | loss (chunked / cut-cross-entropy), hidden and its grad | 0.3 | 0.3 | 0.7 | 0.3 |
 | **peak allocated (estimate)** | **~52.7** | **~32.9** | **~43.1** | **~66.2** |
 
@@ -142,6 +144,19 @@ def build(cfg: KimiLinearConfig, spec: QuantSpec | None, device: str, dtype: tor
     return model, time.perf_counter() - start
 
 
+def cap_memory(cap_gib: float | None) -> float | None:
+    """Limits the memory this process's caching allocator reserves on the GPU to ``cap_gib`` GiB (None: no limit),
+    before anything is allocated; returns the cap. Past it an allocation raises OutOfMemoryError, which a row
+    reports as OOM, as on a card of that size."""
+    if cap_gib is None:
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    if not 0 < cap_gib * GiB <= total:
+        raise SystemExit(f"--cap-gib {cap_gib:g}: the GPU has {total / GiB:.1f} GiB")
+    torch.cuda.set_per_process_memory_fraction(cap_gib * GiB / total)
+    return cap_gib
+
+
 def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str, options: RunOptions,
             profile: bool = False, offload: bool = False) -> dict:
     cuda = device == "cuda"
@@ -203,6 +218,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--estimate", action="store_true", help="print the paper estimate and stop")
+    parser.add_argument("--cap-gib", type=float, default=None,
+                        help="let this process reserve at most this many GiB of the GPU, as if the card had that "
+                             "much (an H100 80 GB has 79.6 GiB, ~79 of them for tensors beside the CUDA context)")
     parser.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one step per row")
     parser.add_argument("--smoke", action="store_true", help="tiny depth/width on the CPU: checks the script only")
     args = parser.parse_args()
@@ -223,13 +241,17 @@ def main() -> None:
 
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
+    cap_gib = cap_memory(args.cap_gib) if device == "cuda" else None
+    if args.cap_gib is not None and device != "cuda":
+        print(f"--cap-gib {args.cap_gib:g}: ignored on the CPU (--smoke)")
     model, build_s = build(cfg, spec, device, dtype, args.experts)
     weights_gib = weight_bytes(model) / GiB
     built_peak = torch.cuda.max_memory_allocated() / GiB if device == "cuda" else float("nan")
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    capped = "" if cap_gib is None else f"memory capped at {cap_gib:g} GiB; "
     print(f"{gpu}: built {sum(1 for _ in model.model.layers)} layers in {build_s:.1f} s; weights + LoRA "
           f"{weights_gib:.2f} GiB; peak while building {built_peak:.2f} GiB; "
-          f"{active_linear_params(cfg) / 1e9:.2f}B active linear weights per token", flush=True)
+          f"{capped}{active_linear_params(cfg) / 1e9:.2f}B active linear weights per token", flush=True)
     rows = []
     counts = [int(c) for c in args.ckpt_layers.split(",")] if args.ckpt_layers else [cfg.num_hidden_layers]
     for seq, count in [(seq, count) for seq in seqs for count in counts]:
@@ -239,19 +261,21 @@ def main() -> None:
         quant_type = {16: "bf16", 8: "fp8" if args.fp8 else "int8", 4: spec and spec.quant_type}[args.bits]
         planned = estimate(cfg, spec, seq, args.experts)["peak allocated (estimate)"] if spec else float("nan")
         result.update(bits=args.bits, quant_type=quant_type, seq=seq, experts=args.experts, build_s=build_s,
-                      ckpt_layers=count, kda_keep=args.kda_keep, weights_gib=weights_gib, estimate_gib=planned)
+                      ckpt_layers=count, kda_keep=args.kda_keep, weights_gib=weights_gib, estimate_gib=planned,
+                      cap_gib=cap_gib)
         rows.append(result)
         print(json.dumps(result), flush=True)
     print("\n| bits | seq | recomputed layers | KDA intermediates | experts LoRA | tokens/s | MFU | "
-          "peak allocated GiB | peak reserved GiB | estimate GiB | build s |\n" + "|---" * 11 + "|")
+          "peak allocated GiB | peak reserved GiB | estimate GiB | cap GiB | build s |\n" + "|---" * 12 + "|")
     for r in rows:
         speed = "OOM" if r.get("oom") else f"{r['tokens_per_s']:.0f}"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        cap = "-" if r["cap_gib"] is None else f"{r['cap_gib']:g}"
         print(f"| {r['quant_type']} | {r['seq']} | {r['ckpt_layers']} | {'kept' if r['kda_keep'] else 'recomputed'} | "
               f"{'yes' if r['experts'] else 'no'} | {speed} | "
               f"{mfu} | "
               f"{r.get('peak_allocated_gib', float('nan')):.1f} | {r.get('peak_reserved_gib', float('nan')):.1f} | "
-              f"{r['estimate_gib']:.1f} | {r['build_s']:.0f} |")
+              f"{r['estimate_gib']:.1f} | {cap} | {r['build_s']:.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

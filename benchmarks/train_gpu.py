@@ -3,7 +3,8 @@
 The model is Kimi-Linear-48B-A3B's widths (hidden 2304, 32 KDA heads of 128, 256 experts top-8 of 1024, vocab
 163840) with ``--layers`` layers in the release's pattern (4: KDA, KDA, KDA, MLA; layer 1 dense), random bf16
 weights. Each row trains LoRA (r=16, alpha=32, all-linear; ``+experts`` also adapts the stacked experts, kimitune
-only) with AdamW on one sequence of random tokens, and reports tokens/s, model FLOPs utilisation and peak memory.
+only; ``+fp8`` / ``+int8`` first quantise the frozen weights to float8 e4m3 / int8, one scale per row, issue 24) with
+AdamW on one sequence of random tokens, and reports tokens/s, model FLOPs utilisation and peak memory.
 
 The peer is transformers' own ``KimiLinearForCausalLM`` (fla-core's kernels when installed, experts through
 ``grouped_mm``) with PEFT's LoRA, loss from full logits as transformers computes it.
@@ -11,6 +12,8 @@ The peer is transformers' own ``KimiLinearForCausalLM`` (fla-core's kernels when
     python benchmarks/train_gpu.py                       # every row, 4 layers
     python benchmarks/train_gpu.py --rows kimitune --seq 4096 --ckpt off
     python benchmarks/train_gpu.py --rows kimitune --seq 16384 --ckpt 1,2   # recompute 1 (2) of the layers
+    python benchmarks/train_gpu.py --rows kimitune,kimitune+fp8,kimitune+int8 --seq 4096,16384 --ckpt off,on
+                                                         # issue 24: the FP8 (and int8) rows against bf16
 
 ``--ckpt``: "off", "on" (every decoder layer recomputes, as the peer's gradient checkpointing) or a number of
 layers that recompute (``gradient_checkpointing_layers``; kimitune only, the peer has no such setting).
@@ -18,7 +21,8 @@ layers that recompute (``gradient_checkpointing_layers``; kimitune only, the pee
 FLOPs counted per token (for MFU): 2 per multiply-add of every weight a token uses (its 8 routed experts, the
 shared expert, attention and KDA projections, the LM head) in the forward, the same again for the input-gradient
 backward through the frozen weights, 6 per LoRA multiply-add, plus attention (MLA: causal QK^T and PV, 3x the
-forward) and the KDA chunk recurrence (3x its forward). Peak: 989 TFLOP/s dense bf16 (H100 SXM datasheet).
+forward) and the KDA chunk recurrence (3x its forward). Peak: 989 TFLOP/s dense bf16 (H100 SXM datasheet), for the
+``+fp8`` rows too (their FP8 products could reach twice that).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ DEVICE = "cuda"  # --smoke runs the tiny preset on the CPU to check the script i
 
 @dataclass
 class Row:
-    tool: str  # "kimitune" | "kimitune+experts" | "peer"
+    tool: str  # "kimitune" | "kimitune+experts" | "kimitune+fp8" | "kimitune+int8" (lora_peers.TOOL_QUANT) | "peer"
     seq: int
     ckpt: bool
     ckpt_layers: int | None = None  # with ckpt: how many layers recompute (None: all)
@@ -103,23 +107,35 @@ def random_model(cfg: KimiLinearConfig, seed: int = 0) -> dict[str, torch.Tensor
     return random_state(cfg, torch.bfloat16, DEVICE, seed)
 
 
-def kimitune_step(cfg, state, row: Row):
-    """kimitune's model and its training step (``kimitune.train.step.TrainStep``: what ``kimitune train`` runs,
-    clipping and the device-side non-finite skip included) -> (model, step() -> the step's loss tensor)."""
-    from dataclasses import replace as replace_options
-
+def lora_train_step(model, options, device: str, lr: float = 1e-4):
+    """kimitune's training step for ``model``'s trainable parameters (``kimitune.train.step.TrainStep``: what
+    ``kimitune train`` runs, clipping at 1.0 and the device-side non-finite skip included), fused AdamW at ``lr``
+    -> ``step(ids [1, T] int64) -> the step's mean token loss`` (a device tensor), one unpacked sequence."""
     from kimitune.data.packing import Batch
     from kimitune.train.step import TrainStep
 
-    model, _, options = lora_peers.build_kimitune(cfg, state, DEVICE, row.ckpt, experts=row.tool == "kimitune+experts",
-                                                  ckpt_layers=row.ckpt_layers)
-    options = replace_options(options, loss_impl=row.loss)
     params = [p for p in model.parameters() if p.requires_grad]
-    train_step = TrainStep(model, torch.optim.AdamW(params, lr=1e-4, fused=True), DEVICE, options=options,
+    train_step = TrainStep(model, torch.optim.AdamW(params, lr=lr, fused=True), device, options=options,
                            max_grad_norm=1.0)
+
+    def step(ids):
+        seq = ids.shape[1]
+        batch = Batch(input_ids=ids, labels=ids, cu_seqlens=None, num_tokens=seq, num_label_tokens=seq - 1)
+        return train_step([batch], batch.num_label_tokens).loss
+
+    return step
+
+
+def kimitune_step(cfg, state, row: Row):
+    """kimitune's model and its training step (``lora_train_step``) -> (model, step() -> the step's loss tensor)."""
+    from dataclasses import replace as replace_options
+
+    model, _, options = lora_peers.build_kimitune(cfg, state, DEVICE, row.ckpt, experts=row.tool == "kimitune+experts",
+                                                  ckpt_layers=row.ckpt_layers,
+                                                  quant=lora_peers.TOOL_QUANT.get(row.tool))
+    step = lora_train_step(model, replace_options(options, loss_impl=row.loss), DEVICE)
     ids = torch.randint(0, cfg.vocab_size, (1, row.seq), generator=torch.Generator().manual_seed(1))
-    batch = Batch(input_ids=ids, labels=ids, cu_seqlens=None, num_tokens=row.seq, num_label_tokens=row.seq - 1)
-    return model, lambda: train_step([batch], batch.num_label_tokens).loss
+    return model, lambda: step(ids)
 
 
 def peer_step(cfg, state, row: Row):
@@ -150,6 +166,8 @@ def measure(cfg, state, row: Row, warmup: int, steps: int) -> dict:
     build = peer_step if row.tool == "peer" else kimitune_step
     model, step = build(cfg, state, row)
     model_gib = torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
+    if DEVICE == "cuda":  # the peak is the step's: a quantised row's build held its weights in bf16 a moment
+        torch.cuda.reset_peak_memory_stats()
     lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     losses = []
     try:

@@ -13,8 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SMOKE_RUNS = {
-    "train_gpu": ["benchmarks/train_gpu.py", "--smoke", "--seq", "128", "--ckpt", "off,on", "--warmup", "1",
-                  "--steps", "1"],
+    "train_gpu": ["benchmarks/train_gpu.py", "--smoke", "--rows", "kimitune,kimitune+fp8,peer", "--seq", "128",
+                  "--ckpt", "off,on", "--warmup", "1", "--steps", "1"],
     "train_48b": ["benchmarks/train_48b.py", "--smoke"],
     "train_long": ["benchmarks/train_long.py", "--smoke"],
     "long_data": ["benchmarks/long_data.py", "--words", "2000"],
@@ -24,7 +24,8 @@ SMOKE_RUNS = {
     "ce_lora": ["benchmarks/ce_lora.py", "speed", "--tiny", "--seq", "128", "--warmup", "1", "--steps", "1"],
     "loss_gpu": ["benchmarks/loss_gpu.py", "--device", "cpu", "--rows", "256,300", "--warmup", "1", "--steps", "1"],
     "train_product": ["benchmarks/train_product.py", "--smoke"],
-    "dpo_gpu": ["benchmarks/dpo_gpu.py", "--smoke"],
+    "dpo_gpu": ["benchmarks/dpo_gpu.py", "--smoke", "--piece", "8"],
+    "fp8_loss": ["benchmarks/fp8_loss.py", "--smoke"],
 }
 
 
@@ -32,7 +33,8 @@ SMOKE_RUNS = {
 def test_benchmark_smoke_run(name, tmp_path):
     out = tmp_path / "rows.json"
     command = [sys.executable, *SMOKE_RUNS[name]]
-    if name in ("train_gpu", "train_multi_gpu", "decode", "ce_lora", "loss_gpu", "train_product", "dpo_gpu"):
+    if name in ("train_gpu", "train_multi_gpu", "decode", "ce_lora", "loss_gpu", "train_product", "dpo_gpu",
+                "fp8_loss"):
         command += ["--json", str(out)]
     if name in ("train_product", "dpo_gpu"):  # what they write (a model folder and data; TRL's output_dir) goes here
         command += ["--work", str(tmp_path / "work")]
