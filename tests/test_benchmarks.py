@@ -26,6 +26,7 @@ SMOKE_RUNS = {
     "train_product": ["benchmarks/train_product.py", "--smoke"],
     "dpo_gpu": ["benchmarks/dpo_gpu.py", "--smoke", "--piece", "8"],
     "fp8_loss": ["benchmarks/fp8_loss.py", "--smoke"],
+    "fp8_grouped": ["benchmarks/fp8_grouped.py", "--smoke", "--repeats", "1"],
 }
 
 
@@ -34,7 +35,7 @@ def test_benchmark_smoke_run(name, tmp_path):
     out = tmp_path / "rows.json"
     command = [sys.executable, *SMOKE_RUNS[name]]
     if name in ("train_gpu", "train_multi_gpu", "decode", "ce_lora", "loss_gpu", "train_product", "dpo_gpu",
-                "fp8_loss"):
+                "fp8_loss", "fp8_grouped"):
         command += ["--json", str(out)]
     if name in ("train_product", "dpo_gpu"):  # what they write (a model folder and data; TRL's output_dir) goes here
         command += ["--work", str(tmp_path / "work")]
