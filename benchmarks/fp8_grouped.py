@@ -11,6 +11,8 @@ weight:
   then ``_grouped_mm`` (what fp8 runs today, forward and backward);
 - ``dequant bf16 mul``: e4m3 -> bf16 (exact), then one in-place multiply by the row scales in float32;
 - ``dequant triton``: one Triton kernel reads e4m3 and the scales and writes bf16;
+- ``kimitune row-scaled``: ``kimitune.ops.quant_grouped_mm``, what kimitune runs: one Triton grouped product that
+  dequantises each weight tile in registers and multiplies in bf16 (no dequantised stack);
 - ``scaled fp8``: ``torch._scaled_grouped_mm`` on e4m3 operands (``use_fast_accum`` on and off), the activations
   (and output gradients, times the weight's row scales gathered per row) scaled to e4m3 per row on the fly; the
   backward needs the stack transposed (an e4m3 copy).
@@ -33,6 +35,8 @@ import time
 import torch
 
 from kimitune.quant.formats import FP8_MAX, dequantize_fp8, quantize_fp8, quantize_rows_fp8
+from kimitune.ops.fp8_rows import quantize_rows_e4m3
+from kimitune.ops.quant_grouped_mm import row_scaled_grouped_mm
 from kimitune.ops.triton_utils import cdiv, jit_on_first_use
 
 tl = None  # triton.language, bound at the first launch (kimitune.ops.triton_utils)
@@ -77,9 +81,20 @@ def dequant_variant(dequant):
     return forward, backward
 
 
+def row_scaled_variant():
+    """kimitune's kernel: each weight tile dequantised in registers (kimitune.ops.quant_grouped_mm)."""
+    def forward(x, q, scale, offs):
+        return row_scaled_grouped_mm(x, q, scale, offs, transpose=True, int8=False)
+
+    def backward(dy, q, scale, offs, rows_expert):
+        return row_scaled_grouped_mm(dy, q, scale, offs, transpose=False, int8=False)
+
+    return forward, backward
+
+
 def scaled_variant(fast: bool):
     def forward(x, q, scale, offs):
-        x_q, x_s = quantize_rows_fp8(x)
+        x_q, x_s = quantize_rows_e4m3(x, None, FP8_MAX)  # kimitune's one-kernel activation scaling
         return torch._scaled_grouped_mm(x_q, q.transpose(-2, -1), x_s.squeeze(-1), scale, offs=offs,
                                         out_dtype=torch.bfloat16, use_fast_accum=fast)
 
@@ -134,7 +149,8 @@ def main() -> None:
     variants = {"bf16": None, "dequant eager": dequant_variant(dequantize_fp8),
                 "dequant bf16 mul": dequant_variant(dequant_bf16_mul)}
     if cuda:
-        variants |= {"dequant triton": dequant_variant(dequant_triton), "scaled fp8": scaled_variant(False),
+        variants |= {"dequant triton": dequant_variant(dequant_triton), "kimitune row-scaled": row_scaled_variant(),
+                     "scaled fp8": scaled_variant(False),
                      "scaled fp8 fast accum": scaled_variant(True)}
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; e4m3 max {FP8_MAX:g}")
     rows = []

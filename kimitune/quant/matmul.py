@@ -21,7 +21,13 @@ scales are used as stored. The backward is FP8 too and exact in the weight: dX =
 gradient's columns are multiplied by the weight's row scales, that product is scaled to e4m3 per row, and it meets
 the stored W_q (transposed into the layout ``_scaled_mm`` takes). Only the activations and gradients are rounded to
 e4m3 (about 2% per product). ``kimitune.ops.force_reference`` (or a width that is not a multiple of 16, or the CPU)
-takes the dequantising path; the expert stacks always do (a grouped FP8 product is not yet measured faster).
+takes the dequantising path.
+
+An int8 or fp8 expert stack on CUDA goes through ``kimitune.ops.quant_grouped_mm.row_scaled_grouped_mm``: a Triton
+grouped product that dequantises each weight tile in registers (to exactly the values ``dequantize`` gives) and
+multiplies in bf16, forward and input gradient alike, so no dequantised stack is ever written (measured against
+dequantise-then-``_grouped_mm`` and ``torch._scaled_grouped_mm`` in benchmarks/fp8_grouped.py). 4-bit stacks, the
+CPU and ``force_reference`` dequantise the whole stack as above.
 
 The compute dtype is autocast's inside an autocast region, else the weight's ``dtype`` (the model's dtype when
 it was quantised: bf16 on a GPU, float32 on the CPU); results come back in that dtype, input gradients in the
@@ -35,8 +41,10 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from kimitune.ops.grouped_mm import grouped_linear
+from kimitune.ops.quant_grouped_mm import row_scaled_grouped_mm
 from kimitune.ops.reference_switch import use_kernels
-from kimitune.quant.formats import quantize_rows_fp8
+from kimitune.ops.fp8_rows import quantize_rows_e4m3
+from kimitune.quant.formats import FP8_MAX, quantize_rows_fp8
 from kimitune.quant.weight import QuantizedWeight
 
 
@@ -76,14 +84,15 @@ class DequantLinearFunction(Function):
 
 class Fp8LinearFunction(Function):
     """``x W^T + b`` for an fp8 ``W`` [out, in] as FP8 products, forward and input gradient (the module docstring);
-    saves nothing of ``x`` or ``W``. ``x`` [N, in] -> [N, out] in ``dtype``: 2-D, so that the output is no view made
+    saves nothing of ``x`` or ``W``. The activations and output gradients are scaled to e4m3 by
+``kimitune.ops.fp8_rows`` (one kernel; ``formats.quantize_rows_fp8`` is its reference). ``x`` [N, in] -> [N, out] in ``dtype``: 2-D, so that the output is no view made
     inside the Function, which autograd would forbid the LoRA's in-place add on (``frozen_linear`` reshapes)."""
 
     @staticmethod
     def forward(ctx, x, weight: QuantizedWeight, bias, dtype: torch.dtype):
         ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        x_q, x_scale = quantize_rows_fp8(x)
+        x_q, x_scale = _e4m3_rows(x, None)
         w_q, w_scale = _fp8_parts(weight)
         y = torch._scaled_mm(x_q, w_q.t(), scale_a=x_scale, scale_b=w_scale[None, :], out_dtype=dtype)
         return y if bias is None else y + bias.to(dtype)
@@ -94,7 +103,7 @@ class Fp8LinearFunction(Function):
         flat = grad_output
         if ctx.needs_input_grad[0]:
             w_q, w_scale = _fp8_parts(ctx.weight)
-            g_q, g_scale = quantize_rows_fp8(flat.float() * w_scale[None, :])  # dY diag(s): W's scales moved over
+            g_q, g_scale = _e4m3_rows(flat, w_scale)  # dY diag(s): W's scales moved over
             ones = torch.ones(1, w_q.shape[1], dtype=torch.float32, device=w_q.device)
             # b must be column-major: W_q^T stored row-major, transposed back
             grad_x = torch._scaled_mm(g_q, w_q.t().contiguous().t(), scale_a=g_scale, scale_b=ones,
@@ -103,6 +112,15 @@ class Fp8LinearFunction(Function):
         if ctx.needs_input_grad[2]:
             grad_bias = flat.sum(0).to(ctx.bias_dtype)
         return grad_x, None, grad_bias, None
+
+
+def _e4m3_rows(x: torch.Tensor, column_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, K] (times ``column_scale`` [K]) scaled to e4m3 per row -> (q [N, K], scale [N, 1]): the one-kernel
+    ``quantize_rows_e4m3`` on CUDA, its reference ``quantize_rows_fp8`` elsewhere (the CPU tests' forced FP8
+    products)."""
+    if x.is_cuda:
+        return quantize_rows_e4m3(x, column_scale, FP8_MAX)
+    return quantize_rows_fp8(x if column_scale is None else x.float() * column_scale[None, :])
 
 
 def _fp8_parts(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,6 +156,36 @@ class DequantGroupedLinearFunction(Function):
         return grad_x.to(ctx.x_dtype), None, None, None
 
 
+class RowScaledGroupedLinearFunction(Function):
+    """``grouped_linear(x, W, offsets)`` for an int8 or fp8 stack through ``row_scaled_grouped_mm``: each weight tile
+    dequantised in the kernel's registers, never the whole stack; the backward the same kernel on ``W`` untransposed.
+    Saves only ``offsets``."""
+
+    @staticmethod
+    def forward(ctx, x, weight: QuantizedWeight, offsets, dtype: torch.dtype):
+        ctx.weight, ctx.dtype, ctx.x_dtype = weight, dtype, x.dtype
+        ctx.save_for_backward(offsets)
+        return row_scaled_grouped_mm(x.to(dtype), weight.data, weight.scale.view(torch.float32), offsets,
+                                     transpose=True, int8=weight.format == "int8")
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (offsets,) = ctx.saved_tensors
+        weight = ctx.weight
+        grad_x = row_scaled_grouped_mm(grad_output.to(ctx.dtype), weight.data, weight.scale.view(torch.float32),
+                                       offsets, transpose=False, int8=weight.format == "int8")
+        return grad_x.to(ctx.x_dtype), None, None, None
+
+
+def row_scaled_kernel_applies(x: torch.Tensor, weight: QuantizedWeight) -> bool:
+    """Whether ``frozen_grouped_linear`` runs ``row_scaled_grouped_mm``: an int8 or fp8 stack, CUDA kernels allowed,
+    a compute dtype the kernel's products take (bf16 or float16)."""
+    return weight.format in ("int8", "fp8") and weight.ndim == 3 and use_kernels(x) and \
+        compute_dtype(x, weight) in (torch.bfloat16, torch.float16)
+
+
 def frozen_linear(
     x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -155,5 +203,7 @@ def frozen_grouped_linear(
 ) -> torch.Tensor:
     """Per expert ``x_e W_e^T`` for a float or quantised stack [E, out, in]; x [N, in] sorted by expert -> [N, out]."""
     if isinstance(weight, QuantizedWeight):
-        return DequantGroupedLinearFunction.apply(x, weight, offsets, compute_dtype(x, weight))
+        function = RowScaledGroupedLinearFunction if row_scaled_kernel_applies(x, weight) else \
+            DequantGroupedLinearFunction
+        return function.apply(x, weight, offsets, compute_dtype(x, weight))
     return grouped_linear(x, weight, offsets)
