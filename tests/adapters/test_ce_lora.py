@@ -134,7 +134,8 @@ def test_amm_formula_with_every_row_kept_is_exact(double_rank):
 
 
 def test_forward_is_exact_and_loss_equals_lora(input_ids):
-    lora, ce_model = model_pair(CeLoraSettings(sparsity=0.5))
+    # One by one, as CE-LoRA's linears run: a joint GEMM sums in another order on some CPUs' BLAS.
+    lora, ce_model = model_pair(CeLoraSettings(sparsity=0.5), lora_settings=dataclasses.replace(ALL, join_shared_input=False))
     assert approximated_modules(ce_model)
     assert torch.equal(ce_model(input_ids, labels=input_ids).loss, lora(input_ids, labels=input_ids).loss)
 
