@@ -1,12 +1,21 @@
-"""One row split across the ranks of a process group (context parallelism) with the project's own state passing:
-the exact maths of model/pieces.py with one piece per rank.
+"""One row split across the ranks of a process group (context parallelism): the exact maths of model/pieces.py with
+one piece per rank.
 
 Every rank is given the whole row and computes its share: rank r holds tokens [r * L, (r + 1) * L) of the row
 (L = T / ranks). Each decoder layer then runs on every rank's piece; what passes between ranks is what passes
 between pieces:
 
-- a KDA layer's short-conv and recurrent states, sent from rank r to r + 1 after r's piece (point to point; in
-  the backward their gradients go back from r + 1 to r), so the KDA layers run one rank after another;
+- a KDA layer's short-conv and recurrent states, by one of two routes:
+  - fla-core's context parallelism (``RowShare.kda_context``, fla's ``FLACPContext``) where it applies: CUDA
+    tensors, one row per share (packed, or an unpacked batch of one row), at least W - 1 tokens per rank (W the short
+    conv's width), the references not forced, ``fla.ops.cp`` importable. The layer runs once on the rank's tokens
+    and fla's kernels exchange what crosses the ranks (the conv's last W - 1 inputs; each rank's recurrence
+    summarised as an affine map of its incoming state, all-gathered and chained), so the ranks' KDA layers run at
+    the same time. With one rank it runs too (its all-gathers are of one rank, and the first rank is the last, so
+    nothing is carried), which lets a single GPU test the route;
+  - otherwise the project's own state passing: the states sent from rank r to r + 1 after r's piece (point to point;
+    in the backward their gradients go back from r + 1 to r), so the KDA layers run one rank after another. This
+    route runs on any backend (gloo on the CPU included) and for unpacked batches of several rows;
 - an MLA layer's normalised latents and shared keys, all-gathered; each rank attends over the earlier ranks' ones
   of its sequences block by block (``kimitune.ops.prefix_attention``), all ranks at once;
 - MoE and MLP work on each rank's tokens alone.
@@ -20,9 +29,9 @@ ranks (with their gradients), and each rank returns its share of it.
 Every layer runs as a module call (``layer(...)``, checkpointed where it recomputes), so FSDP2's hooks gather and
 free its weights as in any forward; an MLA layer all-gathers its latents from inside its own forward
 (``GatheredPrefix``). Per-sequence sums (preference tuning's log-probabilities) are each rank's share summed over
-the group, gradients included (``sum_over_ranks``). Not here yet: layers in pieces within a rank, MLA's causal work balanced across the ranks
-(the last rank attends over the most), fla-core's context parallelism on CUDA (the faster route for KDA: the layers
-here run one rank after another); this module runs on any backend, gloo on the CPU included.
+the group, gradients included (``sum_over_ranks``). Not here yet: layers in pieces within a rank, MLA's causal work
+balanced across the ranks (the last rank attends over the most). Apart from fla's route for KDA, this module runs on
+any backend, gloo on the CPU included.
 
     model(input_ids [B, T], labels [B, T], cu_seqlens | None, loss_reduction="sum" | "none",
           options=RunOptions(context_parallel=group))
@@ -42,7 +51,8 @@ from kimitune.model.mla import GatheredPrefix
 from kimitune.model.moe import RouterTerms
 from kimitune.model.options import RunOptions
 from kimitune.model.pieces import Piece, checkpointed, initial_states, router_tensors, run_kda_piece, split_into_pieces
-from kimitune.ops import BatchLayout
+from kimitune.ops import BatchLayout, context_parallel_context, reference_forced
+from kimitune.ops.kda import fla
 
 
 class _ReceiveFromPrevious(Function):
@@ -117,11 +127,14 @@ class _AllGather(Function):
 
 @dataclass(frozen=True)
 class RowShare:
-    """A row split over ``group``'s ranks: every rank's piece, and this rank's index (``piece`` is its own)."""
+    """A row split over ``group``'s ranks: every rank's piece, and this rank's index (``piece`` is its own).
+    ``kda_context``: fla's ``FLACPContext`` for this rank's tokens when the KDA layers take fla's route (the module
+    docstring), else None."""
 
     pieces: list[Piece]
     rank: int
     group: Any
+    kda_context: Any = None
 
     @property
     def piece(self) -> Piece:
@@ -132,16 +145,32 @@ class RowShare:
         return len(self.pieces)
 
 
-def share_of_row(layout: BatchLayout | None, total: int, group, device: torch.device) -> RowShare:
-    """The split of a row of ``total`` tokens (its ``layout``, None when unpacked) over ``group``'s ranks."""
+def share_of_row(layout: BatchLayout | None, total: int, group, device: torch.device, rows: int = 1,
+                 conv_kernel_size: int | None = None) -> RowShare:
+    """The split of ``rows`` rows of ``total`` tokens (their ``layout``, None when unpacked; packed: one row) over
+    ``group``'s ranks. Given the KDA short conv's width ``conv_kernel_size`` (None: the project's route always), the
+    share carries fla's context for the KDA layers where fla's route applies (the module docstring)."""
     ranks = dist.get_world_size(group)
     if total % ranks:
         raise ValueError(f"context parallelism: the row's {total} tokens do not split evenly over {ranks} ranks (pad "
                          f"it to a multiple of {ranks})")
-    return RowShare(split_into_pieces(layout, total, total // ranks, device), dist.get_rank(group), group)
+    pieces = split_into_pieces(layout, total, total // ranks, device)
+    kda_context = None
+    # fla's CP kernels take one row (as packed bounds), have no PyTorch path, and pass the conv's last W - 1 inputs
+    # from each rank's own tokens
+    if (conv_kernel_size is not None and torch.device(device).type == "cuda" and rows == 1 and not reference_forced()
+            and total // ranks >= conv_kernel_size - 1 and fla.context_parallel_available()):
+        kda_context = context_parallel_context(layout, total, group, conv_kernel_size, device)
+    return RowShare(pieces, dist.get_rank(group), group, kda_context)
 
 
 def _kda_across_ranks(layer, h, share: RowShare, options: RunOptions, recompute: bool):
+    """A KDA layer on this rank's piece h [B, L, C] -> (out [B, L, C], its MoE's tokens per expert and score sum, or
+    None, None): through fla's context parallelism when the share has its context, else by sending the states on."""
+    if share.kda_context is not None:  # fla exchanges the states inside the layer's kernels, on every rank at once
+        out, router, _ = checkpointed(recompute)(layer, h, share.piece.layout, None, False, options,
+                                                 share.kda_context, use_reentrant=False)
+        return (out, *router_tensors(router))
     attention, piece, rank, group = layer.self_attn, share.piece, share.rank, share.group
     rows = h.shape[0] if piece.layout is None else 1
     packed = piece.layout is not None

@@ -11,7 +11,9 @@
 Shapes follow fla: x [B, T, C]; q, k, v [B, T, H, K]. With ``cu_seqlens`` (B == 1) the conv and the recurrence
 restart at every sequence boundary. With a ``KDAState`` the layer continues from the given conv and recurrent
 states and returns the ones at the end of its input (prefill, then decode: a single token with a state goes
-through the decode kernels causal_conv1d_update and fused_recurrent_kda).
+through the decode kernels causal_conv1d_update and fused_recurrent_kda). With a ``cp_context`` (CUDA, context
+parallelism: model/context_parallel.py) x is this rank's tokens [1, L, C] of a row, and fla's kernels pass the conv
+and recurrent states between the ranks themselves.
 """
 
 from __future__ import annotations
@@ -96,9 +98,18 @@ class KimiDeltaAttention(nn.Module):
         state: KDAState | None = None,
         return_state: bool = False,
         keep_intermediates: bool = False,
+        cp_context=None,
     ) -> tuple[torch.Tensor, KDAState | None]:
         """x [B, T, C] -> (y [B, T, C], the state after the input when ``return_state`` else None); the packed
-        batch's layout (or bounds) in ``cu_seqlens``; ``keep_intermediates``: ``RunOptions.kda_keep_intermediates``."""
+        batch's layout (or bounds) in ``cu_seqlens``; ``keep_intermediates``: ``RunOptions.kda_keep_intermediates``.
+        ``cp_context``: fla's ``FLACPContext`` (``kimitune.ops.context_parallel_context``) for x [1, L, C], this
+        rank's tokens of a row split over a process group; its bounds stand for ``cu_seqlens`` (the same ones, this
+        rank's), and it takes no ``state`` and no ``return_state`` (the states pass between the ranks inside fla)."""
+        if cp_context is not None and (state is not None or return_state):
+            raise ValueError("KimiDeltaAttention: with cp_context fla passes the states between the ranks: no state, "
+                             "no return_state")
+        if cp_context is not None:
+            cu_seqlens = None  # the context's bounds are the rank's: the ops take them from it
         B, T, _ = x.shape
         heads_shape = (B, T, self.num_heads, self.head_dim)
         gate = self.forget_gate
@@ -119,6 +130,7 @@ class KimiDeltaAttention(nn.Module):
                 output_final_state=return_state,
                 cu_seqlens=cu_seqlens,
                 parts=3,
+                cp_context=cp_context,
             )
         q, k, v = (t.reshape(heads_shape) for t in qkv)
         beta = torch.sigmoid(beta)
@@ -128,7 +140,7 @@ class KimiDeltaAttention(nn.Module):
             o, recurrent_state = fused_recurrent_kda(q, k, v, gate.decay(f_a), beta, **recurrence)
         else:  # the decay is computed inside the kernel from the gate's raw input (ops/kda/gate.py says why)
             o, recurrent_state = chunk_kda(q, k, v, gate.gate_input(f_a), beta, A_log=gate.A_log, dt_bias=gate.dt_bias,
-                                           keep_intermediates=keep_intermediates,
+                                           keep_intermediates=keep_intermediates, cp_context=cp_context,
                                            **recurrence)
         y = self.o_proj(self.o_norm(o, self.g_b_proj(g_a).view(heads_shape)).reshape(B, T, -1))
         return y, (KDAState(conv_state, recurrent_state) if return_state else None)

@@ -92,9 +92,15 @@ class KimiLinearDecoderLayer(nn.Module):
         state: KDAState | MLAState | None = None,
         return_state: bool = False,
         options: RunOptions = RunOptions(),
+        cp_context=None,
     ) -> tuple[torch.Tensor, RouterTerms | None, KDAState | MLAState | None]:
-        """-> (h, the MoE's routing terms (None for dense layers), new state or None)."""
+        """-> (h, the MoE's routing terms (None for dense layers), new state or None). ``cp_context``: fla's context
+        parallelism for a KDA layer on this rank's tokens (model/context_parallel.py); an MLA layer takes none."""
+        if cp_context is not None and not self.is_kda:
+            raise ValueError("cp_context is fla's context parallelism for KDA layers: an MLA layer takes none")
         attention_options = {"keep_intermediates": options.kda_keep_intermediates} if self.is_kda else {}
+        if cp_context is not None:
+            attention_options["cp_context"] = cp_context
         attn_out, new_state = self.self_attn(self.input_layernorm(h), layout, state, return_state, **attention_options)
         h = h + attn_out
         mlp_in = self.post_attention_layernorm(h)
@@ -280,7 +286,8 @@ class KimiLinearForCausalLM(nn.Module):
         share = None
         if options.context_parallel is not None:  # this rank's piece of the row (model/context_parallel.py)
             self._check_context_parallel(cache, loss_reduction, options)
-            share = share_of_row(layout, input_ids.shape[1], options.context_parallel, input_ids.device)
+            share = share_of_row(layout, input_ids.shape[1], options.context_parallel, input_ids.device,
+                                 rows=input_ids.shape[0], conv_kernel_size=self.config.kda_short_conv_kernel_size)
             piece = share.piece
             input_ids, layout = input_ids[:, piece.start:piece.end], piece.layout
             targets = None if targets is None else targets[:, piece.start:piece.end]

@@ -17,6 +17,11 @@ triton_utils.py holds what they share). An in-place op's trailing underscore sta
 ``softmax_grad_reference_``, ``softmax_grad_triton_``. KDA's definition, the per-token recurrence in a plain loop
 that every KDA path is tested against, is :func:`recurrent_kda_reference` (fla's ``naive_recurrent_kda``).
 
+Context parallelism on CUDA (model/context_parallel.py): ``chunk_kda`` and ``causal_conv1d`` take ``cp_context``,
+fla-core's ``FLACPContext`` for this rank's tokens of a row (:func:`context_parallel_context`); with it they run
+fla's context-parallel kernels, which pass the states between the ranks themselves (no states in or out, the bounds
+the context's). It has no PyTorch path: it needs CUDA tensors and fla-core, the references not forced.
+
 Forcing the references, also on a GPU: KIMITUNE_REFERENCE_OPS=1 in the environment (read once, at import), or
 ``force_reference(True)`` from code (``with force_reference():`` for a block); ``reference_forced()`` tells which.
 Every dispatcher of kimitune.ops reads it at each call (reference_switch.py).
@@ -29,6 +34,7 @@ import torch
 from kimitune.ops.batch_layout import BatchLayout
 from kimitune.ops.conv import causal_conv1d_reference, causal_conv1d_update_reference, check_conv_inputs
 from kimitune.ops.kda import fla
+from kimitune.ops.kda.fla import context_parallel_context
 from kimitune.ops.kda.chunk import chunk_kda_reference
 from kimitune.ops.kda.gate import kda_decay
 from kimitune.ops.kda.naive import recurrent_kda_reference
@@ -51,6 +57,7 @@ def chunk_kda(
     A_log: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     keep_intermediates: bool = False,
+    cp_context=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KDA over whole sequences (training, prefill), chunkwise; differentiable in every tensor argument.
 
@@ -62,10 +69,16 @@ def chunk_kda(
     recomputing them there (fla's ``disable_recompute``); the same results, faster, for 18 more bytes per token and
     H * K channel at K = V = 128 (``kimitune.plan``). The PyTorch path (:func:`chunk_kda_reference`) keeps what
     autograd needs either way.
+    ``cp_context`` (CUDA only): fla's context parallelism over this rank's tokens q [1, L, H, K] of a row (the
+    module docstring); no ``cu_seqlens``, ``initial_state`` or ``output_final_state`` with it.
     Returns (o [B, T, H, V] in q's dtype, final state [N, H, K, V] in float32, or None unless
     ``output_final_state``).
     """
     layout = BatchLayout.of(cu_seqlens, q.device, q.shape[1])
+    if cp_context is not None:
+        _check_context_parallel(q, "chunk_kda")
+        return fla.chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                             layout, A_log, dt_bias, keep_intermediates, cp_context=cp_context)
     if use_kernels(q):
         return fla.chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
                              layout, A_log, dt_bias, keep_intermediates)
@@ -106,6 +119,7 @@ def causal_conv1d(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | BatchLayout | None = None,
     parts: int = 1,
+    cp_context=None,
 ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor | None]:
     """Causal depthwise conv y[t] = act(bias + sum_i weight[:, i] x[t-W+1+i]) of x [B, T, D] with weight [D, W];
     packed sequences (``cu_seqlens``, B = 1) never read each other's tokens, and taps before a sequence's start read
@@ -113,10 +127,17 @@ def causal_conv1d(
     'silu'. Returns (y [B, T, D], final state [N, D, W] in x's dtype, or None unless ``output_final_state``);
     with ``parts`` > 1, y as a tuple of ``parts`` tensors [B, T, D / parts] (its channels in order; contiguous each
     on CUDA's training path). On CUDA the training case (SiLU, no bias, no states) runs kimitune's kernels
-    (short_conv.py), the rest fla's."""
+    (short_conv.py), the rest fla's. ``cp_context`` (CUDA only): fla's context-parallel conv over this rank's
+    tokens x [1, L, D] (the first taps of a sequence that began on an earlier rank read its last inputs), SiLU or
+    not: kimitune's kernel reads no other rank's tokens; no ``cu_seqlens`` or states with it."""
     if x.shape[-1] % parts:
         raise ValueError(f"causal_conv1d: {x.shape[-1]} channels do not split into {parts} parts")
     layout = BatchLayout.of(cu_seqlens, x.device, x.shape[1])
+    if cp_context is not None:
+        _check_context_parallel(x, "causal_conv1d")
+        y, state = fla.causal_conv1d(x, weight, bias, activation, initial_state, output_final_state, layout,
+                                     cp_context=cp_context)
+        return (y if parts == 1 else y.chunk(parts, dim=-1)), state
     if use_kernels(x) and activation == "silu" and bias is None and initial_state is None and not output_final_state:
         check_conv_inputs(x, weight, bias, activation, initial_state, None if layout is None else layout.checked_bounds, "causal_conv1d")
         return conv_silu(x, weight, layout, parts), None
@@ -126,6 +147,16 @@ def causal_conv1d(
         y, state = causal_conv1d_reference(x, weight, bias, activation, initial_state, output_final_state,
                                            _bounds(layout))
     return (y if parts == 1 else y.chunk(parts, dim=-1)), state
+
+
+def _check_context_parallel(x: torch.Tensor, where: str) -> None:
+    """fla's context parallelism has no PyTorch path: refuses a call that could not run its kernels."""
+    if not use_kernels(x) or not fla.kernels_available():
+        why = ("the references are forced" if x.is_cuda and reference_forced() else
+               f"the tensors are on {x.device.type}" if not x.is_cuda else "fla-core does not import")
+        raise ValueError(f"{where}: cp_context (fla-core's context parallelism) needs CUDA tensors and fla-core's "
+                         f"kernels ({why}); without them, leave it None and pass the states between the ranks "
+                         "(model/context_parallel.py)")
 
 
 def _bounds(layout: BatchLayout | None) -> torch.Tensor | None:
@@ -147,5 +178,5 @@ def causal_conv1d_update(
     return causal_conv1d_update_reference(x, conv_state, weight, bias, activation)
 
 
-__all__ = ["BatchLayout", "chunk_kda", "fused_recurrent_kda", "causal_conv1d", "causal_conv1d_update",
-           "recurrent_kda_reference", "kda_decay", "force_reference", "reference_forced"]
+__all__ = ["BatchLayout", "context_parallel_context", "chunk_kda", "fused_recurrent_kda", "causal_conv1d",
+           "causal_conv1d_update", "recurrent_kda_reference", "kda_decay", "force_reference", "reference_forced"]

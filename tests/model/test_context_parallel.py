@@ -133,3 +133,92 @@ def test_the_context_parallel_path_on_one_gpu_equals_the_plain_path(tmp_path):
             assert error <= 1e-3 * scale + 1e-7, name
     finally:
         dist.destroy_process_group()
+
+
+def test_a_kda_layer_with_a_cp_context_takes_no_state():
+    """fla passes the states between the ranks itself: a state in or out together with cp_context is refused (before
+    any kernel is asked for)."""
+    from kimitune.model.kda import KDAState, KimiDeltaAttention
+
+    config = micro_config()
+    layer = KimiDeltaAttention(config)
+    x = torch.randn(1, 8, config.hidden_size)
+    width = 3 * config.kda_num_heads * config.kda_head_dim
+    state = KDAState(torch.zeros(1, width, config.kda_short_conv_kernel_size),
+                     torch.zeros(1, config.kda_num_heads, config.kda_head_dim, config.kda_head_dim))
+    with pytest.raises(ValueError, match="with cp_context .* no state, no return_state"):
+        layer(x, state=state, cp_context=object())
+    with pytest.raises(ValueError, match="with cp_context .* no state, no return_state"):
+        layer(x, return_state=True, cp_context=object())
+    with pytest.raises(ValueError, match="cp_context .* needs CUDA tensors"):  # no PyTorch path on the CPU
+        layer(x, cp_context=object())
+    mla_layer = build(False).model.layers[3]
+    assert not mla_layer.is_kda
+    with pytest.raises(ValueError, match="an MLA layer takes none"):
+        mla_layer(x, cp_context=object())
+
+
+def _one_of_two_ranks(monkeypatch):
+    from kimitune.model import context_parallel
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    return context_parallel
+
+
+def test_share_of_row_on_the_cpu_keeps_the_projects_state_passing(monkeypatch):
+    context_parallel = _one_of_two_ranks(monkeypatch)
+    monkeypatch.setattr(context_parallel.fla, "context_parallel_available", lambda: True)  # as if fla were here
+    bounds = torch.tensor([0, 3, 17, 24, 30, 48], dtype=torch.int32)
+    layout = context_parallel.BatchLayout.of(bounds, "cpu")
+    for row_layout, rows in ((layout, 1), (None, 1), (None, 2)):
+        share = context_parallel.share_of_row(row_layout, 48, object(), torch.device("cpu"), rows=rows,
+                                              conv_kernel_size=4)
+        assert share.kda_context is None and share.piece.start == 24
+
+
+def test_share_of_row_takes_flas_route_where_it_applies(monkeypatch):
+    """On CUDA (one row, W - 1 tokens per rank, references not forced, fla.ops.cp present) the share carries fla's
+    context, built from the whole row; otherwise none. (Unpacked rows: nothing here touches the device.)"""
+    from kimitune.ops import force_reference
+
+    context_parallel = _one_of_two_ranks(monkeypatch)
+    built = []
+    monkeypatch.setattr(context_parallel, "context_parallel_context", lambda *args: built.append(args) or "ctx")
+    available = [True]
+    monkeypatch.setattr(context_parallel.fla, "context_parallel_available", lambda: available[0])
+    group, cuda = object(), torch.device("cuda")
+
+    def share(total=48, rows=1, conv_kernel_size=4):
+        return context_parallel.share_of_row(None, total, group, cuda, rows=rows,
+                                             conv_kernel_size=conv_kernel_size).kda_context
+
+    assert share() == "ctx" and built == [(None, 48, group, 4, cuda)]
+    assert share(rows=2) is None  # fla's kernels take one row
+    assert share(total=4) is None  # 2 tokens a rank: fewer than the conv's W - 1 = 3
+    assert share(conv_kernel_size=None) is None
+    with force_reference():
+        assert share() is None
+    available[0] = False
+    assert share() is None
+    assert len(built) == 1
+
+
+def test_a_kda_layer_with_flas_context_runs_once_on_the_ranks_tokens():
+    """With the share's kda_context the layer is called once, from no state, with the context; nothing is sent."""
+    from kimitune.model.context_parallel import RowShare, _kda_across_ranks
+    from kimitune.model.pieces import split_into_pieces
+
+    calls = []
+    h = torch.randn(1, 12, 32)
+
+    def layer(*args, **kwargs):
+        calls.append((args, kwargs))
+        return args[0] * 2, None, None
+
+    share = RowShare(split_into_pieces(None, 24, 12, torch.device("cpu")), 1, object(), kda_context="ctx")
+    options = RunOptions()
+    out, counts, score_sum = _kda_across_ranks(layer, h, share, options, recompute=False)
+    assert torch.equal(out, h * 2) and counts is None and score_sum is None
+    (args, kwargs), = calls
+    assert args[0] is h and args[1:] == (None, None, False, options, "ctx") and not kwargs

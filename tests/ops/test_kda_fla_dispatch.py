@@ -118,3 +118,92 @@ def test_recurrent_and_conv_wrappers(fake_fla):
     assert returned is state
     with pytest.raises(ValueError, match="causal_conv1d: unsupported activation"):
         fla_backend.causal_conv1d(x, weight, None, "gelu", None, False, None)
+
+
+CP_CONTEXT = object()  # stands for fla's FLACPContext: the wrappers pass it on untouched
+
+
+def test_a_cp_context_goes_to_fla_alone(fake_fla):
+    """With ``cp_context`` fla takes the rank's bounds from it and passes the states itself: no cu_seqlens, no
+    states reach fla's chunk_kda or causal_conv1d."""
+    q, k, v, f, beta = kda_inputs()
+    A_log, dt_bias = torch.zeros(1, 1, 2, 1), torch.zeros(8)
+    fla_backend.chunk_kda(q, k, v, f, beta, 0.5, use_qk_l2norm_in_kernel=True, A_log=A_log, dt_bias=dt_bias,
+                          keep_intermediates=True, cp_context=CP_CONTEXT)
+    args, kwargs = fake_fla["chunk_kda"]
+    assert all(a is b for a, b in zip(args, (q, k, v, f, beta)))
+    assert kwargs["cp_context"] is CP_CONTEXT and kwargs["use_gate_in_kernel"] is True
+    assert kwargs["scale"] == 0.5 and kwargs["use_qk_l2norm_in_kernel"] is True and kwargs["disable_recompute"]
+    assert not {"cu_seqlens", "cu_seqlens_cpu", "initial_state", "output_final_state"} & kwargs.keys()
+    assert "prepare_chunk_indices" not in fake_fla  # fla builds the local chunk table from the context's bounds
+
+    x, weight = torch.randn(1, 12, 6), torch.randn(6, 4)
+    fla_backend.causal_conv1d(x, weight, None, "silu", cp_context=CP_CONTEXT)
+    args, kwargs = fake_fla["causal_conv1d"]
+    assert args[0] is x and kwargs["weight"] is weight and kwargs["activation"] == "silu"
+    assert kwargs["cp_context"] is CP_CONTEXT
+    assert not {"cu_seqlens", "cu_seqlens_cpu", "initial_state", "output_final_state"} & kwargs.keys()
+
+
+def test_a_cp_context_refuses_states_bounds_and_several_rows(fake_fla):
+    q, k, v, g, beta = kda_inputs()
+    with pytest.raises(ValueError, match="no initial_state, no output_final_state"):
+        fla_backend.chunk_kda(q, k, v, g, beta, output_final_state=True, cp_context=CP_CONTEXT)
+    with pytest.raises(ValueError, match="pass cu_seqlens=None"):
+        fla_backend.chunk_kda(q, k, v, g, beta, cu_seqlens=BatchLayout.of(torch.tensor([0, 12]), "cpu"),
+                              cp_context=CP_CONTEXT)
+    x, weight = torch.randn(2, 12, 6), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="one row"):
+        fla_backend.causal_conv1d(x, weight, None, "silu", cp_context=CP_CONTEXT)
+    with pytest.raises(ValueError, match="no initial_state"):
+        fla_backend.causal_conv1d(x[:1], weight, None, "silu", torch.zeros(1, 6, 4), cp_context=CP_CONTEXT)
+    assert "chunk_kda" not in fake_fla and "causal_conv1d" not in fake_fla
+
+
+def test_the_dispatchers_refuse_a_cp_context_without_kernels():
+    """fla's context parallelism has no PyTorch path: CPU tensors (or forced references) with a cp_context fail."""
+    import kimitune.ops as ops
+
+    q, k, v, g, beta = kda_inputs()
+    with pytest.raises(ValueError, match=r"chunk_kda: cp_context .* needs CUDA tensors and fla-core's kernels"):
+        ops.chunk_kda(q, k, v, g, beta, cp_context=CP_CONTEXT)
+    with pytest.raises(ValueError, match=r"causal_conv1d: cp_context .* needs CUDA tensors and fla-core's kernels"):
+        ops.causal_conv1d(torch.randn(1, 12, 6), torch.randn(6, 4), activation="silu", cp_context=CP_CONTEXT)
+
+
+def test_the_dispatchers_send_a_cp_context_to_fla_also_for_silu(fake_fla, monkeypatch):
+    """Where kimitune's own conv kernel would take SiLU without states, a cp_context still goes to fla's conv (it
+    reads the previous rank's inputs); the parts are cut from fla's output."""
+    import kimitune.ops as ops
+
+    monkeypatch.setattr(ops, "use_kernels", lambda x: True)  # as on CUDA tensors
+    monkeypatch.setattr(ops, "conv_silu", lambda *args: pytest.fail("kimitune's conv kernel ran with a cp_context"))
+    x, weight = torch.randn(1, 12, 6), torch.randn(6, 4)
+    parts, state = ops.causal_conv1d(x, weight, activation="silu", parts=3, cp_context=CP_CONTEXT)
+    assert fake_fla["causal_conv1d"][1]["cp_context"] is CP_CONTEXT and state is None
+    assert len(parts) == 3 and torch.equal(torch.cat(parts, dim=-1), x)
+
+    q, k, v, g, beta = kda_inputs()
+    o, final = ops.chunk_kda(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, cp_context=CP_CONTEXT)
+    assert o is q and final is None and fake_fla["chunk_kda"][1]["cp_context"] is CP_CONTEXT
+
+
+def test_the_context_is_built_from_the_rows_global_bounds(fake_fla, monkeypatch):
+    """context_parallel_context hands fla the whole row's bounds (device and host): an unpacked row's are [0, T]."""
+    cp = types.ModuleType("fla.ops.cp")
+    built = []
+    cp.build_cp_context = lambda cu_seqlens, group, **kwargs: built.append((cu_seqlens, group, kwargs)) or "ctx"
+    monkeypatch.setitem(sys.modules, "fla.ops.cp", cp)
+    group = object()
+    assert fla_backend.context_parallel_context(None, 48, group, 4, torch.device("cpu")) == "ctx"
+    cu_seqlens, given_group, kwargs = built[-1]
+    assert given_group is group and torch.equal(cu_seqlens, torch.tensor([0, 48], dtype=torch.int32))
+    assert kwargs == {"conv1d_kernel_size": 4, "cu_seqlens_cpu": kwargs["cu_seqlens_cpu"], "layout": "contiguous"}
+    assert kwargs["cu_seqlens_cpu"].tolist() == [0, 48]
+
+    bounds = torch.tensor([0, 3, 17, 48], dtype=torch.int32)
+    layout = BatchLayout.of(bounds, "cpu")
+    fla_backend.context_parallel_context(layout, 48, group, 4, torch.device("cpu"))
+    cu_seqlens, _, kwargs = built[-1]
+    assert cu_seqlens is layout.cu_seqlens and kwargs["cu_seqlens_cpu"] is bounds  # no read-back of the GPU
+    assert fla_backend.context_parallel_available()

@@ -6,12 +6,18 @@ pass tensors through untouched (no copies, no host syncs). For packed batches fl
 and, to build its chunk tables without a device-to-host sync, a host copy (``cu_seqlens_cpu``): both come from the
 batch's ``BatchLayout`` (ops/batch_layout.py). A layout built from bounds on the GPU only has no host copy, and fla
 reads them back.
+
+Context parallelism (model/context_parallel.py): :func:`context_parallel_context` builds fla's ``FLACPContext`` for
+this rank's share of a row (rank r holds tokens [r * L, (r + 1) * L), fla's 'contiguous' layout), and ``chunk_kda`` and
+``causal_conv1d`` given it as ``cp_context`` hand it to fla alone: fla takes the rank's bounds from it and passes the
+conv's last inputs and the recurrent state between the ranks itself (no initial or final states here).
 """
 
 from __future__ import annotations
 
 import functools
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -85,13 +91,77 @@ def _checked_bounds(layout: BatchLayout | None) -> torch.Tensor | None:
     return None if layout is None else layout.checked_bounds
 
 
+def kernels_available() -> bool:
+    """Whether fla-core's kernels import (without raising: callers that need them word their own error)."""
+    try:
+        _fla()
+    except ImportError:
+        return False
+    return True
+
+
+def context_parallel_available() -> bool:
+    """Whether fla-core's context parallelism (``fla.ops.cp``) imports, as well as its kernels. Not cached: a
+    module already imported is a dictionary look-up, and a missing one is asked after once per row."""
+    try:
+        import fla.ops.cp  # noqa: F401
+    except ImportError:
+        return False
+    return kernels_available()
+
+
+def context_parallel_context(layout: BatchLayout | None, total: int, group, conv_kernel_size: int,
+                             device: torch.device) -> Any:
+    """fla's ``FLACPContext`` for this rank of ``group``'s share of a row of ``total`` tokens: its local bounds (of
+    the rank's ``total / ranks`` consecutive tokens, as ``split_into_pieces`` cuts them), where its first and last
+    sequences start and end among the ranks, and the short conv's width ``conv_kernel_size`` (fla passes the last
+    W - 1 inputs on). ``layout``: the whole row's (its global ``cu_seqlens``), None for an unpacked row (one
+    sequence, bounds [0, total]). Every rank of ``group`` builds one for the same row."""
+    try:
+        from fla.ops.cp import build_cp_context
+    except ImportError as error:
+        raise ImportError(_INSTALL_HINT) from error
+    if layout is None:  # one sequence: fla's CP kernels work on packed bounds only
+        layout = BatchLayout.of(torch.tensor([0, total], dtype=torch.int32), device, total)
+    # The host bounds, so that fla cuts the row without reading the GPU back; the device ones tell it where to put
+    # the local bounds.
+    return build_cp_context(layout.cu_seqlens, group, conv1d_kernel_size=conv_kernel_size,
+                            cu_seqlens_cpu=layout.host_bounds, layout="contiguous")
+
+
+def _check_cp_call(x: torch.Tensor, initial_state, output_final_state: bool, layout: BatchLayout | None,
+                   where: str) -> None:
+    """What fla's context-parallel paths refuse (with asserts), refused here with a message: states in or out
+    (fla passes them between the ranks itself), bounds other than the context's, a batch of several rows."""
+    if initial_state is not None or output_final_state:
+        raise ValueError(f"{where}: with cp_context fla passes the states between the ranks itself: no "
+                         "initial_state, no output_final_state")
+    if layout is not None:
+        raise ValueError(f"{where}: with cp_context the bounds are the context's (this rank's tokens): pass "
+                         "cu_seqlens=None")
+    if x.shape[0] != 1:
+        raise ValueError(f"{where}: cp_context takes one row [1, T, ...], got batch size {x.shape[0]}")
+
+
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-              use_qk_l2norm_in_kernel=False, cu_seqlens=None, A_log=None, dt_bias=None, keep_intermediates=False):
+              use_qk_l2norm_in_kernel=False, cu_seqlens=None, A_log=None, dt_bias=None, keep_intermediates=False,
+              cp_context=None):
     """fla's chunkwise KDA; arguments and results as ``kimitune.ops.chunk_kda``, ``cu_seqlens`` a ``BatchLayout``
-    or None (``A_log``: fla's
-    ``use_gate_in_kernel``; ``keep_intermediates``: its ``disable_recompute``)."""
+    or None (``A_log``: fla's ``use_gate_in_kernel``; ``keep_intermediates``: its ``disable_recompute``).
+    ``cp_context``: fla's context parallelism (:func:`context_parallel_context`) for q [1, L, H, K], this rank's
+    tokens: the bounds and the state passing are the context's, so no ``cu_seqlens`` and no states."""
     check_kda_inputs(q, k, v, g, beta, initial_state, _checked_bounds(cu_seqlens), "chunk_kda")
     gate = {} if A_log is None else {"use_gate_in_kernel": True, "A_log": A_log.view(-1), "dt_bias": dt_bias}
+    if cp_context is not None:  # fla reads the local bounds from the context (and builds their chunk table)
+        _check_cp_call(q, initial_state, output_final_state, cu_seqlens, "chunk_kda")
+        return _fla().chunk_kda(
+            q, k, v, g, beta,
+            scale=scale,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            disable_recompute=keep_intermediates,
+            cp_context=cp_context,
+            **gate,
+        )
     if cu_seqlens is not None:
         _chunk_tables_ready(cu_seqlens)
     return _fla().chunk_kda(
@@ -121,9 +191,15 @@ def fused_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None, output
 
 
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, output_final_state=False,
-                  cu_seqlens=None):
-    """fla's packed-aware causal depthwise conv; arguments and results as ``kimitune.ops.causal_conv1d``."""
+                  cu_seqlens=None, cp_context=None):
+    """fla's packed-aware causal depthwise conv; arguments and results as ``kimitune.ops.causal_conv1d``.
+    ``cp_context``: fla's context parallelism for x [1, L, D], this rank's tokens (fla's causal_conv1d_cp: the first
+    W - 1 taps of a sequence that began on an earlier rank read that rank's last inputs); no ``cu_seqlens``, no
+    states."""
     check_conv_inputs(x, weight, bias, activation, initial_state, _checked_bounds(cu_seqlens), "causal_conv1d")
+    if cp_context is not None:
+        _check_cp_call(x, initial_state, output_final_state, cu_seqlens, "causal_conv1d")
+        return _fla().causal_conv1d(x, weight=weight, bias=bias, activation=activation, cp_context=cp_context)
     return _fla().causal_conv1d(
         x,
         weight=weight,
