@@ -16,8 +16,12 @@ between pieces:
   - otherwise the project's own state passing: the states sent from rank r to r + 1 after r's piece (point to point;
     in the backward their gradients go back from r + 1 to r), so the KDA layers run one rank after another. This
     route runs on any backend (gloo on the CPU included) and for unpacked batches of several rows;
-- an MLA layer's normalised latents and shared keys, all-gathered; each rank attends over the earlier ranks' ones
-  of its sequences block by block (``kimitune.ops.prefix_attention``), all ranks at once;
+- an MLA layer's normalised latents and shared keys, all-gathered, and its causal work balanced: the row's queries
+  in 2N blocks (``AttentionRoutes``), rank r computes the attention of blocks r and 2N - 1 - r (each over its own
+  keys and every earlier block's of its sequences, block by block: ``kimitune.ops.prefix_attention``), so every
+  rank attends over as many keys as the others; the queries travel to the rank that computes them and the outputs
+  back (point to point, gradients the other way), all ranks at once. A row whose ranks' shares have an odd length
+  keeps each rank's queries on it (the last rank attends over the most); the trainer pads rows to a multiple of 2N tokens;
 - MoE and MLP work on each rank's tokens alone.
 
 Packed rows keep their sequences apart across ranks as across pieces. The loss is each rank's tokens' summed
@@ -27,11 +31,10 @@ its gradient reduction). The MoE's load-balancing loss is the whole row's: its r
 ranks (with their gradients), and each rank returns its share of it.
 
 Every layer runs as a module call (``layer(...)``, checkpointed where it recomputes), so FSDP2's hooks gather and
-free its weights as in any forward; an MLA layer all-gathers its latents from inside its own forward
-(``GatheredPrefix``). Per-sequence sums (preference tuning's log-probabilities) are each rank's share summed over
-the group, gradients included (``sum_over_ranks``). Not here yet: layers in pieces within a rank, MLA's causal work
-balanced across the ranks (the last rank attends over the most). Apart from fla's route for KDA, this module runs on
-any backend, gloo on the CPU included.
+free its weights as in any forward; an MLA layer gathers its latents and moves its queries from inside its own
+forward (``SharedAttention``). Per-sequence sums (preference tuning's log-probabilities) are each rank's share summed
+over the group, gradients included (``sum_over_ranks``). Not here yet: layers in pieces within a rank. Apart from
+fla's route for KDA, this module runs on any backend, gloo on the CPU included.
 
     model(input_ids [B, T], labels [B, T], cu_seqlens | None, loss_reduction="sum" | "none",
           options=RunOptions(context_parallel=group))
@@ -47,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
-from kimitune.model.mla import GatheredPrefix
+from kimitune.model.mla import SharedAttention
 from kimitune.model.moe import RouterTerms
 from kimitune.model.options import RunOptions
 from kimitune.model.pieces import Piece, checkpointed, initial_states, router_tensors, run_kda_piece, split_into_pieces
@@ -107,22 +110,114 @@ class _AllReduce(Function):
         return grad, None
 
 
-class _AllGather(Function):
-    """x [B, L, D] of every rank -> [B, ranks * L, D]; the backward sums the gradients over the ranks and keeps this
-    rank's slice."""
+def _exchange(group, sends: list[tuple[torch.Tensor, int]], receives: list[tuple[torch.Tensor, int]]) -> None:
+    """Point to point within ``group``: each (tensor, rank) of ``sends`` sent there, each (buffer, rank) of
+    ``receives`` filled from there, all at once. Two messages between one pair of ranks match in the order given, so
+    both sides list them in one order (the blocks', ascending)."""
+    ops = [dist.P2POp(dist.isend, t.contiguous(), group=group, group_peer=peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, buffer, group=group, group_peer=peer) for buffer, peer in receives]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+@dataclass(frozen=True)
+class AttentionRoutes:
+    """Where an MLA layer's query blocks live and which rank computes each one's attention.
+
+    ``blocks``: the row's query blocks in order (``Piece``: tokens, layout, continuation); ``owner[c]``: the rank
+    holding block c's tokens; ``worker[c]``: the rank that computes its attention. Balanced (``balanced``, 2N blocks
+    of a row that N ranks share, each rank's share two blocks): worker c for c < N, else 2N - 1 - c, so rank r
+    computes blocks r and 2N - 1 - r, which attend over 2N keys' worth of blocks together (c + 1/2 blocks each),
+    the same on every rank. Otherwise each rank computes its own share."""
+
+    blocks: list[Piece]
+    owner: list[int]
+    worker: list[int]
+
+    @classmethod
+    def balanced(cls, layout: BatchLayout | None, total: int, ranks: int, device: torch.device) -> "AttentionRoutes":
+        blocks = split_into_pieces(layout, total, total // (2 * ranks), device)
+        return cls(blocks, [c // 2 for c in range(2 * ranks)],
+                   [c if c < ranks else 2 * ranks - 1 - c for c in range(2 * ranks)])
+
+    @classmethod
+    def local(cls, pieces: list[Piece]) -> "AttentionRoutes":
+        return cls(pieces, list(range(len(pieces))), list(range(len(pieces))))
+
+    def owned(self, rank: int) -> list[int]:
+        return [c for c, r in enumerate(self.owner) if r == rank]
+
+    def worked(self, rank: int) -> list[int]:
+        return [c for c, r in enumerate(self.worker) if r == rank]
+
+
+def _move_blocks(group, rank: int, blocks: dict[int, torch.Tensor], source: list[int], destination: list[int],
+                 shape_of) -> dict[int, torch.Tensor]:
+    """Blocks c go from rank ``source[c]`` to rank ``destination[c]``: ``blocks`` are this rank's (source), the
+    result the ones it receives (destination), kept in place where both are this rank. ``shape_of(c)``: block c's
+    shape."""
+    like = next(iter(blocks.values()))
+    arriving = [c for c, d in enumerate(destination) if d == rank]
+    received = {c: blocks[c] if source[c] == rank else like.new_empty(shape_of(c)) for c in arriving}
+    _exchange(group, [(blocks[c], destination[c]) for c in sorted(blocks) if destination[c] != rank],
+              [(received[c], source[c]) for c in arriving if source[c] != rank])
+    return received
+
+
+class _GatherAndRoute(Function):
+    """(this rank's latents and shared keys kv [B, L, R + r], its query blocks [B, H, L_c, D] in order) -> (every
+    rank's kv [B, ranks * L, R + r], the query blocks this rank computes, in order). The backward sends the query
+    blocks' gradients back to their owners and sums kv's gradients over the ranks, keeping this rank's slice: one
+    node, so every rank runs its collectives in one order."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, ctx.rank, ctx.length = group, dist.get_rank(group), x.shape[1]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=1)
+    def forward(ctx, kv, group, routes: AttentionRoutes, *own_queries):
+        rank = dist.get_rank(group)
+        ctx.group, ctx.routes, ctx.rank, ctx.length = group, routes, rank, kv.shape[1]
+        parts = [torch.empty_like(kv) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, kv.contiguous(), group=group)
+        head = own_queries[0].shape[:2]
+        ctx.shape_of = lambda c: (*head, routes.blocks[c].end - routes.blocks[c].start, own_queries[0].shape[-1])
+        moved = _move_blocks(group, rank, dict(zip(routes.owned(rank), own_queries)), routes.owner, routes.worker,
+                             ctx.shape_of)
+        return (torch.cat(parts, dim=1), *(moved[c] for c in routes.worked(rank)))
 
     @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[:, ctx.rank * ctx.length:(ctx.rank + 1) * ctx.length], None
+    def backward(ctx, grad_kv, *grad_queries):
+        routes, rank = ctx.routes, ctx.rank
+        worked = routes.worked(rank)
+        grads = {c: g if g is not None else torch.zeros(ctx.shape_of(c), dtype=grad_kv.dtype, device=grad_kv.device)
+                 for c, g in zip(worked, grad_queries)}
+        back = _move_blocks(ctx.group, rank, grads, routes.worker, routes.owner, ctx.shape_of)
+        grad_kv = grad_kv.contiguous()
+        dist.all_reduce(grad_kv, group=ctx.group)
+        own = grad_kv[:, rank * ctx.length:(rank + 1) * ctx.length]
+        return (own, None, None, *(back[c] for c in routes.owned(rank)))
+
+
+class _RouteOutputs(Function):
+    """The attention outputs of the blocks this rank computed [B, H, L_c, v], in order -> those of the blocks it
+    owns, in order (each back to its owner); the backward sends the gradients the other way."""
+
+    @staticmethod
+    def forward(ctx, group, routes: AttentionRoutes, *outputs):
+        rank = dist.get_rank(group)
+        head, width = outputs[0].shape[:2], outputs[0].shape[-1]
+        ctx.group, ctx.routes, ctx.rank = group, routes, rank
+        ctx.shape_of = lambda c: (*head, routes.blocks[c].end - routes.blocks[c].start, width)
+        moved = _move_blocks(group, rank, dict(zip(routes.worked(rank), outputs)), routes.worker, routes.owner,
+                             ctx.shape_of)
+        return tuple(moved[c] for c in routes.owned(rank))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        routes, rank = ctx.routes, ctx.rank
+        owned = routes.owned(rank)
+        like = next(g for g in grads if g is not None)
+        grads = {c: g if g is not None else like.new_zeros(ctx.shape_of(c)) for c, g in zip(owned, grads)}
+        back = _move_blocks(ctx.group, rank, grads, routes.owner, routes.worker, ctx.shape_of)
+        return (None, None, *(back[c] for c in routes.worked(rank)))
 
 
 @dataclass(frozen=True)
@@ -134,6 +229,7 @@ class RowShare:
     pieces: list[Piece]
     rank: int
     group: Any
+    attention: AttentionRoutes
     kda_context: Any = None
 
     @property
@@ -161,7 +257,16 @@ def share_of_row(layout: BatchLayout | None, total: int, group, device: torch.de
     if (conv_kernel_size is not None and torch.device(device).type == "cuda" and rows == 1 and not reference_forced()
             and total // ranks >= conv_kernel_size - 1 and fla.context_parallel_available()):
         kda_context = context_parallel_context(layout, total, group, conv_kernel_size, device)
-    return RowShare(pieces, dist.get_rank(group), group, kda_context)
+    # MLA's causal work balanced where every rank's share halves evenly (the trainer's rows do: row_multiple)
+    balanced = ranks > 1 and total % (2 * ranks) == 0
+    attention = AttentionRoutes.balanced(layout, total, ranks, device) if balanced else AttentionRoutes.local(pieces)
+    return RowShare(pieces, dist.get_rank(group), group, attention, kda_context)
+
+
+def row_multiple(context_parallel_size: int) -> int:
+    """What a row's length is padded to a multiple of under ``context_parallel_size`` ranks: 2N, so that every rank's
+    share halves into MLA's balanced query blocks (1 without context parallelism)."""
+    return 1 if context_parallel_size <= 1 else 2 * context_parallel_size
 
 
 def _kda_across_ranks(layer, h, share: RowShare, options: RunOptions, recompute: bool):
@@ -192,17 +297,31 @@ def _kda_across_ranks(layer, h, share: RowShare, options: RunOptions, recompute:
 
 
 def _mla_across_ranks(layer, h, share: RowShare, options: RunOptions, recompute: bool):
-    piece, rank, group = share.piece, share.rank, share.group
-    begin = piece.first_start if piece.layout is not None else 0
+    """An MLA layer on this rank's piece h [B, L, C]: its latents gathered, the attention of the query blocks that
+    ``share.attention`` gives this rank computed here (over their own keys and their sequences' earlier blocks'), the
+    outputs back on their owners."""
+    routes, group = share.attention, share.group
 
-    def gather(latent: torch.Tensor, k_shared: torch.Tensor):
-        latents, shared = _AllGather.apply(latent, group), _AllGather.apply(k_shared, group)
-        blocks = [(latents[:, max(p.start, begin):p.end], shared[:, max(p.start, begin):p.end])
-                  for p in share.pieces[:rank] if p.end > begin] if piece.continues else []
-        return blocks, 0 * (latents.sum() + shared.sum())
+    def attend(mla, q, latent, k_shared):
+        rank, rank_dim = share.rank, latent.shape[-1]
+        owned = routes.owned(rank)
+        lengths = [routes.blocks[c].end - routes.blocks[c].start for c in owned]
+        gathered, *queries = _GatherAndRoute.apply(torch.cat([latent, k_shared.to(latent.dtype)], dim=-1), group,
+                                                   routes, *q.split(lengths, dim=2))
+        latents, shared = gathered.split([rank_dim, gathered.shape[-1] - rank_dim], dim=-1)
+        outputs = []
+        for c, query in zip(routes.worked(rank), queries):
+            block = routes.blocks[c]
+            begin = block.first_start if block.layout is not None else 0
+            earlier = [(latents[:, max(p.start, begin):p.end], shared[:, max(p.start, begin):p.end])
+                       for p in routes.blocks[:c] if p.end > begin] if block.continues else []
+            outputs.append(mla.attention_over(query, latents[:, block.start:block.end],
+                                              shared[:, block.start:block.end], earlier, block.layout))
+        out = torch.cat(_RouteOutputs.apply(group, routes, *outputs), dim=2)
+        return out, 0 * gathered.sum()
 
-    out, router, _ = checkpointed(recompute)(layer, h, piece.layout, GatheredPrefix(gather), False, options,
-                                     use_reentrant=False)
+    out, router, _ = checkpointed(recompute)(layer, h, share.piece.layout, SharedAttention(attend), False, options,
+                                             use_reentrant=False)
     return (out, *router_tensors(router))
 
 

@@ -65,13 +65,15 @@ class MLAPrefix:
 
 
 @dataclass
-class GatheredPrefix:
-    """A prefix made from this input's own latents: ``gather(latent, k_shared)`` -> (blocks, tie), the blocks that
-    precede the input (``MLAPrefix``'s form; the earlier ranks' under context parallelism, model/context_parallel.py)
-    and a zero scalar the layer adds to its output, so that every rank's backward reaches the collective that made
-    the blocks, whether or not it attends to any."""
+class SharedAttention:
+    """The attention of this input's queries computed with other processes (context parallelism,
+    model/context_parallel.py): ``attend(layer, q, latent, k_shared)`` -> (out [B, H, T, v], tie), given the
+    layer, its queries q [B, H, T, nope + rope] and this input's normalised latents [B, T, rank] and shared keys
+    [B, T, rope]; ``tie`` is a zero scalar the layer adds to its output, so that every rank's backward reaches the
+    collectives inside ``attend``, whether or not its own queries used what they brought. ``attend`` calls
+    ``layer.attention_over`` for each block of queries it computes."""
 
-    gather: Callable[[torch.Tensor, torch.Tensor], tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]]
+    attend: Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 class MultiheadLatentAttention(nn.Module):
@@ -109,23 +111,22 @@ class MultiheadLatentAttention(nn.Module):
         self,
         x: torch.Tensor,
         cu_seqlens: BatchLayout | torch.Tensor | None = None,
-        state: MLAState | MLAPrefix | GatheredPrefix | None = None,
+        state: MLAState | MLAPrefix | SharedAttention | None = None,
         return_state: bool = False,
     ) -> tuple[torch.Tensor, MLAState | None]:
         """x [B, T, C] -> (y [B, T, C], the latents including this input when ``return_state`` else None; after an
-        ``MLAPrefix`` or a ``GatheredPrefix``, this input's own latents)."""
+        ``MLAPrefix``, this input's own latents; with ``SharedAttention``, None)."""
         B, T, _ = x.shape
         q, kv_a = self._query_and_latent(x)
         q = q.view(B, T, self.num_heads, -1).transpose(1, 2)
         latent, k_shared = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         tie = None
-        if isinstance(state, GatheredPrefix):
-            blocks, tie = state.gather(latent, k_shared)
-            state = MLAPrefix(blocks) if blocks else None
-            return_state = False
         valid = None
-        if isinstance(state, MLAPrefix):
+        if isinstance(state, SharedAttention):
+            out, tie = state.attend(self, q, latent, k_shared)
+            return_state = False
+        elif isinstance(state, MLAPrefix):
             out = self._attention_after_prefix(q, latent, k_shared, state, BatchLayout.of(cu_seqlens, x.device, T))
         else:
             if state is not None:
@@ -150,6 +151,15 @@ class MultiheadLatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k_shared_heads = k_shared[:, None].expand(B, self.num_heads, S, self.rope_dim).to(k_nope.dtype)
         return torch.cat([k_nope, k_shared_heads], dim=-1), v
+
+    def attention_over(self, q: torch.Tensor, latent: torch.Tensor, k_shared: torch.Tensor,
+                       blocks: list[tuple[torch.Tensor, torch.Tensor]], layout: BatchLayout | None) -> torch.Tensor:
+        """Queries q [B, H, T, nope + rope] of T consecutive tokens over their own latents [B, T, rank] and shared
+        keys [B, T, rope] (causal; packed: each sequence of ``layout`` its own) and, for those that continue an
+        earlier sequence, over the earlier ``blocks`` (``MLAPrefix``'s form) -> [B, H, T, v]."""
+        if blocks:
+            return self._attention_after_prefix(q, latent, k_shared, MLAPrefix(blocks), layout)
+        return self._expanded_attention(q, latent, k_shared, None, layout, False)
 
     def _attention_after_prefix(self, q: torch.Tensor, latent: torch.Tensor, k_shared: torch.Tensor,
                                 prefix: MLAPrefix, layout: BatchLayout | None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from rich.console import Console
 from torch import nn
 
 from kimitune.config import ConfigError, TrainConfig
+from kimitune.model.context_parallel import row_multiple
 from kimitune.train.preference import PreferenceSettings, preference_settings
 
 
@@ -79,7 +80,7 @@ class TrainingSetup:
 
             self._epoch_cache = {epoch: make_example_batches(self.train_samples, self.row_capacity,
                                                              self.config.seed, epoch,
-                                                             self.config.context_parallel_size)}
+                                                             row_multiple(self.config.context_parallel_size))}
         if epoch not in self._epoch_cache:
             from kimitune.data import make_batches
 
@@ -92,7 +93,7 @@ class TrainingSetup:
                 epoch=epoch,
                 pad_id=self.pad_id,
                 pad_to_sequence_len=self.config.pad_to_sequence_len,
-                row_multiple=self.config.context_parallel_size,
+                row_multiple=row_multiple(self.config.context_parallel_size),
             )}
         return self._epoch_cache[epoch]
 
@@ -223,7 +224,7 @@ def build_training_setup(
         eval_pairs = preference_examples(prepared.eval, desirable.get("eval"), config.sequence_len)
         if eval_pairs:
             eval_batches = make_example_batches(eval_pairs, config.micro_batch_size * config.sequence_len,
-                                                config.seed, 0, config.context_parallel_size)
+                                                config.seed, 0, row_multiple(config.context_parallel_size))
     elif prepared.eval:
         eval_batches = make_batches(
             prepared.eval,
@@ -234,7 +235,7 @@ def build_training_setup(
             epoch=0,
             pad_id=getattr(tokenizer, "pad_token_id", None) or 0,
             pad_to_sequence_len=config.pad_to_sequence_len,
-            row_multiple=config.context_parallel_size,
+            row_multiple=row_multiple(config.context_parallel_size),
         )
     return TrainingSetup(
         config=config,

@@ -26,6 +26,8 @@ from kimitune.model import RunOptions  # noqa: E402
 CASES = {
     "packed": (1, 48, [0, 3, 17, 24, 30, 48]),  # 2 ranks: cut at 24 (a boundary); 4 ranks: 12, 24, 36 (inside too)
     "unpacked": (2, 24, None),
+    # 4 ranks: shares of 9 tokens, which do not halve, so each rank attends for its own queries (2 ranks: balanced)
+    "packed_odd_shares": (1, 36, [0, 10, 29, 36]),
 }
 
 
@@ -70,6 +72,25 @@ def _worker(rank: int, ranks: int, init: str, case: str, lora: bool, out: str):
     if rank == 0:
         torch.save((loss, grads), out)
     dist.destroy_process_group()
+
+
+def test_mla_blocks_give_every_rank_the_same_causal_work():
+    """Balanced routes: rank r computes query blocks r and 2N - 1 - r of 2N, so every rank scores as many
+    query-key pairs as any other (each rank's own share would give the last rank 2N - 1 times the first's)."""
+    from kimitune.model.context_parallel import AttentionRoutes, split_into_pieces
+
+    def pairs(routes, rank):  # causal query-key pairs of an unpacked row
+        return sum(b.start * (b.end - b.start) + (b.end - b.start) * (b.end - b.start + 1) // 2
+                   for b in (routes.blocks[c] for c in routes.worked(rank)))
+
+    for ranks in (2, 4, 8):
+        total = 64 * ranks
+        routes = AttentionRoutes.balanced(None, total, ranks, torch.device("cpu"))
+        assert sorted(c for r in range(ranks) for c in routes.worked(r)) == list(range(2 * ranks))
+        assert [routes.owned(r) for r in range(ranks)] == [[2 * r, 2 * r + 1] for r in range(ranks)]
+        assert len({pairs(routes, r) for r in range(ranks)}) == 1
+        local = AttentionRoutes.local(split_into_pieces(None, total, 64, torch.device("cpu")))
+        assert pairs(local, ranks - 1) > (2 * ranks - 2) * pairs(local, 0)
 
 
 @pytest.mark.slow
@@ -206,7 +227,7 @@ def test_share_of_row_takes_flas_route_where_it_applies(monkeypatch):
 
 def test_a_kda_layer_with_flas_context_runs_once_on_the_ranks_tokens():
     """With the share's kda_context the layer is called once, from no state, with the context; nothing is sent."""
-    from kimitune.model.context_parallel import RowShare, _kda_across_ranks
+    from kimitune.model.context_parallel import AttentionRoutes, RowShare, _kda_across_ranks
     from kimitune.model.pieces import split_into_pieces
 
     calls = []
@@ -216,7 +237,8 @@ def test_a_kda_layer_with_flas_context_runs_once_on_the_ranks_tokens():
         calls.append((args, kwargs))
         return args[0] * 2, None, None
 
-    share = RowShare(split_into_pieces(None, 24, 12, torch.device("cpu")), 1, object(), kda_context="ctx")
+    pieces = split_into_pieces(None, 24, 12, torch.device("cpu"))
+    share = RowShare(pieces, 1, object(), AttentionRoutes.local(pieces), kda_context="ctx")
     options = RunOptions()
     out, counts, score_sum = _kda_across_ranks(layer, h, share, options, recompute=False)
     assert torch.equal(out, h * 2) and counts is None and score_sum is None

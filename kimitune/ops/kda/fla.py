@@ -154,25 +154,19 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
     gate = {} if A_log is None else {"use_gate_in_kernel": True, "A_log": A_log.view(-1), "dt_bias": dt_bias}
     if cp_context is not None:  # fla reads the local bounds from the context (and builds their chunk table)
         _check_cp_call(q, initial_state, output_final_state, cu_seqlens, "chunk_kda")
-        return _fla().chunk_kda(
-            q, k, v, g, beta,
-            scale=scale,
-            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-            disable_recompute=keep_intermediates,
-            cp_context=cp_context,
-            **gate,
-        )
-    if cu_seqlens is not None:
-        _chunk_tables_ready(cu_seqlens)
+        rows = {"cp_context": cp_context}
+    else:
+        if cu_seqlens is not None:
+            _chunk_tables_ready(cu_seqlens)
+        rows = {"initial_state": initial_state, "output_final_state": output_final_state,
+                **_cu_seqlens_args(cu_seqlens)}
     return _fla().chunk_kda(
         q, k, v, g, beta,
         scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
         disable_recompute=keep_intermediates,
         **gate,
-        **_cu_seqlens_args(cu_seqlens),
+        **rows,
     )
 
 
