@@ -106,7 +106,7 @@ def estimate(cfg: KimiLinearConfig, spec: QuantSpec, seq: int, experts: bool) ->
     # KDA: fp32 copies of the input for six LoRA'd projections, o_proj's fp32 input, q/k/v, fp32 decay g.
     moe_saved = copies * (2 * I + I + C) * 2 + (copies * (C + I) * 4 if experts else 0)
     attn_saved = seq * (6 * C * 4 + kda * 4 + 3 * kda * 2 + kda * 4)
-    stack = E * 2 * I * C * 2
+    stack = E * 2 * I * C * 2 if spec.bits == 4 else 0  # 8-bit stacks multiply from 8 bits (ops/quant_grouped_mm.py)
     backward = stack + copies * (2 * I + C + C) * 2 + (copies * C * 4 if experts else 0)
     parts = {
         "quantised weights": quantised,
@@ -114,7 +114,7 @@ def estimate(cfg: KimiLinearConfig, spec: QuantSpec, seq: int, experts: bool) ->
         "LoRA + grads + AdamW": lora,
         "checkpointed layer inputs": L * seq * C * 2,
         "one layer recomputed": moe_saved + attn_saved,
-        "backward transients (one stack)": backward,
+        "backward transients (4-bit: one stack)": backward,
         "loss, hidden + grad": 128 * 2**20 + 2 * seq * C * 4,
     }
     parts = {key: value / GiB for key, value in parts.items()}

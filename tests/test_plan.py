@@ -93,6 +93,17 @@ def test_a_quantised_plan_holds_one_dequantised_expert_stack():
     assert item.bytes == 2 * cfg.num_experts * 2 * cfg.moe_intermediate_size * cfg.hidden_size  # gate_up, bf16
 
 
+def test_an_8bit_plan_dequantises_no_expert_stack():
+    """int8 and fp8 stacks multiply from 8 bits (kimitune.ops.quant_grouped_mm): the plan holds the largest
+    dequantised projection instead of a stack."""
+    cfg = widths_48b()
+    for key in ("load_in_8bit", "load_in_fp8"):
+        plan = predict_peak_memory(train_config(**{key: True}, adapter="lora"), cfg)
+        (item,) = [i for i in plan.items if i.name.startswith("dequantised")]
+        q_proj = cfg.hidden_size * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        assert 2 * q_proj <= item.bytes < 2 * cfg.num_experts * cfg.moe_intermediate_size * cfg.hidden_size
+
+
 def test_lora_parameter_count_is_the_adapters(tmp_path):
     from kimitune.adapters import apply_lora
     from kimitune.train.settings import lora_settings

@@ -13,7 +13,8 @@ and the hidden states' gradient (cut-cross-entropy the final hidden states: the 
 (``loss="full"``) T * V * (2 + 4 + 4) bytes.
 
 Transients: the backward's gradient buffers of a MoE layer (b * C * (top_k + 2) per token), or the last layer's
-forward working set when that is higher; one expert stack dequantised to bf16 (quantised runs); cuBLAS workspaces.
+forward working set when that is higher; one expert stack dequantised to bf16 (4-bit runs; 8-bit ones: the largest
+projection, their stacks multiply from 8 bits); cuBLAS workspaces.
 
 ``peak_allocated`` is what ``torch.cuda.max_memory_allocated`` reports; the device needs ``ALLOCATOR_OVERHEAD``
 more of everything but the weights for the caching allocator's rounding and fragmentation, plus ``CUDA_CONTEXT``
@@ -238,7 +239,10 @@ def _transients(shapes: ModelShapes, recomputed: set[int], T: int, P: int, quant
         if working > transient:
             transient, note = working, "the last layer's forward working set (the peak is at the forward's end)"
     items = [MemoryItem(Part.TRANSIENT, transient, note)]
-    if quant:
+    if quant in ("int8", "fp8"):  # the expert stacks multiply from 8 bits (kimitune.ops.quant_grouped_mm)
+        items.append(MemoryItem(Part.DEQUANTISED, 2.0 * shapes.largest_quantizable_linear,
+                                "largest projection, bf16; the expert stacks dequantise tile by tile"))
+    elif quant:
         items.append(MemoryItem(Part.DEQUANTISED, 2.0 * shapes.largest_quantizable, "largest stack, bf16"))
     items.append(MemoryItem(Part.CUBLAS, CUBLAS_WORKSPACE))
     return items

@@ -173,6 +173,7 @@ class ModelShapes:
     quantizable_params: int
     quantizable_rows: int
     largest_quantizable: int  # entries of the largest quantisable tensor (one expert stack)
+    largest_quantizable_linear: int  # entries of the largest quantisable projection [out, in] (0: none)
     trainable_params: int
     frozen_bytes: int
     quantizable_bytes: int  # of frozen_bytes, what quantisation replaces
@@ -239,6 +240,7 @@ def _read(model: KimiLinearForCausalLM, table: tuple[Weight, ...], flow: Dataflo
         quantizable_params=sum(w.numel for w in quantizable),
         quantizable_rows=sum(w.rows for w in quantizable),
         largest_quantizable=max(w.numel for w in quantizable),
+        largest_quantizable_linear=max((w.numel for w in quantizable if w.kind == "projection"), default=0),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         frozen_bytes=sum(_bytes(p) for p in model.parameters() if not p.requires_grad),
         quantizable_bytes=sum(_bytes(params[w.name]) for w in quantizable),
