@@ -151,6 +151,11 @@ class AttentionRoutes:
     def worked(self, rank: int) -> list[int]:
         return [c for c, r in enumerate(self.worker) if r == rank]
 
+    def shapes(self, like: torch.Tensor):
+        """Block c's shape among tensors shaped as ``like`` [B, H, L_c, D]: c -> (B, H, L_c, D)."""
+        head, width = tuple(like.shape[:2]), like.shape[-1]  # shapes only: no tensor is kept alive
+        return lambda c: (*head, self.blocks[c].end - self.blocks[c].start, width)
+
 
 def _move_blocks(group, rank: int, blocks: dict[int, torch.Tensor], source: list[int], destination: list[int],
                  shape_of) -> dict[int, torch.Tensor]:
@@ -177,8 +182,7 @@ class _GatherAndRoute(Function):
         ctx.group, ctx.routes, ctx.rank, ctx.length = group, routes, rank, kv.shape[1]
         parts = [torch.empty_like(kv) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, kv.contiguous(), group=group)
-        head = own_queries[0].shape[:2]
-        ctx.shape_of = lambda c: (*head, routes.blocks[c].end - routes.blocks[c].start, own_queries[0].shape[-1])
+        ctx.shape_of, ctx.dtype = routes.shapes(own_queries[0]), own_queries[0].dtype
         moved = _move_blocks(group, rank, dict(zip(routes.owned(rank), own_queries)), routes.owner, routes.worker,
                              ctx.shape_of)
         return (torch.cat(parts, dim=1), *(moved[c] for c in routes.worked(rank)))
@@ -187,7 +191,7 @@ class _GatherAndRoute(Function):
     def backward(ctx, grad_kv, *grad_queries):
         routes, rank = ctx.routes, ctx.rank
         worked = routes.worked(rank)
-        grads = {c: g if g is not None else torch.zeros(ctx.shape_of(c), dtype=grad_kv.dtype, device=grad_kv.device)
+        grads = {c: g if g is not None else grad_kv.new_zeros(ctx.shape_of(c), dtype=ctx.dtype)
                  for c, g in zip(worked, grad_queries)}
         back = _move_blocks(ctx.group, rank, grads, routes.worker, routes.owner, ctx.shape_of)
         grad_kv = grad_kv.contiguous()
@@ -203,9 +207,8 @@ class _RouteOutputs(Function):
     @staticmethod
     def forward(ctx, group, routes: AttentionRoutes, *outputs):
         rank = dist.get_rank(group)
-        head, width = outputs[0].shape[:2], outputs[0].shape[-1]
         ctx.group, ctx.routes, ctx.rank = group, routes, rank
-        ctx.shape_of = lambda c: (*head, routes.blocks[c].end - routes.blocks[c].start, width)
+        ctx.shape_of, ctx.dtype, ctx.device = routes.shapes(outputs[0]), outputs[0].dtype, outputs[0].device
         moved = _move_blocks(group, rank, dict(zip(routes.worked(rank), outputs)), routes.worker, routes.owner,
                              ctx.shape_of)
         return tuple(moved[c] for c in routes.owned(rank))
@@ -214,8 +217,8 @@ class _RouteOutputs(Function):
     def backward(ctx, *grads):
         routes, rank = ctx.routes, ctx.rank
         owned = routes.owned(rank)
-        like = next(g for g in grads if g is not None)
-        grads = {c: g if g is not None else like.new_zeros(ctx.shape_of(c)) for c, g in zip(owned, grads)}
+        grads = {c: g if g is not None else torch.zeros(ctx.shape_of(c), dtype=ctx.dtype, device=ctx.device)
+                 for c, g in zip(owned, grads)}
         back = _move_blocks(ctx.group, rank, grads, routes.owner, routes.worker, ctx.shape_of)
         return (None, None, *(back[c] for c in routes.worked(rank)))
 
