@@ -13,6 +13,9 @@ weight:
 - ``dequant triton``: one Triton kernel reads e4m3 and the scales and writes bf16;
 - ``kimitune row-scaled``: ``kimitune.ops.quant_grouped_mm``, what kimitune runs: one Triton grouped product that
   dequantises each weight tile in registers and multiplies in bf16 (no dequantised stack);
+- ``kimitune fp8 products``: the same kernel multiplying e4m3 by e4m3 (Hopper's FP8 rate), each row's activations
+  scaled to e4m3 per 128 contracted columns in registers (the output gradient's times the weight's row scales first),
+  float32 accumulation per block;
 - ``scaled fp8``: ``torch._scaled_grouped_mm`` on e4m3 operands (``use_fast_accum`` on and off), the activations
   (and output gradients, times the weight's row scales gathered per row) scaled to e4m3 per row on the fly; the
   backward needs the stack transposed (an e4m3 copy).
@@ -81,13 +84,14 @@ def dequant_variant(dequant):
     return forward, backward
 
 
-def row_scaled_variant():
-    """kimitune's kernel: each weight tile dequantised in registers (kimitune.ops.quant_grouped_mm)."""
+def row_scaled_variant(fp8_products: bool):
+    """kimitune's kernel (kimitune.ops.quant_grouped_mm): each weight tile dequantised in registers, or, with
+    ``fp8_products``, multiplied in e4m3 with the activations scaled per row and 128 columns in registers."""
     def forward(x, q, scale, offs):
-        return row_scaled_grouped_mm(x, q, scale, offs, transpose=True, int8=False)
+        return row_scaled_grouped_mm(x, q, scale, offs, transpose=True, int8=False, fp8_products=fp8_products)
 
     def backward(dy, q, scale, offs, rows_expert):
-        return row_scaled_grouped_mm(dy, q, scale, offs, transpose=False, int8=False)
+        return row_scaled_grouped_mm(dy, q, scale, offs, transpose=False, int8=False, fp8_products=fp8_products)
 
     return forward, backward
 
@@ -149,7 +153,8 @@ def main() -> None:
     variants = {"bf16": None, "dequant eager": dequant_variant(dequantize_fp8),
                 "dequant bf16 mul": dequant_variant(dequant_bf16_mul)}
     if cuda:
-        variants |= {"dequant triton": dequant_variant(dequant_triton), "kimitune row-scaled": row_scaled_variant(),
+        variants |= {"dequant triton": dequant_variant(dequant_triton), "kimitune row-scaled": row_scaled_variant(False),
+                     "kimitune fp8 products": row_scaled_variant(True),
                      "scaled fp8": scaled_variant(False),
                      "scaled fp8 fast accum": scaled_variant(True)}
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}; torch {torch.__version__}; e4m3 max {FP8_MAX:g}")

@@ -2,7 +2,7 @@
 # The open issues' GPU runs on one GPU, in groups that each fit one call (each stage under its own timeout, logs and
 # JSON in $OUT):
 #   bash scripts/device/open_issues.sh tests   # ~4 min: GPU tests (8-bit kernels, FP8, context parallelism at N = 1)
-#   bash scripts/device/open_issues.sh quant   # ~9 min: issue 24's 4-layer rows, the 48B fp8 / int8, the 200-step loss
+#   bash scripts/device/open_issues.sh quant   # ~10 min: issue 24's expert products, the 48B fp8, the 4-layer rows, the loss
 #   bash scripts/device/open_issues.sh long    # ~9 min: issue 21's lengths, bf16 and 8-bit capped at 80 GiB
 #   bash scripts/device/open_issues.sh dpo     # ~6 min: issue 26's DPO in pieces and the whole 48B's DPO (int8)
 # A fresh machine compiles and autotunes every Triton kernel in its first process (minutes): each group ends by
@@ -18,11 +18,12 @@ tests)
         tests/quant/test_fp8.py tests/model/test_context_parallel.py tests/model/test_pieces_gpu.py \
         tests/train/test_step.py ;;
 quant)
+    TAIL=22 stage fp8_grouped 90 python benchmarks/fp8_grouped.py --tokens 8192 --repeats 10 --json $OUT/fp8_grouped.json
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=4 stage fp8_48b 150 python benchmarks/train_48b.py --bits 8 --fp8 --seq 8192 \
         --cap-gib 80 --ckpt-layers 14,27 --warmup 1 --steps 3 --json $OUT/fp8_48b.json
-    TAIL=12 stage quant_4layer 200 python benchmarks/train_gpu.py --rows kimitune,kimitune+fp8,kimitune+int8 \
+    TAIL=12 stage quant_4layer 170 python benchmarks/train_gpu.py --rows kimitune,kimitune+fp8,kimitune+int8 \
         --seq 4096,16384 --ckpt off,on --warmup 1 --steps 3 --json $OUT/quant_4layer.json
-    TAIL=20 stage fp8_loss 180 python benchmarks/fp8_loss.py --json $OUT/fp8_loss.json ;;
+    TAIL=20 stage fp8_loss 150 python benchmarks/fp8_loss.py --json $OUT/fp8_loss.json ;;
 long)
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_bf16 300 python benchmarks/train_long.py --bits 16 \
         --seq 32768,131072,262144 --warmup 1 --steps 2 --json $OUT/long_bf16.json
