@@ -15,6 +15,8 @@ kimitune only (TRL's row would not be like for like, or would not fit; it is lef
 - ``--piece N``: the recomputed layers (and the reference pass, without gradients) computed in pieces of ``N``
   tokens along the packed row (``RunOptions.sequence_piece_len``, kimitune.model.pieces): activations then grow
   with ``N``, not the row's length. Needs ``--ckpt on`` (the pieces are what recomputes). TRL ignores it.
+- ``--shared-prompt``: each pair's prompt computed once, both replies continued from its states (``rl_shared_prompt``,
+  kimitune.model.shared_prompts); tokens/s still counts the pairs' whole sequences. TRL runs its pairs whole.
 - ``--quant int8|fp8|nf4``: the frozen weights quantised (``kimitune.quant.quantize_model_``, before LoRA), bf16
   compute; TRL is then left out (a note says so).
 - ``--layers 27``: the whole 48B, built straight on the GPU in bf16 or quantised form, one layer at a time
@@ -58,10 +60,23 @@ def random_pairs(pairs: int, prompt: int, reply: int, vocab: int, seed: int = 1)
             for _ in range(pairs)]
 
 
-def packed_batch(examples: list[dict]):
-    """The pairs as kimitune's ``PreferenceBatch``: one row, pair k's chosen at sequence 2k, its rejected at 2k + 1."""
-    from kimitune.data.preference import PreferenceBatch
+def packed_batch(examples: list[dict], shared_prompt: bool = False):
+    """The pairs as kimitune's ``PreferenceBatch``: one row, pair k's chosen at sequence 2k, its rejected at 2k + 1;
+    ``shared_prompt``: each prompt once (``rl_shared_prompt``, kimitune.data.preference.make_preference_batches).
+    ``num_tokens`` is the pairs' whole sequences' either way, so that tokens/s compares with the other rows."""
+    import numpy as np
 
+    from kimitune.data.packing import Sample
+    from kimitune.data.preference import PreferenceBatch, PreferencePair, make_preference_batches
+
+    if shared_prompt:
+        pairs = [PreferencePair(*(Sample(np.array(e["prompt_ids"] + r, dtype=np.int32),
+                                         np.array([-100] * len(e["prompt_ids"]) + r, dtype=np.int32))
+                                  for r in (e["chosen_ids"], e["rejected_ids"]))) for e in examples]
+        (batch,) = make_preference_batches(pairs, 1 << 30, seed=0, epoch=0, shared_prompts=True)
+        batch.num_tokens = sum(2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                               for e in examples)
+        return batch
     ids, labels, lengths = [], [], []
     for example in examples:
         for reply in (example["chosen_ids"], example["rejected_ids"]):
@@ -114,7 +129,7 @@ def build_kimitune(cfg, state, ckpt: bool, quant: str | None, piece: int | None)
 
 
 def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quant: str | None = None,
-                 piece: int | None = None) -> dict:
+                 piece: int | None = None, shared_prompt: bool = False) -> dict:
     from kimitune.train.preference import PreferenceObjective, PreferenceSettings, reference_log_probs
     from kimitune.train.step import TrainStep
 
@@ -122,7 +137,7 @@ def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quan
     model, options = build_kimitune(cfg, state, ckpt, quant, piece)
     _fresh()  # the peak from the built model on: a quantising build's bf16 transients are not the step's
     built = _allocated_gib()
-    batch = packed_batch(examples)
+    batch = packed_batch(examples, shared_prompt)
     reference = reference_log_probs(model, [batch], len(examples), DEVICE, options)
     params = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(model, torch.optim.AdamW(params, lr=1e-5, fused=DEVICE == "cuda"), DEVICE, options=options,
@@ -201,6 +216,8 @@ def main() -> None:
                              "(RunOptions.sequence_piece_len; needs --ckpt on); TRL ignores it")
     parser.add_argument("--quant", default=None, choices=("int8", "fp8", "nf4"),
                         help="kimitune: quantise the frozen weights (before LoRA); TRL's row is then left out")
+    parser.add_argument("--shared-prompt", action="store_true",
+                        help="kimitune: each pair's prompt computed once (rl_shared_prompt); TRL runs pairs whole")
     parser.add_argument("--work", default="/tmp/dpo_gpu")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU: checks the script only")
@@ -235,7 +252,7 @@ def main() -> None:
     for tool in tools:
         if tool == "kimitune":
             rows.append(kimitune_row(cfg, state, examples, args.warmup, args.steps, args.ckpt == "on", args.quant,
-                                     args.piece))
+                                     args.piece, args.shared_prompt))
         elif tool == "trl":
             rows.append(trl_row(cfg, state, examples, args.warmup, args.steps, tokenizer_dir, args.work,
                                 args.ckpt == "on"))
@@ -243,7 +260,8 @@ def main() -> None:
             raise SystemExit(f"unknown tool {tool!r}: kimitune or trl")
         ours = tool == "kimitune"
         rows[-1].update(pairs=args.pairs, prompt=args.prompt, reply=args.reply, layers=args.layers, ckpt=args.ckpt,
-                        piece=args.piece if ours else None, weights=(args.quant if ours else None) or unquantised)
+                        piece=args.piece if ours else None, shared_prompt=args.shared_prompt and ours,
+                        weights=(args.quant if ours else None) or unquantised)
         print(json.dumps(rows[-1]), flush=True)
     print("\n| tool | layers | weights | pairs x (prompt + 2 replies) | recompute | piece | tokens/s | step ms "
           "| peak GiB | peak above the built model GiB |\n|---|---|---|---|---|---|---|---|---|---|")

@@ -445,7 +445,8 @@ def _evaluate_preference(cfg, model, eval_samples: list, desirable: list[bool] |
                              "evaluate with the data the run trained with")
         reference = reference[: len(pairs)]
     device = model.lm_head.weight.device
-    batches = make_example_batches(pairs, cfg.micro_batch_size * cfg.sequence_len, cfg.seed, 0)
+    batches = make_example_batches(pairs, cfg.micro_batch_size * cfg.sequence_len, cfg.seed, 0,
+                                   shared_prompts=cfg.rl_shared_prompt)
     objective = objective_for(settings, reference)
     values = evaluate_pairs(model, batches, objective, objective.denominator(batches), device)
     return {unit: len(pairs)} | figures(values, objective, prefix="")

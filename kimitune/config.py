@@ -224,6 +224,9 @@ class TrainConfig(_Strict):
                              "(TRL's CPOConfig; 0 for the SimPO paper's loss).")
     rl_label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="SimPO: label smoothing of the "
                                       "pair loss (TRL's CPOConfig label_smoothing).")
+    rl_shared_prompt: bool = Field(default=False, description="DPO, IPO, SimPO: each pair's prompt computed once "
+                                   "and both replies continued from its states (kimitune/model/shared_prompts.py): "
+                                   "the same losses, the prompt's compute and activations once instead of twice.")
     kto_desirable_weight: float = Field(default=1.0, gt=0, description="KTO: the weight of the desirable "
                                         "samples' losses (TRL's KTOConfig desirable_weight).")
     kto_undesirable_weight: float = Field(default=1.0, gt=0, description="KTO: the weight of the undesirable "
@@ -414,6 +417,13 @@ class TrainConfig(_Strict):
                           if getattr(self, k) != type(self).model_fields[k].default)
         if kto_keys and self.rl != "kto":
             raise ValueError(f"{', '.join(kto_keys)} only apply with rl: kto (rl is {self.rl})")
+        if self.rl_shared_prompt and self.rl not in ("dpo", "ipo", "simpo"):
+            raise ValueError(f"rl_shared_prompt shares a pair's prompt between its replies: rl dpo, ipo or simpo "
+                             f"(ORPO's NLL counts the prompt of the chosen sequence, KTO has no pairs; rl is {self.rl})")
+        if self.rl_shared_prompt and (self.context_parallel_size > 1 or self.sequence_piece_len is not None or
+                                      self.recompute_segment_layers > 1):
+            raise ValueError("rl_shared_prompt does not work with context_parallel_size > 1, sequence_piece_len or "
+                             "recompute_segment_layers yet: it runs whole rows")
         if self.rl is not None and not self.sample_packing:
             raise ValueError("preference tuning packs each pair's two sequences into one row: set sample_packing: "
                              "true")

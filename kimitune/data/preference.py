@@ -368,7 +368,10 @@ class PreferenceBatch:
     ``input_ids`` / ``labels``: LongTensor ``[1, total]`` (labels -100 on prompts). ``cu_seqlens``: int32
     ``[2n + 1]``, pair k's chosen sequence between entries 2k and 2k + 1, its rejected between 2k + 1 and 2k + 2.
     ``pair_ids``: int64 ``[n]``, each pair's index in the list given (to look up cached reference log-probs).
-    ``num_tokens`` and ``num_label_tokens`` as ``packing.Batch`` counts them.
+    ``num_tokens`` and ``num_label_tokens`` as ``packing.Batch`` counts them. ``prompts``: n when the pairs share
+    their prompts (``shared_prompts``; model/shared_prompts.py): the row then holds the n prompts, each without its
+    last token, as its first n sequences, and pair k's chosen and rejected replies, each after that token, at
+    sequences n + 2k and n + 2k + 1; 0 otherwise.
     """
 
     input_ids: torch.Tensor
@@ -377,6 +380,7 @@ class PreferenceBatch:
     pair_ids: torch.Tensor
     num_tokens: int
     num_label_tokens: int
+    prompts: int = 0
 
 
 @dataclass
@@ -404,20 +408,41 @@ def _bins(lengths: list[int], sequence_len: int, what: str, seed: int, epoch: in
     return pack_epoch(lengths, sequence_len, seed, epoch)
 
 
+def shared_prompt_parts(pair: PreferencePair, index: int) -> tuple[Sample, Sample, Sample]:
+    """A pair as ``PreferenceBatch.prompts`` lays it out: (its prompt without the last token, that token + the
+    chosen reply, that token + the rejected reply), labels on the replies as before."""
+    p = _prompt_length(pair.chosen)
+    if p < 2 or _prompt_length(pair.rejected) != p or \
+            not np.array_equal(pair.chosen.input_ids[:p], pair.rejected.input_ids[:p]):
+        raise ValueError(f"pair {index}: its chosen and rejected sequences do not share a prompt of two tokens or "
+                         "more, which rl_shared_prompt needs")
+    head = Sample(pair.chosen.input_ids[:p - 1], pair.chosen.labels[:p - 1])
+    return head, *(Sample(s.input_ids[p - 1:], s.labels[p - 1:]) for s in (pair.chosen, pair.rejected))
+
+
 def make_preference_batches(
-    pairs: Sequence[PreferencePair], sequence_len: int, seed: int, epoch: int, row_multiple: int = 1
+    pairs: Sequence[PreferencePair], sequence_len: int, seed: int, epoch: int, row_multiple: int = 1,
+    shared_prompts: bool = False,
 ) -> list[PreferenceBatch]:
     """One epoch of batches: pairs packed whole (chosen then rejected, side by side) into rows of at most
     ``sequence_len`` tokens by first-fit-decreasing on their total length; deterministic for ``(seed, epoch)``.
     ``row_multiple``: rows padded to a multiple of it (context parallelism), the padding a last sequence of its
-    own, without labels, after the pairs."""
-    bins = _bins([len(p.chosen) + len(p.rejected) for p in pairs], sequence_len, "pair", seed, epoch)
+    own, without labels, after the pairs. ``shared_prompts``: each pair's prompt once (``PreferenceBatch.prompts``),
+    its length then counted once."""
+    parts = [shared_prompt_parts(p, i) for i, p in enumerate(pairs)] if shared_prompts else None
+    lengths = [sum(map(len, part)) for part in parts] if shared_prompts else \
+        [len(p.chosen) + len(p.rejected) for p in pairs]
+    bins = _bins(lengths, sequence_len, "pair", seed, epoch)
     batches = []
     for group in bins:
-        packed = packed_batch(pairs_to_samples([pairs[i] for i in group]), None, 0, row_multiple)  # pads: no labels
+        if shared_prompts:
+            samples = [parts[i][0] for i in group] + [s for i in group for s in parts[i][1:]]
+        else:
+            samples = pairs_to_samples([pairs[i] for i in group])
+        packed = packed_batch(samples, None, 0, row_multiple)  # pads: no labels
         batches.append(PreferenceBatch(packed.input_ids, packed.labels, packed.cu_seqlens,
                                        torch.tensor(group, dtype=torch.int64), packed.num_tokens,
-                                       packed.num_label_tokens))
+                                       packed.num_label_tokens, len(group) if shared_prompts else 0))
     return batches
 
 
@@ -453,9 +478,10 @@ def preference_examples(samples: Sequence[Sample], desirable: Sequence[bool] | N
 
 
 def make_example_batches(examples: Sequence[PreferencePair] | Sequence[UnpairedSample], sequence_len: int, seed: int,
-                         epoch: int, row_multiple: int = 1) -> list[PreferenceBatch] | list[UnpairedBatch]:
+                         epoch: int, row_multiple: int = 1,
+                         shared_prompts: bool = False) -> list[PreferenceBatch] | list[UnpairedBatch]:
     """One epoch of ``preference_examples``' batches: ``make_unpaired_batches`` for KTO's samples, else
-    ``make_preference_batches``."""
+    ``make_preference_batches`` (``shared_prompts`` as it takes it)."""
     if examples and isinstance(examples[0], UnpairedSample):
         return make_unpaired_batches(examples, sequence_len, seed, epoch, row_multiple)
-    return make_preference_batches(examples, sequence_len, seed, epoch, row_multiple)
+    return make_preference_batches(examples, sequence_len, seed, epoch, row_multiple, shared_prompts)

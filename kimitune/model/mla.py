@@ -65,6 +65,18 @@ class MLAPrefix:
 
 
 @dataclass
+class SequencePrefixes:
+    """Each packed sequence's own earlier tokens (model/shared_prompts.py: replies after their shared prompt):
+    latents [1, S, kv_lora_rank] and shared keys [1, S, qk_rope_head_dim] of the earlier tokens, and for each
+    sequence of the input the span (start, end) of them that precedes it ((0, 0): none). Each sequence's queries
+    attend over its span, then causally over its own tokens."""
+
+    latent: torch.Tensor
+    k_shared: torch.Tensor
+    spans: list[tuple[int, int]]
+
+
+@dataclass
 class SharedAttention:
     """The attention of this input's queries computed with other processes (context parallelism,
     model/context_parallel.py): ``attend(layer, q, latent, k_shared)`` -> (out [B, H, T, v], tie), given the
@@ -111,11 +123,11 @@ class MultiheadLatentAttention(nn.Module):
         self,
         x: torch.Tensor,
         cu_seqlens: BatchLayout | torch.Tensor | None = None,
-        state: MLAState | MLAPrefix | SharedAttention | None = None,
+        state: MLAState | MLAPrefix | SequencePrefixes | SharedAttention | None = None,
         return_state: bool = False,
     ) -> tuple[torch.Tensor, MLAState | None]:
         """x [B, T, C] -> (y [B, T, C], the latents including this input when ``return_state`` else None; after an
-        ``MLAPrefix``, this input's own latents; with ``SharedAttention``, None)."""
+        ``MLAPrefix``, this input's own latents; with ``SequencePrefixes`` or ``SharedAttention``, None)."""
         B, T, _ = x.shape
         q, kv_a = self._query_and_latent(x)
         q = q.view(B, T, self.num_heads, -1).transpose(1, 2)
@@ -125,6 +137,9 @@ class MultiheadLatentAttention(nn.Module):
         valid = None
         if isinstance(state, SharedAttention):
             out, tie = state.attend(self, q, latent, k_shared)
+            return_state = False
+        elif isinstance(state, SequencePrefixes):
+            out = self._attention_after_spans(q, latent, k_shared, state, BatchLayout.of(cu_seqlens, x.device, T))
             return_state = False
         elif isinstance(state, MLAPrefix):
             out = self._attention_after_prefix(q, latent, k_shared, state, BatchLayout.of(cu_seqlens, x.device, T))
@@ -160,6 +175,19 @@ class MultiheadLatentAttention(nn.Module):
         if blocks:
             return self._attention_after_prefix(q, latent, k_shared, MLAPrefix(blocks), layout)
         return self._expanded_attention(q, latent, k_shared, None, layout, False)
+
+    def _attention_after_spans(self, q: torch.Tensor, latent: torch.Tensor, k_shared: torch.Tensor,
+                               prefixes: SequencePrefixes, layout: BatchLayout | None) -> torch.Tensor:
+        """Each packed sequence of ``layout`` over its span of ``prefixes``, then its own tokens -> [1, H, T, v]."""
+        bounds = [0, q.shape[2]] if layout is None else layout.host_bounds.tolist()
+        if len(prefixes.spans) != len(bounds) - 1:
+            raise ValueError(f"SequencePrefixes: {len(prefixes.spans)} spans for {len(bounds) - 1} sequences")
+        outputs = []
+        for (start, end), (a, b) in zip(zip(bounds[:-1], bounds[1:]), prefixes.spans):
+            blocks = [(prefixes.latent[:, a:b], prefixes.k_shared[:, a:b])] if b > a else []
+            outputs.append(self.attention_over(q[:, :, start:end], latent[:, start:end], k_shared[:, start:end],
+                                               blocks, None))
+        return torch.cat(outputs, dim=2)
 
     def _attention_after_prefix(self, q: torch.Tensor, latent: torch.Tensor, k_shared: torch.Tensor,
                                 prefix: MLAPrefix, layout: BatchLayout | None) -> torch.Tensor:

@@ -36,7 +36,8 @@ from kimitune.model.moe import (
 )
 from kimitune.model.norm import GatedRMSNorm, RMSNorm
 from kimitune.model.options import RunOptions
-from kimitune.model.pieces import layer_in_pieces
+from kimitune.model.pieces import checkpointed, layer_in_pieces
+from kimitune.model.shared_prompts import PromptSplit, layer_after_prompts
 from kimitune.ops import BatchLayout
 from kimitune.ops.loss import IGNORE_INDEX, REDUCTIONS, LossRows, linear_cross_entropy
 
@@ -142,6 +143,15 @@ class KimiLinearModel(nn.Module):
                 if router is not None:
                     routers.append(router)
             return self.norm(h), whole_row_routers(routers, share)
+        if options.prompt_sequences:  # preference pairs' prompts computed once (model/shared_prompts.py)
+            split = PromptSplit.of(layout, options.prompt_sequences, h.device)
+            routers = []
+            for i, layer in enumerate(self.layers):
+                h, router = checkpointed(i in recompute)(layer_after_prompts, layer, h, split, options,
+                                                         use_reentrant=False)
+                if router is not None:
+                    routers.append(router)
+            return self.norm(h), routers
         if segment > 1 and recompute:
             if len(recompute) < len(self.layers):
                 raise ValueError("segment_layers needs every decoder layer recomputed")
@@ -284,6 +294,10 @@ class KimiLinearForCausalLM(nn.Module):
         layout = BatchLayout.of(cu_seqlens, input_ids.device, input_ids.shape[1])  # once, for every layer
         targets = None if labels is None else shift_labels(labels, layout)
         share = None
+        if options.prompt_sequences and (cache is not None or options.context_parallel is not None or
+                                         options.sequence_piece_len or options.segment_layers > 1):
+            raise ValueError("prompt_sequences (shared prompts) runs whole rows on one process: no cache, context "
+                             "parallelism, sequence_piece_len or segment_layers with it")
         if options.context_parallel is not None:  # this rank's piece of the row (model/context_parallel.py)
             self._check_context_parallel(cache, loss_reduction, options)
             share = share_of_row(layout, input_ids.shape[1], options.context_parallel, input_ids.device,

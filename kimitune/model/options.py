@@ -24,7 +24,8 @@ class RunOptions:
     (two levels of recomputation: one more forward of each segment, 1 / segment_layers of the layer inputs kept, plus
     one segment's while it is rebuilt); 1: every layer keeps its input. context_parallel: the process group over
     whose ranks each row is split (model/context_parallel.py; every rank gets the whole row and computes its share);
-    None: no split."""
+    None: no split. prompt_sequences: n > 0 for a row of preference pairs whose prompts are computed once
+    (model/shared_prompts.py: the first n packed sequences are the prompts, the next 2n their replies); 0: none."""
 
     recompute_layers: frozenset[int] = frozenset()
     kda_keep_intermediates: bool = False
@@ -33,6 +34,7 @@ class RunOptions:
     sequence_piece_len: int | None = None
     segment_layers: int = 1
     context_parallel: Any = None  # a torch.distributed ProcessGroup
+    prompt_sequences: int = 0
 
     def aux_loss_coef(self, config) -> float:
         """The load-balancing loss's weight: these options', else the model config's."""

@@ -36,10 +36,12 @@ beta * (logp - ref), their means over the desirable and the undesirable samples.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+from kimitune.model.options import RunOptions
 
 PAIR_LOSSES = ("dpo", "ipo", "simpo", "orpo")
 UNPAIRED_LOSSES = ("kto",)
@@ -181,7 +183,7 @@ class PreferenceSums:
 
 
 def reply_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, cu_seqlens, options=None,
-                    whole_chosen_nll: bool = False, sequences: int | None = None):
+                    whole_chosen_nll: bool = False, sequences: int | None = None, prompts: int = 0):
     """One packed row of pairs (``input_ids`` / ``labels`` [1, T] on the model's device, ``cu_seqlens`` int32
     [2n + 1] on the host or the batch's ``BatchLayout``; pair k's chosen sequence at 2k, its rejected at 2k + 1) ->
     (reply log-probabilities [2n], reply token counts [2n], the chosen sequences' summed NLL over every token
@@ -190,14 +192,20 @@ def reply_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, cu_seq
     With ``whole_chosen_nll`` the model scores every token (ORPO needs the prompt's too); else only the replies'.
     ``sequences``: the row's real sequences (2n), where padding follows them as one more (context parallelism); None:
     all of the layout's. Under ``options.context_parallel`` each rank scores its share of the row and the sums are
-    made whole on every rank (with their gradients): every rank returns the same values."""
+    made whole on every rank (with their gradients): every rank returns the same values. ``prompts``: n when the
+    row's pairs share their prompts (``PreferenceBatch.prompts``: n prompt sequences first, the replies after them;
+    the model then runs with ``RunOptions.prompt_sequences``); not with ``whole_chosen_nll``."""
     from kimitune.model.context_parallel import own_span, sum_over_ranks
     from kimitune.model.modeling import shift_labels  # the model's own shift: a sequence's last token predicts nothing
     from kimitune.ops import BatchLayout
 
+    if prompts and whole_chosen_nll:
+        raise ValueError("shared prompts score the replies alone: no NLL over the whole chosen sequence (ORPO)")
+    if prompts:
+        options = replace(options or RunOptions(), prompt_sequences=prompts)
     layout = BatchLayout.of(cu_seqlens, input_ids.device, input_ids.shape[1])
     counted = layout.host_bounds.numel() - 1
-    sequences = counted if sequences is None else sequences
+    sequences = counted - prompts if sequences is None else sequences
     mine = own_span(layout.total, options)
     reply = (shift_labels(labels, layout).reshape(-1) != -100)[mine]
     scored = input_ids if whole_chosen_nll else labels
@@ -205,8 +213,8 @@ def reply_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, cu_seq
                 options=options)
     ids = sequence_ids(layout.cu_seqlens, layout.total)[mine]
     token_losses = out.loss
-    logps = sum_over_ranks(-sequence_sums(token_losses * reply, ids, counted), options)[:sequences]
-    tokens = sum_over_ranks(sequence_sums(reply.float(), ids, counted), options)[:sequences]
+    logps = sum_over_ranks(-sequence_sums(token_losses * reply, ids, counted), options)[prompts:prompts + sequences]
+    tokens = sum_over_ranks(sequence_sums(reply.float(), ids, counted), options)[prompts:prompts + sequences]
     nll = nll_tokens = None
     if whole_chosen_nll:
         scored_tokens = (shift_labels(input_ids, layout).reshape(-1) != -100)[mine]
@@ -217,14 +225,15 @@ def reply_log_probs(model, input_ids: torch.Tensor, labels: torch.Tensor, cu_seq
 
 
 def preference_sums(settings: PreferenceSettings, model, input_ids: torch.Tensor, labels: torch.Tensor,
-                    cu_seqlens: torch.Tensor, reference: torch.Tensor | None, options=None, pairs: int | None = None):
+                    cu_seqlens: torch.Tensor, reference: torch.Tensor | None, options=None, pairs: int | None = None,
+                    prompts: int = 0):
     """One micro-batch's ``PreferenceSums`` and the model's load-balancing loss (or None). ``reference``: float32
     [n, 2] on the device, the reference log-probabilities of the batch's pairs (chosen, rejected), or None for
     losses without a reference. ``pairs``: the row's n, where padding follows the pairs (None: every sequence is a
-    pair's)."""
+    pair's). ``prompts``: as ``reply_log_probs`` takes it."""
     logps, tokens, nll, nll_tokens, aux_loss = reply_log_probs(
         model, input_ids, labels, cu_seqlens, options, whole_chosen_nll=settings.nll_over_whole_chosen,
-        sequences=None if pairs is None else 2 * pairs)
+        sequences=None if pairs is None else 2 * pairs, prompts=prompts)
     chosen, rejected = logps[0::2], logps[1::2]
     reference_chosen, reference_rejected = (None, None) if reference is None else (reference[:, 0], reference[:, 1])
     terms = pair_terms(settings, chosen, rejected, tokens[0::2], tokens[1::2], reference_chosen, reference_rejected)
@@ -260,7 +269,7 @@ def reference_log_probs(model, batches, num_pairs: int, device, options=None) ->
 
     def scored(rows, sequences: int) -> torch.Tensor:
         return reply_log_probs(model, rows.input_ids.to(device), rows.labels.to(device), rows.cu_seqlens,
-                               options, sequences=sequences)[0].float().cpu()
+                               options, sequences=sequences, prompts=getattr(rows, "prompts", 0))[0].float().cpu()
 
     try:
         for batch in batches:
@@ -313,8 +322,8 @@ class PreferenceObjective:
         tokens = 0
         for b in batches:
             scored = b.input_ids if self.settings.nll_over_whole_chosen else b.labels
-            ids = sequence_ids(b.cu_seqlens, b.input_ids.shape[1])
-            chosen = (ids % 2 == 0) & (ids < 2 * b.pair_ids.numel())  # not the padding after the pairs
+            ids = sequence_ids(b.cu_seqlens, b.input_ids.shape[1]) - b.prompts  # replies from 0 (prompts: < 0)
+            chosen = (ids % 2 == 0) & (ids >= 0) & (ids < 2 * b.pair_ids.numel())  # not the padding after them
             tokens += int(((shift_labels(scored, b.cu_seqlens)[0] != -100) & chosen).sum())
         return PairCounts(pairs, tokens)
 
@@ -325,7 +334,8 @@ class PreferenceObjective:
         if self.settings.uses_reference:
             reference = to_device(self.reference[batch.pair_ids], input_ids.device)
         sums, aux_loss = preference_sums(self.settings, model, input_ids, to_device(batch.labels, input_ids.device),
-                                         layout, reference, options, pairs=batch.pair_ids.numel())
+                                         layout, reference, options, pairs=batch.pair_ids.numel(),
+                                         prompts=batch.prompts)
         loss = sums.pair_losses / max(counts.pairs, 1)
         if self.nll_weight:
             loss = loss + self.nll_weight * sums.nll / max(counts.nll_tokens, 1)

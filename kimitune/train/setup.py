@@ -80,7 +80,8 @@ class TrainingSetup:
 
             self._epoch_cache = {epoch: make_example_batches(self.train_samples, self.row_capacity,
                                                              self.config.seed, epoch,
-                                                             row_multiple(self.config.context_parallel_size))}
+                                                             row_multiple(self.config.context_parallel_size),
+                                                             self.config.rl_shared_prompt)}
         if epoch not in self._epoch_cache:
             from kimitune.data import make_batches
 
@@ -224,7 +225,8 @@ def build_training_setup(
         eval_pairs = preference_examples(prepared.eval, desirable.get("eval"), config.sequence_len)
         if eval_pairs:
             eval_batches = make_example_batches(eval_pairs, config.micro_batch_size * config.sequence_len,
-                                                config.seed, 0, row_multiple(config.context_parallel_size))
+                                                config.seed, 0, row_multiple(config.context_parallel_size),
+                                                config.rl_shared_prompt)
     elif prepared.eval:
         eval_batches = make_batches(
             prepared.eval,

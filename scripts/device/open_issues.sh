@@ -4,7 +4,7 @@
 #   bash scripts/device/open_issues.sh tests   # ~4 min: GPU tests (8-bit kernels, FP8, context parallelism at N = 1)
 #   bash scripts/device/open_issues.sh quant   # ~10 min: issue 24's expert products, the 48B fp8, the 4-layer rows, the loss
 #   bash scripts/device/open_issues.sh long    # ~9 min: issue 21's lengths, bf16 and 8-bit capped at 80 GiB
-#   bash scripts/device/open_issues.sh dpo     # ~6 min: issue 26's DPO in pieces and the whole 48B's DPO (int8)
+#   bash scripts/device/open_issues.sh dpo     # ~9 min: issue 26's DPO plain, with shared prompts, in pieces, the 48B (int8)
 # A fresh machine compiles and autotunes every Triton kernel in its first process (minutes): each group ends by
 # packing the autotuners' choices into $OUT/autotune.tgz; copied to .triton_autotune/ here and carried (carry
 # [".whl", ".triton_autotune"]), setup.sh unpacks it, and a later call compiles only what is new.
@@ -16,6 +16,7 @@ tests)
     PYTHONPATH=$PWD/scripts/device/one_config:$PYTHONPATH TAIL=15 stage gpu_tests 240 python -m pytest -q \
         -p no:cacheprovider -m gpu -rfEs tests/ops/test_quant_grouped_mm.py tests/ops/test_fp8_rows.py \
         tests/quant/test_fp8.py tests/model/test_context_parallel.py tests/model/test_pieces_gpu.py \
+        tests/model/test_shared_prompts.py \
         tests/train/test_step.py ;;
 quant)
     TAIL=22 stage fp8_grouped 90 python benchmarks/fp8_grouped.py --tokens 8192 --repeats 10 --json $OUT/fp8_grouped.json
@@ -30,7 +31,11 @@ long)
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_int8 230 python benchmarks/train_long.py --bits 8 \
         --seq 131072,262144 --cap-gib 80 --offload --warmup 1 --steps 2 --json $OUT/long_int8.json ;;
 dpo)
-    TAIL=8 stage dpo_piece 150 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
+    for how in plain shared; do
+        TAIL=4 stage dpo_$how 100 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
+            --ckpt on --warmup 2 --steps 4 $([ $how = shared ] && echo --shared-prompt) --json $OUT/dpo_$how.json
+    done
+    TAIL=8 stage dpo_piece 120 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
         --piece 2048 --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_piece.json
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b 200 python benchmarks/dpo_gpu.py --tools kimitune --layers 27 \
         --quant int8 --pairs 8 --prompt 1024 --reply 512 --ckpt on --warmup 1 --steps 3 --json $OUT/dpo_48b.json ;;

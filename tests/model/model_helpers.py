@@ -37,3 +37,16 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
     error = (actual - expected).abs().max().item()
     scale = expected.abs().max().item()
     assert error <= rtol * scale, f"{name}: max error {error:.3g} > {rtol} * {scale:.3g}"
+
+
+def perturbed_micro_model(lora: bool, **overrides) -> torch.nn.Module:
+    """The micro model (``micro_config(**overrides)``) from seed 0, LoRA (r 4, every linear) on it if ``lora``, then
+    perturbed."""
+    from kimitune import KimiLinearForCausalLM
+    from kimitune.adapters.lora import LoraSettings, apply_lora
+
+    torch.manual_seed(0)
+    model = KimiLinearForCausalLM(micro_config(**overrides))
+    if lora:
+        apply_lora(model, LoraSettings(r=4, alpha=8, target_linear=True))
+    return perturb_(model)

@@ -17,10 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_helpers import micro_config, perturb_  # noqa: E402
+from model_helpers import micro_config, perturbed_micro_model  # noqa: E402
 
-from kimitune import KimiLinearForCausalLM  # noqa: E402
-from kimitune.adapters.lora import LoraSettings, apply_lora  # noqa: E402
 from kimitune.model import RunOptions  # noqa: E402
 
 CASES = {
@@ -32,11 +30,7 @@ CASES = {
 
 
 def build(lora: bool):
-    torch.manual_seed(0)
-    model = KimiLinearForCausalLM(micro_config(router_aux_loss_coef=0.05))
-    if lora:
-        apply_lora(model, LoraSettings(r=4, alpha=8, target_linear=True))
-    return perturb_(model)
+    return perturbed_micro_model(lora, router_aux_loss_coef=0.05)
 
 
 def batch(case: str):
