@@ -27,19 +27,23 @@ import torch
 from torch import nn
 
 from kimitune.model.kda import KDAState
+from kimitune.model.mla import SequencePrefixes
 from kimitune.model.options import RunOptions
 from kimitune.ops import BatchLayout
 
 
 @dataclass(frozen=True)
 class PromptSplit:
-    """A row's prompts and replies: ``split`` the first reply token's index, the two parts' own layouts, and for
-    each reply sequence its prompt's index (-1: none, the padding)."""
+    """A row's prompts and replies: ``split`` the first reply token's index, the two parts' own layouts, for each
+    reply sequence its prompt's index (-1: none, the padding), and the same on the device as ``parent_index``
+    (int64, the padding's 0) and ``has_parent`` (float [replies], 0 for the padding), copied once per row."""
 
     split: int
     prompts: BatchLayout
     replies: BatchLayout
     parents: list[int]
+    parent_index: torch.Tensor
+    has_parent: torch.Tensor
 
     @classmethod
     def of(cls, layout: BatchLayout | None, prompts: int, device: torch.device) -> "PromptSplit":
@@ -57,29 +61,28 @@ class PromptSplit:
         head = torch.tensor(bounds[:prompts + 1], dtype=torch.int32)
         tail = torch.tensor(bounds[prompts:], dtype=torch.int32) - split
         parents = [j // 2 if j < 2 * prompts else -1 for j in range(replies)]
+        host = torch.tensor([[max(p, 0), p >= 0] for p in parents], dtype=torch.int64)
+        if torch.device(device).type == "cuda":  # staged, so that the copy does not wait for the GPU
+            host = host.pin_memory()
+        index = host.to(device, non_blocking=True)
         return cls(split, BatchLayout.of(head, device, split), BatchLayout.of(tail, device, bounds[-1] - split),
-                   parents)
+                   parents, index[:, 0], index[:, 1].float())
 
-
-def _from_prompts(ends: torch.Tensor, parents: list[int]) -> torch.Tensor:
-    """The prompts' ends [n, ...] -> each reply's start [replies, ...] (zeros for the padding)."""
-    index = torch.tensor([max(p, 0) for p in parents], device=ends.device)
-    starts = ends.index_select(0, index)
-    if min(parents) < 0:
-        keep = torch.tensor([p >= 0 for p in parents], device=ends.device).view(-1, *[1] * (ends.dim() - 1))
-        starts = starts * keep
-    return starts
+    def starts(self, ends: torch.Tensor) -> torch.Tensor:
+        """The prompts' ends [n, ...] -> each reply's start [replies, ...] (zeros for the padding)."""
+        starts = ends.index_select(0, self.parent_index)
+        if min(self.parents) < 0:
+            starts = starts * self.has_parent.to(starts.dtype).view(-1, *[1] * (ends.dim() - 1))
+        return starts
 
 
 def layer_after_prompts(layer: nn.Module, h: torch.Tensor, split: PromptSplit, options: RunOptions):
     """A decoder layer over a shared-prompt row h [1, T, C] (the module docstring) -> (out [1, T, C], RouterTerms
     of its MoE or None)."""
-    from kimitune.model.mla import SequencePrefixes
-
     head, tail = h[:, :split.split], h[:, split.split:]
     out_head, router, end = layer(head, split.prompts, None, True, options)
     if layer.is_kda:
-        state = KDAState(_from_prompts(end.conv, split.parents), _from_prompts(end.recurrent, split.parents))
+        state = KDAState(split.starts(end.conv), split.starts(end.recurrent))
     else:
         bounds = split.prompts.host_bounds.tolist()
         state = SequencePrefixes(end.latent, end.k_shared,
