@@ -64,8 +64,8 @@ def reply_losses(model, ids, labels, bounds, options, replies: slice):
     return sums[replies]
 
 
-def build(lora: bool):
-    return perturbed_micro_model(lora, router_aux_loss_coef=0.0)
+def build(lora: bool, **widths):
+    return perturbed_micro_model(lora, router_aux_loss_coef=0.0, **widths)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -107,23 +107,34 @@ def test_rows_that_cannot_share_their_prompts_are_refused():
         model(ids, labels=labels, cu_seqlens=bounds, options=RunOptions(prompt_sequences=1, sequence_piece_len=4))
 
 
+# test_pieces_gpu.py's widths: heads of 64, which fla's kernels and flash attention take
+GPU_WIDTHS = dict(hidden_size=128, kda_num_heads=2, kda_head_dim=64, num_attention_heads=2, head_dim=64,
+                  qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, kv_lora_rank=64)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_shared_prompts_on_the_gpu_equal_whole_pairs():
-    """The CUDA path (fla's KDA with per-sequence initial and final states, the prefix attention's flash kernels)
-    in float32: reply losses and LoRA gradients within 1e-3 of their scale."""
+    """The CUDA path (fla's KDA with per-sequence initial and final states, the prefix attention's flash kernels,
+    which take bf16) in bf16, routing pinned to two experts as tests/model/test_pieces_gpu.py pins it: reply losses
+    within 1e-2 and every LoRA gradient within 5e-2 (relative norms)."""
     examples = pairs()
     n = len(examples)
     results = []
     for shared in (False, True):
-        model = build(True).cuda()
+        model = build(True, **GPU_WIDTHS).cuda().bfloat16()
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.zero_()[:2] = 10.0
         ids, labels, bounds = (shared_row if shared else unshared_row)(examples, 4)
         options = RunOptions(recompute_layers=model.recomputed_layers(), prompt_sequences=n if shared else 0)
         sums = reply_losses(model, ids.cuda(), labels.cuda(), bounds, options,
                             slice(n, 3 * n) if shared else slice(0, 2 * n))
         sums.sum().backward()
-        results.append((sums.detach().cpu(), {k: p.grad.cpu() for k, p in model.named_parameters() if p.requires_grad}))
+        results.append((sums.detach().float().cpu(),
+                        {k: p.grad.float().cpu() for k, p in model.named_parameters() if p.requires_grad}))
     (expected, expected_grads), (got, got_grads) = results
-    assert_close_to_scale(got, expected, 1e-3, "reply losses")
-    for name, grad in expected_grads.items():
-        assert_close_to_scale(got_grads[name], grad, 1e-3, name)
+    relative = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()  # noqa: E731
+    assert relative(got, expected) < 1e-2
+    worst = max((relative(got_grads[k], g), k) for k, g in expected_grads.items() if g.norm() > 0)
+    assert worst[0] < 5e-2, worst
