@@ -105,10 +105,10 @@ class KimiDeltaAttention(nn.Module):
         ``cp_context``: fla's ``FLACPContext`` (``kimitune.ops.context_parallel_context``) for x [1, L, C], this
         rank's tokens of a row split over a process group; its bounds stand for ``cu_seqlens`` (the same ones, this
         rank's), and it takes no ``state`` and no ``return_state`` (the states pass between the ranks inside fla)."""
-        if cp_context is not None and (state is not None or return_state):
-            raise ValueError("KimiDeltaAttention: with cp_context fla passes the states between the ranks: no state, "
-                             "no return_state")
         if cp_context is not None:
+            if state is not None or return_state:
+                raise ValueError("KimiDeltaAttention: with cp_context fla passes the states between the ranks: no "
+                                 "state, no return_state")
             cu_seqlens = None  # the context's bounds are the rank's: the ops take them from it
         B, T, _ = x.shape
         heads_shape = (B, T, self.num_heads, self.head_dim)

@@ -77,11 +77,9 @@ def chunk_kda(
     layout = BatchLayout.of(cu_seqlens, q.device, q.shape[1])
     if cp_context is not None:
         _check_context_parallel(q, "chunk_kda")
-        return fla.chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                             layout, A_log, dt_bias, keep_intermediates, cp_context=cp_context)
     if use_kernels(q):
         return fla.chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                             layout, A_log, dt_bias, keep_intermediates)
+                             layout, A_log, dt_bias, keep_intermediates, cp_context=cp_context)
     if A_log is not None:
         g = kda_decay(g, A_log, dt_bias)
     return chunk_kda_reference(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,

@@ -10,8 +10,9 @@ gradient ``dY W``, [N, C]).
 
 Why a kernel: dequantising a whole stack to bf16 before ``torch._grouped_mm`` writes and reads it again (3 bytes an
 entry at the least, per pass) and, for the 48B's 256 experts at 8192 tokens, costs as much as the product itself
-(benchmarks/fp8_grouped.py); ``torch._scaled_grouped_mm`` multiplies e4m3 by e4m3 but its backward needs the stack
-transposed and the activations quantised, and measured slower than bf16 here. This kernel reads each weight tile's
+(benchmarks/fp8_grouped.py); ``torch._scaled_grouped_mm`` multiplies e4m3 by e4m3 at about bf16's speed in the
+forward once the activations are scaled, but its backward needs the stack transposed and the scales gathered per
+expert, about ten times bf16's time in eager torch (RESULTS.md, 2026-12-04). This kernel reads each weight tile's
 bytes once per row tile, scales them in registers in float32 and rounds to the activations' dtype, exactly the
 values ``kimitune.quant.formats`` dequantises to, then multiplies in that dtype with float32 accumulation: the
 product of the dequantising reference, without the dequantised stack.

@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import Function
 
+from kimitune.ops.fp8_rows import quantize_rows_e4m3
 from kimitune.ops.grouped_mm import grouped_linear
 from kimitune.ops.quant_grouped_mm import row_scaled_grouped_mm
 from kimitune.ops.reference_switch import use_kernels
-from kimitune.ops.fp8_rows import quantize_rows_e4m3
 from kimitune.quant.formats import FP8_MAX, quantize_rows_fp8
 from kimitune.quant.weight import QuantizedWeight
 
@@ -85,8 +85,9 @@ class DequantLinearFunction(Function):
 class Fp8LinearFunction(Function):
     """``x W^T + b`` for an fp8 ``W`` [out, in] as FP8 products, forward and input gradient (the module docstring);
     saves nothing of ``x`` or ``W``. The activations and output gradients are scaled to e4m3 by
-``kimitune.ops.fp8_rows`` (one kernel; ``formats.quantize_rows_fp8`` is its reference). ``x`` [N, in] -> [N, out] in ``dtype``: 2-D, so that the output is no view made
-    inside the Function, which autograd would forbid the LoRA's in-place add on (``frozen_linear`` reshapes)."""
+    ``kimitune.ops.fp8_rows`` (one kernel; ``formats.quantize_rows_fp8`` is its reference). ``x`` [N, in] -> [N, out]
+    in ``dtype``: 2-D, so that the output is no view made inside the Function, which autograd would forbid the LoRA's
+    in-place add on (``frozen_linear`` reshapes)."""
 
     @staticmethod
     def forward(ctx, x, weight: QuantizedWeight, bias, dtype: torch.dtype):

@@ -107,6 +107,16 @@ def test_rows_that_cannot_share_their_prompts_are_refused():
         model(ids, labels=labels, cu_seqlens=bounds, options=RunOptions(prompt_sequences=1, sequence_piece_len=4))
 
 
+def test_an_mla_layer_takes_one_span_per_sequence():
+    from kimitune.model.mla import SequencePrefixes
+
+    attention = build(False).model.layers[3].self_attn  # the micro model's MLA layer
+    x = torch.randn(1, 6, 32)
+    prefixes = SequencePrefixes(torch.randn(1, 4, 16), torch.randn(1, 4, 8), [(0, 4)])
+    with pytest.raises(ValueError, match="1 spans for 2 sequences"):
+        attention(x, torch.tensor([0, 2, 6], dtype=torch.int32), prefixes)
+
+
 # test_pieces_gpu.py's widths: heads of 64, which fla's kernels and flash attention take
 GPU_WIDTHS = dict(hidden_size=128, kda_num_heads=2, kda_head_dim=64, num_attention_heads=2, head_dim=64,
                   qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, kv_lora_rank=64)

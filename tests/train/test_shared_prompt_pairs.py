@@ -84,6 +84,10 @@ def test_what_cannot_share_a_prompt_is_refused(pairs_data, tmp_path):
         parse_config(raw_config(pairs_data, tmp_path, rl="orpo", rl_shared_prompt=True))
     with pytest.raises(ConfigError, match="does not work with context_parallel_size"):
         parse_config(raw_config(pairs_data, tmp_path, rl_shared_prompt=True, context_parallel_size=2))
+    (batch,) = make_preference_batches(make_pairs(), 4096, 0, 0, shared_prompts=True)
+    with pytest.raises(ValueError, match="no NLL over the whole chosen sequence"):
+        preference_sums(PreferenceSettings("orpo", beta=0.1), perturb_(KimiLinearForCausalLM(micro_config())),
+                        batch.input_ids, batch.labels, batch.cu_seqlens, None, prompts=batch.prompts)
     pair = make_pairs()[0]
     other = PreferencePair(pair.chosen, Sample(pair.rejected.input_ids[::-1].copy(), pair.rejected.labels))
     with pytest.raises(ValueError, match="pair 1: its chosen and rejected sequences do not share a prompt"):
