@@ -383,6 +383,10 @@ class TrainConfig(_Strict):
         if self.quantizes_weights and self.adapter is None:
             raise ValueError("quantised weights are frozen, so full fine-tuning (adapter unset) cannot train them: "
                              f"set adapter: lora / qlora, or drop {chosen[0]}")
+        if self.quantizes_weights and self.fsdp_config is not None and self.fsdp_config.offload_params:
+            raise ValueError(f"fsdp_config.offload_params moves FSDP2's shards to the CPU, and {chosen[0]} weights are "
+                             "not sharded (every GPU holds all of them): it would offload only the LoRA weights. "
+                             "Set offload_params: false, or drop the quantisation to shard bf16 weights")
         bnb_keys = sorted(k for k in self.model_fields_set if k.startswith("bnb_4bit_"))
         if bnb_keys and not self.load_in_4bit:
             raise ValueError(f"{', '.join(bnb_keys)} only apply with load_in_4bit: true")

@@ -46,12 +46,21 @@ class Piece:
 
 
 def split_into_pieces(layout: BatchLayout | None, total: int, piece_len: int, device: torch.device) -> list[Piece]:
-    """The row's tokens in pieces of ``piece_len`` (the last one shorter), each with its local layout."""
+    """The row's tokens in pieces of ``piece_len`` (the last one shorter), each with its local layout. A packed
+    row's pieces are cut once and kept with its layout: every layer, and every recomputation, gets the same local
+    layouts, whose device bounds and fla chunk tables are then made once per batch."""
     if piece_len < 1:
         raise ValueError(f"sequence_piece_len must be at least 1, got {piece_len}")
     cuts = list(range(0, total, piece_len)) + [total]
     if layout is None:
         return [Piece(s, e, None, s > 0, e < total, 0) for s, e in zip(cuts, cuts[1:])]
+    key = f"pieces of {piece_len} of {total} tokens on {device}"
+    if key not in layout.__dict__:  # the layout is frozen; its cached forms live in its __dict__
+        layout.__dict__[key] = _packed_pieces(layout, cuts, device)
+    return layout.__dict__[key]
+
+
+def _packed_pieces(layout: BatchLayout, cuts: list[int], device: torch.device) -> list[Piece]:
     bounds = layout.host_bounds.tolist()
     starts = set(bounds)
     pieces = []

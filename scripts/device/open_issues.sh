@@ -5,19 +5,24 @@
 #   bash scripts/device/open_issues.sh quant   # ~10 min: issue 24's expert products, the 48B fp8, the 4-layer rows, the loss
 #   bash scripts/device/open_issues.sh long    # ~9 min: issue 21's lengths, bf16 and 8-bit capped at 80 GiB
 #   bash scripts/device/open_issues.sh dpo     # ~9 min: issue 26's DPO plain, with shared prompts, in pieces, the 48B (int8)
+#   bash scripts/device/open_issues.sh dpo_trl # ~5 min: issue 26's memory target: in pieces and shared prompts beside TRL
+# Several groups run one after another in one call: open_issues.sh tests dpo_trl
 # A fresh machine compiles and autotunes every Triton kernel in its first process (minutes): each group ends by
 # packing the autotuners' choices into $OUT/autotune.tgz; copied to .triton_autotune/ here and carried (carry
 # [".whl", ".triton_autotune"]), setup.sh unpacks it, and a later call compiles only what is new.
 . scripts/device/setup.sh
-stage() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"; timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc $?"; tail -${TAIL:-25} "$OUT/$name.log"; }
+# FIRST_CONFIG=1: every Triton autotuner tries its first config only (memory figures, not speed, on a fresh machine)
+one_config=$PWD/scripts/device/one_config
+stage() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"
+    PYTHONPATH=$([ "$FIRST_CONFIG" = 1 ] && echo "$one_config:")$PYTHONPATH timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "rc $?"; tail -${TAIL:-25} "$OUT/$name.log"; }
 alloc=expandable_segments:True
-case "$1" in
+for group in "$@"; do
+case "$group" in
 tests)
-    PYTHONPATH=$PWD/scripts/device/one_config:$PYTHONPATH TAIL=15 stage gpu_tests 240 python -m pytest -q \
-        -p no:cacheprovider -m gpu -rfEs tests/ops/test_quant_grouped_mm.py tests/ops/test_fp8_rows.py \
-        tests/quant/test_fp8.py tests/model/test_context_parallel.py tests/model/test_pieces_gpu.py \
-        tests/model/test_shared_prompts.py \
-        tests/train/test_step.py ;;
+    FIRST_CONFIG=1 TAIL=30 stage gpu_tests 200 python -m pytest -v -p no:cacheprovider -m gpu -rfEs \
+        tests/model/test_context_parallel.py tests/model/test_shared_prompts.py tests/model/test_pieces_gpu.py \
+        tests/train/test_step.py tests/ops/test_quant_grouped_mm.py tests/ops/test_fp8_rows.py tests/quant/test_fp8.py ;;
 quant)
     TAIL=22 stage fp8_grouped 90 python benchmarks/fp8_grouped.py --tokens 8192 --repeats 10 --json $OUT/fp8_grouped.json
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=4 stage fp8_48b 150 python benchmarks/train_48b.py --bits 8 --fp8 --seq 8192 \
@@ -39,7 +44,13 @@ dpo)
         --piece 2048 --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_piece.json
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b 200 python benchmarks/dpo_gpu.py --tools kimitune --layers 27 \
         --quant int8 --pairs 8 --prompt 1024 --reply 512 --ckpt on --warmup 1 --steps 3 --json $OUT/dpo_48b.json ;;
-*) echo "usage: open_issues.sh tests|quant|long|dpo"; exit 2 ;;
+dpo_trl)
+    TAIL=10 stage dpo_trl_piece 230 python benchmarks/dpo_gpu.py --pairs 8 --prompt 1024 --reply 512 --piece 2048 \
+        --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_piece.json
+    TAIL=4 stage dpo_shared 100 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
+        --shared-prompt --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_shared.json ;;
+*) echo "usage: open_issues.sh tests|quant|long|dpo|dpo_trl ..."; exit 2 ;;
 esac
+done
 # the autotuners' choices only (the compiled kernels would pass the 16 MiB a file may bring back)
 (cd /tmp && find tcache -name '*.autotune.json' | tar czf "$OUT/autotune.tgz" -T -) && ls -la "$OUT/autotune.tgz"

@@ -84,6 +84,9 @@ def test_piece_layouts():
     assert [p.continues for p in pieces] == [False, True, True, False, True, False, True]
     assert [p.carries for p in pieces] == [True, True, False, True, False, True, False]
     assert [p.first_start for p in pieces] == [0, 3, 3, 18, 18, 30, 30]
+    # cut once a batch: every layer and recomputation gets the same local layouts (device bounds, fla tables)
+    again = split_into_pieces(layout, 37, 6, torch.device("cpu"))
+    assert again is pieces and split_into_pieces(layout, 37, 12, torch.device("cpu")) is not pieces
     unpacked = split_into_pieces(None, 11, 4, torch.device("cpu"))
     assert [(p.start, p.end, p.continues, p.carries) for p in unpacked] == [
         (0, 4, False, True), (4, 8, True, True), (8, 11, True, False)]

@@ -4,6 +4,7 @@ wrappers hand to fla (checked with a stand-in fla module)."""
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 import types
 
@@ -113,11 +114,31 @@ def test_recurrent_and_conv_wrappers(fake_fla):
     args, kwargs = fake_fla["causal_conv1d"]
     assert args[0] is x and kwargs["weight"] is weight and kwargs["initial_state"] is state
     assert kwargs["activation"] == "silu" and kwargs["cu_seqlens_cpu"] is not None
+    assert kwargs["chunk_indices"] is None  # no table on a CPU layout: fla would build its own
 
     y, returned = fla_backend.causal_conv1d_update(x[0, :2], state, weight, None, "silu")
     assert returned is state
     with pytest.raises(ValueError, match="causal_conv1d: unsupported activation"):
         fla_backend.causal_conv1d(x, weight, None, "gelu", None, False, None)
+
+
+def test_the_conv_reads_the_layouts_chunk_table(fake_fla):
+    """A layout's chunk table (built once on a side stream, as for chunk_kda) goes to fla's conv, which would
+    otherwise build it on the compute stream at every forward (layers in pieces, preference rows), waiting for the
+    GPU each time; the conv's chunks are chunk_kda's 64 tokens."""
+    x, weight, state = torch.randn(1, 12, 6), torch.randn(6, 4), torch.zeros(2, 6, 4)
+    layout = BatchLayout.of(torch.tensor([0, 7, 12], dtype=torch.int32), "cpu")
+    table = torch.tensor([[0, 0], [1, 0]], dtype=torch.int32)
+    layout.__dict__["fla_chunk_tables"] = table  # as _chunk_tables_ready leaves it on a CUDA layout
+    fla_backend.causal_conv1d(x, weight, None, "silu", state, True, layout)
+    assert fake_fla["causal_conv1d"][1]["chunk_indices"] is table
+
+
+def test_flas_conv_chunks_are_chunk_kdas():
+    """The shared table holds for the fla installed: its conv's chunk size is the one the table is built for."""
+    ops = pytest.importorskip("fla.modules.causal_conv1d.ops", reason="fla-core is not installed here")
+    assert inspect.signature(ops.CausalConv1dFunction.forward).parameters["chunk_size"].default == \
+        fla_backend.FLA_CHUNK_SIZE
 
 
 CP_CONTEXT = object()  # stands for fla's FLACPContext: the wrappers pass it on untouched

@@ -189,6 +189,9 @@ def test_context_parallel_settings_that_cannot_work_are_refused(small_data, tmp_
     with pytest.raises(ConfigError, match="sequence_piece_len"):
         parse_config(raw_config(small_data, tmp_path, context_parallel_size=2, gradient_checkpointing=True,
                                 sequence_piece_len=64))
+    with pytest.raises(ConfigError, match="load_in_8bit weights are not sharded"):
+        parse_config(raw_config(small_data, tmp_path, context_parallel_size=2, adapter="lora", load_in_8bit=True,
+                                fsdp_config={"offload_params": True}))
     with pytest.raises(ValueError, match="under torchrun"):
         run(raw_config(small_data, tmp_path / "alone", context_parallel_size=2))
     with pytest.raises(AssertionError, match="does not divide the 3 ranks"):

@@ -63,7 +63,8 @@ FLA_CHUNK_SIZE = 64  # fla's chunk_kda default, the size its chunk tables are bu
 
 
 def _chunk_tables_ready(layout: BatchLayout) -> None:
-    """Builds fla's chunk table for ``layout`` on a side stream, once per layout, before chunk_kda asks for it.
+    """Builds fla's chunk table for ``layout`` on a side stream, once per layout, before chunk_kda asks for it (and
+    hands it to fla's short conv, whose chunks are of the same 64 tokens).
 
     fla makes the table on the host and copies it to the GPU from pageable memory, a copy that waits for every kernel
     queued on its stream: on the compute stream, each new batch would stop the host from queuing ahead. Made here on
@@ -194,6 +195,12 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, out
     if cp_context is not None:
         _check_cp_call(x, initial_state, output_final_state, cu_seqlens, "causal_conv1d")
         return _fla().causal_conv1d(x, weight=weight, bias=bias, activation=activation, cp_context=cp_context)
+    tables = {}
+    if cu_seqlens is not None:
+        # fla's conv would build its table (chunks of 64, as chunk_kda's) on the compute stream, from pageable
+        # memory, at every forward: a wait for all the queued kernels. The layout's side-stream table is the same.
+        _chunk_tables_ready(cu_seqlens)
+        tables["chunk_indices"] = cu_seqlens.__dict__.get("fla_chunk_tables")
     return _fla().causal_conv1d(
         x,
         weight=weight,
@@ -202,6 +209,7 @@ def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None, out
         output_final_state=output_final_state,
         activation=activation,
         **_cu_seqlens_args(cu_seqlens),
+        **tables,
     )
 
 
