@@ -15,6 +15,8 @@ kimitune only (TRL's row would not be like for like, or would not fit; it is lef
 - ``--piece N``: the recomputed layers (and the reference pass, without gradients) computed in pieces of ``N``
   tokens along the packed row (``RunOptions.sequence_piece_len``, kimitune.model.pieces): activations then grow
   with ``N``, not the row's length. Needs ``--ckpt on`` (the pieces are what recomputes). TRL ignores it.
+- ``--tiled-mlp [N]``: every layer's MLP / MoE in shards of tokens (N, or Axolotl's default of about hidden_size
+  tokens a shard), each recomputed in the backward (``RunOptions.mlp_shards``, kimitune.model.tiled_mlp).
 - ``--shared-prompt``: each pair's prompt computed once, both replies continued from its states (``rl_shared_prompt``,
   kimitune.model.shared_prompts); tokens/s still counts the pairs' whole sequences. TRL runs its pairs whole.
 - ``--quant int8|fp8|nf4``: the frozen weights quantised (``kimitune.quant.quantize_model_``, before LoRA), bf16
@@ -109,7 +111,7 @@ def _allocated_gib() -> float:
     return torch.cuda.memory_allocated() / 2**30 if DEVICE == "cuda" else float("nan")
 
 
-def build_kimitune(cfg, state, ckpt: bool, quant: str | None, piece: int | None):
+def build_kimitune(cfg, state, ckpt: bool, quant: str | None, piece: int | None, mlp_shards: int | None = 1):
     """kimitune's model with LoRA and the ``RunOptions`` its passes run with. ``state`` None: the whole 48B, built on
     the device by train_48b.py's ``build`` (bf16, or ``quant``'s form, layer by layer); otherwise from ``state``
     (the weights TRL's row gets too) by lora_peers.build_kimitune, its frozen weights quantised by ``quant`` before
@@ -125,16 +127,16 @@ def build_kimitune(cfg, state, ckpt: bool, quant: str | None, piece: int | None)
         options = RunOptions(recompute_layers=model.recomputed_layers() if ckpt else frozenset())
     else:  # quantize_model_ runs there before apply_lora
         model, _, options = lora_peers.build_kimitune(cfg, state, DEVICE, ckpt=ckpt, quant=quant)
-    return model, replace(options, sequence_piece_len=piece)
+    return model, replace(options, sequence_piece_len=piece, mlp_shards=mlp_shards)
 
 
 def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quant: str | None = None,
-                 piece: int | None = None, shared_prompt: bool = False) -> dict:
+                 piece: int | None = None, shared_prompt: bool = False, mlp_shards: int | None = 1) -> dict:
     from kimitune.train.preference import PreferenceObjective, PreferenceSettings, reference_log_probs
     from kimitune.train.step import TrainStep
 
     _fresh()
-    model, options = build_kimitune(cfg, state, ckpt, quant, piece)
+    model, options = build_kimitune(cfg, state, ckpt, quant, piece, mlp_shards)
     _fresh()  # the peak from the built model on: a quantising build's bf16 transients are not the step's
     built = _allocated_gib()
     batch = packed_batch(examples, shared_prompt)
@@ -218,6 +220,9 @@ def main() -> None:
                         help="kimitune: quantise the frozen weights (before LoRA); TRL's row is then left out")
     parser.add_argument("--shared-prompt", action="store_true",
                         help="kimitune: each pair's prompt computed once (rl_shared_prompt); TRL runs pairs whole")
+    parser.add_argument("--tiled-mlp", nargs="?", const="auto", default=None,
+                        help="kimitune: every layer's MLP / MoE in this many shards of tokens (no number: about "
+                             "hidden_size tokens a shard), each recomputed in the backward; TRL runs them whole")
     parser.add_argument("--work", default="/tmp/dpo_gpu")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU: checks the script only")
@@ -238,6 +243,7 @@ def main() -> None:
             parser.error("--quant leaves no tool to run: pass --tools kimitune")
     if args.piece is not None and "trl" in tools:
         print(f"note: --piece {args.piece} is kimitune's; TRL's row runs its layers whole", flush=True)
+    mlp_shards = 1 if args.tiled_mlp is None else (None if args.tiled_mlp == "auto" else int(args.tiled_mlp))
     if args.smoke:
         DEVICE = "cpu"
         args.pairs, args.prompt, args.reply, args.warmup, args.steps = 2, 16, 8, 1, 2
@@ -252,7 +258,7 @@ def main() -> None:
     for tool in tools:
         if tool == "kimitune":
             rows.append(kimitune_row(cfg, state, examples, args.warmup, args.steps, args.ckpt == "on", args.quant,
-                                     args.piece, args.shared_prompt))
+                                     args.piece, args.shared_prompt, mlp_shards))
         elif tool == "trl":
             rows.append(trl_row(cfg, state, examples, args.warmup, args.steps, tokenizer_dir, args.work,
                                 args.ckpt == "on"))
@@ -261,13 +267,15 @@ def main() -> None:
         ours = tool == "kimitune"
         rows[-1].update(pairs=args.pairs, prompt=args.prompt, reply=args.reply, layers=args.layers, ckpt=args.ckpt,
                         piece=args.piece if ours else None, shared_prompt=args.shared_prompt and ours,
+                        tiled_mlp=args.tiled_mlp if ours else None,
                         weights=(args.quant if ours else None) or unquantised)
         print(json.dumps(rows[-1]), flush=True)
     print("\n| tool | layers | weights | pairs x (prompt + 2 replies) | recompute | piece | tokens/s | step ms "
           "| peak GiB | peak above the built model GiB |\n|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['tool']} | {row['layers']} | {row['weights']} | {args.pairs} x ({args.prompt} + 2 x "
-              f"{args.reply}) | {args.ckpt} | {row['piece'] or 'whole'} | {row['tokens_per_s'] / 1e3:.1f}k "
+              f"{args.reply}) | {args.ckpt} | {row['piece'] or 'whole'}"
+              f"{', tiled MLP ' + str(row['tiled_mlp']) if row['tiled_mlp'] else ''} | {row['tokens_per_s'] / 1e3:.1f}k "
               f"| {row['step_ms']:.0f} | {row['peak_gib']:.1f} | {row['peak_gib'] - row['built_gib']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:

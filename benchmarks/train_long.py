@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--bits", type=int, choices=(16, 8, 4), default=16)
     parser.add_argument("--seq", default="32768,65536,131072,262144", help="comma-separated lengths, shortest first")
     parser.add_argument("--piece", type=int, default=16384, help="sequence_piece_len: tokens per piece")
+    parser.add_argument("--tiled-mlp", nargs="?", const="auto", default=None,
+                        help="tiled_mlp: every layer's MLP / MoE in this many shards of each piece (no number: about "
+                             "hidden_size tokens a shard), each recomputed in the backward")
     parser.add_argument("--offload", action="store_true", help="activation_offloading: saved tensors on the host")
     parser.add_argument("--cap-gib", type=float, default=None, help="cap the GPU memory this process may use")
     parser.add_argument("--warmup", type=int, default=1)
@@ -54,11 +57,13 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"{gpu}: {args.bits}-bit weights {weight_bytes(model) / GiB:.1f} GiB, built in {build_s:.0f} s; pieces of "
           f"{piece} tokens; cap {args.cap_gib or '-'} GiB", flush=True)
-    options = RunOptions(recompute_layers=model.recomputed_layers(), sequence_piece_len=piece)
+    mlp_shards = 1 if args.tiled_mlp is None else (None if args.tiled_mlp == "auto" else int(args.tiled_mlp))
+    options = RunOptions(recompute_layers=model.recomputed_layers(), sequence_piece_len=piece, mlp_shards=mlp_shards)
     rows, longest = [], None
     for seq in seqs:
         result = run_seq(model, cfg, seq, args.warmup, args.steps, device, options, offload=args.offload)
-        result.update(bits=args.bits, seq=seq, piece=piece, cap_gib=args.cap_gib, offload=args.offload)
+        result.update(bits=args.bits, seq=seq, piece=piece, cap_gib=args.cap_gib, offload=args.offload,
+                      tiled_mlp=args.tiled_mlp)
         rows.append(result)
         print(json.dumps(result), flush=True)
         if result.get("oom"):

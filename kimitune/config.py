@@ -268,6 +268,17 @@ class TrainConfig(_Strict):
         default=None, ge=1, description="How many decoder layers recompute, spread evenly over the stack (unset: "
         "all). Fewer is faster and holds more activations; `kimitune plan` suggests the fewest that fit."
     )
+    tiled_mlp: bool = Field(
+        default=False, description="Axolotl's tiled MLP: every decoder layer's MLP or MoE runs in shards of tokens, "
+        "each recomputed on its own in the backward, so one shard's expert activations are alive at a time instead "
+        "of the whole row's (inside a recomputed layer, or a piece of one, too), for one more forward of the block. "
+        "The result is the same."
+    )
+    tiled_mlp_num_shards: int | None = Field(
+        default=None, ge=1, description="With tiled_mlp: the shards of each layer call's tokens (a row, or a piece "
+        "of one with sequence_piece_len). Unset: shards of about hidden_size tokens (ceil(tokens / hidden_size), "
+        "Axolotl's default)."
+    )
     activation_offloading: bool = Field(
         default=False, description="Keep what the forward saves for the backward (with gradient_checkpointing: "
         "each recomputed layer's input and the states between pieces) in pinned CPU memory, copied out while the "
@@ -437,6 +448,8 @@ class TrainConfig(_Strict):
             if together:
                 raise ValueError(f"context_parallel_size > 1 does not work with {', '.join(together)} yet: a row split "
                                  "across ranks is fine-tuned with whole layers on each rank")
+        if self.tiled_mlp_num_shards is not None and not self.tiled_mlp:
+            raise ValueError("tiled_mlp_num_shards only applies with tiled_mlp: true")
         if self.fsdp_version not in (None, 2):
             raise ValueError(f"fsdp_version: kimitune shards with FSDP2 only: set 2 (got {self.fsdp_version})")
         if self.warmup_steps is not None and self.warmup_ratio is not None:
@@ -471,6 +484,7 @@ class TrainConfig(_Strict):
 
 # Axolotl keys that kimitune accepts but that change nothing here, with the reason given in the warning.
 INERT_KEYS: dict[str, str] = {
+    "tiled_mlp_use_original_mlp": "kimitune tiles the model's own MLP and MoE",
     "strict": "kimitune always loads strictly and names any mismatched tensor",
     "hub_model_id": "kimitune does not upload; push output_dir yourself",
     "hub_strategy": "kimitune does not upload",
@@ -525,20 +539,9 @@ def _closest_key(key: str, known: list[str]) -> str:
     return f"; did you mean `{match[0]}`?" if match else ""
 
 
-# Axolotl keys whose job kimitune does another way, or not yet: refused, with what to use instead.
-NOT_SUPPORTED: dict[str, str] = {
-    "tiled_mlp": "kimitune tiles the MLP and MoE along the sequence with each layer's pieces: set "
-                 "gradient_checkpointing: true and sequence_piece_len",
-    "tiled_mlp_num_shards": "kimitune tiles the MLP and MoE along the sequence with each layer's pieces: set "
-                            "gradient_checkpointing: true and sequence_piece_len (tokens per piece)",
-}
-
-
 def _check_keys(raw: dict[str, Any], model: type[BaseModel], where: str, inert: dict[str, str]) -> None:
     known = list(model.model_fields)
     for key in raw:
-        if key in NOT_SUPPORTED and key not in model.model_fields:
-            raise ConfigError(f"{where}: `{key}` is not supported: {NOT_SUPPORTED[key]}")
         if key not in model.model_fields and key not in inert:
             raise ConfigError(f"{where}: unknown key `{key}`{_closest_key(key, known + list(inert))}")
 

@@ -16,7 +16,7 @@ SMOKE_RUNS = {
     "train_gpu": ["benchmarks/train_gpu.py", "--smoke", "--rows", "kimitune,kimitune+fp8,peer", "--seq", "128",
                   "--ckpt", "off,on", "--warmup", "1", "--steps", "1"],
     "train_48b": ["benchmarks/train_48b.py", "--smoke"],
-    "train_long": ["benchmarks/train_long.py", "--smoke"],
+    "train_long": ["benchmarks/train_long.py", "--smoke", "--tiled-mlp"],
     "long_data": ["benchmarks/long_data.py", "--words", "2000"],
     "train_multi_gpu": ["benchmarks/train_multi_gpu.py", "--smoke", "--gpus", "1,2", "--seq", "64", "--reshard",
                         "on,off", "--warmup", "1", "--steps", "1"],
@@ -24,7 +24,7 @@ SMOKE_RUNS = {
     "ce_lora": ["benchmarks/ce_lora.py", "speed", "--tiny", "--seq", "128", "--warmup", "1", "--steps", "1"],
     "loss_gpu": ["benchmarks/loss_gpu.py", "--device", "cpu", "--rows", "256,300", "--warmup", "1", "--steps", "1"],
     "train_product": ["benchmarks/train_product.py", "--smoke"],
-    "dpo_gpu": ["benchmarks/dpo_gpu.py", "--smoke", "--piece", "8"],
+    "dpo_gpu": ["benchmarks/dpo_gpu.py", "--smoke", "--piece", "8", "--tiled-mlp", "2"],
     "fp8_loss": ["benchmarks/fp8_loss.py", "--smoke"],
     "fp8_grouped": ["benchmarks/fp8_grouped.py", "--smoke", "--repeats", "1"],
 }

@@ -424,6 +424,25 @@ def test_layers_in_pieces_hold_one_piece_of_a_layer_and_what_passes_between_piec
     assert same.peak_allocated == whole.peak_allocated
 
 
+def test_tiled_mlp_counts_one_shard_of_a_feed_forward_block():
+    """tiled_mlp: a layer keeps its feed-forward block's input only, and the backward rebuilds one shard of the
+    block at a time (its kept terms, its forward working set), recomputed layers or not, in pieces or not."""
+    cfg = widths_48b()
+    b, C = 2, 2304
+    moe = cfg.num_experts_per_token * b * (C + 3 * cfg.moe_intermediate_size)  # one routed copy's working set
+    for keys in ({}, {"gradient_checkpointing": True}, {"gradient_checkpointing": True, "sequence_len": 16384},
+                 {"gradient_checkpointing": True, "sequence_len": 16384, "sequence_piece_len": 4096}):
+        whole = predict_peak_memory(train_config(**keys), cfg)
+        tiled = predict_peak_memory(train_config(tiled_mlp=True, **keys), cfg)
+        two, four = (predict_peak_memory(train_config(tiled_mlp=True, tiled_mlp_num_shards=n, **keys), cfg)
+                     for n in (2, 4))
+        tokens = min(keys.get("sequence_piece_len", 4096), keys.get("sequence_len", 4096))
+        # Axolotl's default: shards of about hidden_size tokens; the MoE working set of the rest is gone
+        assert whole.peak_allocated - tiled.peak_allocated > moe * (tokens - C), keys
+        assert four.peak_allocated < two.peak_allocated < whole.peak_allocated, keys
+        assert tiled.settings["tiled_mlp"] and not whole.settings["tiled_mlp"]
+
+
 def test_a_long_row_that_does_not_fit_is_told_to_run_in_pieces():
     """On an H200-sized GPU (130 GiB): the 48B in 8-bit at 262,144 tokens fits only in pieces; the longest piece
     tried (65,536: longer ones gain little speed) that fits is named."""

@@ -38,6 +38,7 @@ from kimitune.model.norm import GatedRMSNorm, RMSNorm
 from kimitune.model.options import RunOptions
 from kimitune.model.pieces import checkpointed, layer_in_pieces
 from kimitune.model.shared_prompts import PromptSplit, layer_after_prompts
+from kimitune.model.tiled_mlp import tiled_feed_forward
 from kimitune.ops import BatchLayout
 from kimitune.ops.loss import IGNORE_INDEX, REDUCTIONS, LossRows, linear_cross_entropy
 
@@ -105,6 +106,9 @@ class KimiLinearDecoderLayer(nn.Module):
         attn_out, new_state = self.self_attn(self.input_layernorm(h), layout, state, return_state, **attention_options)
         h = h + attn_out
         mlp_in = self.post_attention_layernorm(h)
+        if options.mlp_shards != 1 and torch.is_grad_enabled():  # nothing to save without gradients
+            out, router = tiled_feed_forward(self.mlp, mlp_in, options.mlp_shards)
+            return h + out, router, new_state
         if not self.is_moe:
             return h + self.mlp(mlp_in), None, new_state
         moe = self.mlp(mlp_in)

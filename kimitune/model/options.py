@@ -25,7 +25,10 @@ class RunOptions:
     one segment's while it is rebuilt); 1: every layer keeps its input. context_parallel: the process group over
     whose ranks each row is split (model/context_parallel.py; every rank gets the whole row and computes its share);
     None: no split. prompt_sequences: n > 0 for a row of preference pairs whose prompts are computed once
-    (model/shared_prompts.py: the first n packed sequences are the prompts, the next 2n their replies); 0: none."""
+    (model/shared_prompts.py: the first n packed sequences are the prompts, the next 2n their replies); 0: none.
+    mlp_shards: with gradients, every decoder layer's MLP or MoE runs in this many shards of each call's tokens,
+    each recomputed in the backward (model/tiled_mlp.py, Axolotl's tiled_mlp); None: shards of about hidden_size
+    tokens (``ceil(tokens / hidden_size)``, Axolotl's default); 1: whole."""
 
     recompute_layers: frozenset[int] = frozenset()
     kda_keep_intermediates: bool = False
@@ -35,6 +38,7 @@ class RunOptions:
     segment_layers: int = 1
     context_parallel: Any = None  # a torch.distributed ProcessGroup
     prompt_sequences: int = 0
+    mlp_shards: int | None = 1
 
     def aux_loss_coef(self, config) -> float:
         """The load-balancing loss's weight: these options', else the model config's."""
@@ -42,4 +46,7 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "recompute_layers", frozenset(self.recompute_layers))
+        if self.mlp_shards is not None and self.mlp_shards < 1:
+            raise ValueError(f"mlp_shards must be at least 1 (or None: shards of about hidden_size tokens), got "
+                             f"{self.mlp_shards}")
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 from kimitune.config import TrainConfig
 from kimitune.model.configuration import KimiLinearConfig
 from kimitune.model.summary import format_count
+from kimitune.model.tiled_mlp import shard_count
 from kimitune.plan import activations
 from kimitune.plan.activations import Kernels
 from kimitune.plan.parts import GIB, MemoryItem, MemoryPlan, Part
@@ -90,7 +91,9 @@ def predict_peak_memory(
                 if isinstance(layer.attention, MLAShape) and i not in recomputed]
         latents = sum(mla.latent_and_shared_key for mla in kept) * row * 2.0
         items.append(MemoryItem(Part.GATHERED_LATENTS, latents, f"{len(kept)} MLA layers x {row:,} tokens"))
-    items += _transients(shapes, recomputed, T, pieced_tokens(train, T) if recomputed else T, quant, items[-1].bytes)
+    P = pieced_tokens(train, T) if recomputed else T
+    items += _transients(shapes, recomputed, T, feed_forward_tokens(train, shapes.hidden_size, P), quant,
+                         items[-1].bytes)
 
     peak = sum(item.bytes for item in items)
     overhead = ALLOCATOR_OVERHEAD * (peak - items[0].bytes) + CUDA_CONTEXT
@@ -100,7 +103,7 @@ def predict_peak_memory(
         "recomputed_layers": len(recomputed), "adapter": train.adapter,
         "quantisation": quant, "loss": loss, "autocast": autocast, "packed": packed, "fused_kernels": fused,
         "kda_keep_intermediates": train.kda_keep_intermediates, "sequence_piece_len": train.sequence_piece_len,
-        "activation_offloading": train.activation_offloading,
+        "activation_offloading": train.activation_offloading, "tiled_mlp": train.tiled_mlp,
     }
     return MemoryPlan(items, T, peak, peak + overhead, settings)
 
@@ -153,9 +156,19 @@ def _activations(train: TrainConfig, shapes: ModelShapes, kernels: Kernels, reco
     b = ACTIVATION_BYTES
     C = shapes.hidden_size
     aux = train.router_aux_loss_coef > 0
-    per_layer = [activations.layer(layer, b, kernels, aux).total
-                 + (activations.full_finetune_inputs(layer, b) if train.adapter is None else 0)
-                 for layer in shapes.layers]
+    terms = [activations.layer(layer, b, kernels, aux) for layer in shapes.layers]
+    full_inputs = [activations.full_finetune_inputs(layer, b) if train.adapter is None else 0
+                   for layer in shapes.layers]
+    # Per token, what a layer keeps over all its tokens, and what one shard of its feed-forward block holds at a
+    # time besides (its kept terms and forward working set): with tiled_mlp the block keeps only its input (b * C).
+    if train.tiled_mlp:
+        per_layer = [t.norms + activations.total(t.attention) + (b * C if t.feed_forward else 0) + f
+                     for t, f in zip(terms, full_inputs)]
+        per_shard = [activations.total(t.feed_forward) + activations.forward_working_set(layer, b)
+                     for t, layer in zip(terms, shapes.layers)]
+    else:
+        per_layer = [t.total + f for t, f in zip(terms, full_inputs)]
+        per_shard = [activations.forward_working_set(layer, b) for layer in shapes.layers]
     items = []
     P = pieced_tokens(train, T)
     if recomputed:
@@ -163,9 +176,11 @@ def _activations(train: TrainConfig, shapes: ModelShapes, kernels: Kernels, reco
         # The backward reaches a recomputed layer j still holding the whole layers below it: the peak is the
         # largest such sum with j's rebuilt activations and its forward working set (the recomputation runs inside
         # the backward; of one piece when the layers run in pieces, whose MLA pieces attend over the earlier
-        # pieces one at a time), or all whole layers at the backward's start.
+        # pieces one at a time; of one shard of the feed-forward block with tiled_mlp), or all whole layers at the
+        # backward's start.
+        Q = feed_forward_tokens(train, C, P)
         rebuilt = max(sum(per_layer[i] for i in range(j) if i not in recomputed) * T
-                      + (per_layer[j] + activations.forward_working_set(shapes.layers[j], b)) * P
+                      + per_layer[j] * P + per_shard[j] * Q
                       + (activations.piece_attention_keys(shapes.layers[j], b, P) if P < T else 0)
                       for j in recomputed)
         k = train.recompute_segment_layers
@@ -190,8 +205,11 @@ def _activations(train: TrainConfig, shapes: ModelShapes, kernels: Kernels, reco
         items.append(MemoryItem(Part.REBUILT_LAYER, max(0, rebuilt - sum(whole) * T),
                                 note + ", and its forward working set"))
     else:
-        items.append(MemoryItem(Part.ACTIVATIONS, sum(per_layer) * T,
-                                f"{sum(per_layer) / 1024:.0f} KiB per token over {len(per_layer)} layers"))
+        # with tiled_mlp the backward rebuilds one shard of a feed-forward block at a time
+        shard = max(per_shard) * feed_forward_tokens(train, C, T) if train.tiled_mlp else 0
+        items.append(MemoryItem(Part.ACTIVATIONS, sum(per_layer) * T + shard,
+                                f"{sum(per_layer) / 1024:.0f} KiB per token over {len(per_layer)} layers"
+                                + (", and one feed-forward shard" if shard else "")))
     kept = activations.rms_norm(shapes.final_norm, b, kernels) + activations.loss(C, b) + BATCH_BYTES
     if loss == "full":
         kept += (2 + 4 + 4) * shapes.vocab_size
@@ -225,17 +243,26 @@ def pieced_tokens(train: TrainConfig, T: int) -> int:
     return min(train.sequence_piece_len or T, T)
 
 
+def feed_forward_tokens(train: TrainConfig, hidden_size: int, P: int) -> int:
+    """The tokens a feed-forward block works on at a time in a layer call of ``P`` tokens: one shard's with
+    ``tiled_mlp`` (model/tiled_mlp.py), else ``P``."""
+    if not train.tiled_mlp:
+        return P
+    return -(-P // shard_count(P, hidden_size, train.tiled_mlp_num_shards))
+
+
 def _transients(shapes: ModelShapes, recomputed: set[int], T: int, P: int, quant: str | None,
                 loss_bytes: float) -> list[MemoryItem]:
-    """Memory held for a moment at the peak: one layer's backward gradient buffers (those of its MoE for one piece
-    of ``P`` tokens, the gradients of its input and output for all ``T``), or the last layer's forward working set
-    at the forward's end (without recomputation, over every layer's activations, before the loss)."""
+    """Memory held for a moment at the peak: one layer's backward gradient buffers (those of its MoE for the ``P``
+    tokens it works on at a time: a piece's, or a shard's, the gradients of its input and output for all ``T``), or
+    the last layer's forward working set at the forward's end (without recomputation, over every layer's
+    activations, before the loss)."""
     b = ACTIVATION_BYTES
     top_k = max((layer.feed_forward.top_k for layer in shapes.layers if layer.is_moe), default=0)
     transient = b * shapes.hidden_size * (top_k * P + 2 * T)
     note = "one layer's backward gradient buffers"
     if not recomputed:
-        working = activations.forward_working_set(shapes.layers[-1], b) * T - loss_bytes
+        working = activations.forward_working_set(shapes.layers[-1], b) * P - loss_bytes
         if working > transient:
             transient, note = working, "the last layer's forward working set (the peak is at the forward's end)"
     items = [MemoryItem(Part.TRANSIENT, transient, note)]

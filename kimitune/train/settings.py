@@ -50,10 +50,11 @@ def run_options(config: TrainConfig, model: KimiLinearForCausalLM, sharded: bool
                 context_group=None) -> RunOptions:
     """How the training passes run: the recomputed layers (gradient_checkpointing and gradient_checkpointing_layers,
     or FSDP's activation_checkpointing when ``sharded``), kda_keep_intermediates, router_aux_loss_coef,
-    sequence_piece_len, recompute_segment_layers, and ``context_group``: the ranks that split each row (the
-    ``World``'s, under context_parallel_size) or None."""
+    sequence_piece_len, recompute_segment_layers, tiled_mlp (its shards), and ``context_group``: the ranks that split
+    each row (the ``World``'s, under context_parallel_size) or None."""
     recompute = model.recomputed_layers(config.gradient_checkpointing_layers) \
         if config.recomputes_layers(sharded=sharded) else frozenset()
     return RunOptions(recompute_layers=recompute, kda_keep_intermediates=config.kda_keep_intermediates,
                       router_aux_loss_coef=config.router_aux_loss_coef, sequence_piece_len=config.sequence_piece_len,
-                      segment_layers=config.recompute_segment_layers, context_parallel=context_group)
+                      segment_layers=config.recompute_segment_layers, context_parallel=context_group,
+                      mlp_shards=config.tiled_mlp_num_shards if config.tiled_mlp else 1)

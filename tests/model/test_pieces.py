@@ -46,7 +46,6 @@ TOLERANCE = 5e-5
                          ids=["unpacked-5", "unpacked-1", "packed-6", "packed-4"])
 def test_pieces_equal_the_whole_layer(lora, packed, piece):
     model = build(lora, aux=0.01)
-    tolerance = TOLERANCE
     generator = torch.Generator().manual_seed(1)
     if packed:
         input_ids = torch.randint(0, 250, (1, PACKED_BOUNDS[-1]), generator=generator)
@@ -58,12 +57,18 @@ def test_pieces_equal_the_whole_layer(lora, packed, piece):
     pieces = step(model, input_ids, cu_seqlens, RunOptions(recompute_layers=everything, sequence_piece_len=piece))
     plain = step(model, input_ids, cu_seqlens, RunOptions())
     for name, reference in (("recomputed whole", whole), ("not recomputed", plain)):
-        assert_close_to_scale(pieces[0], reference[0], tolerance, f"loss vs {name}")
-        assert_close_to_scale(pieces[1], reference[1], tolerance, f"aux loss vs {name}")
-        assert torch.equal(pieces[2], reference[2]), f"router counts vs {name}"
-        assert pieces[3].keys() == reference[3].keys()
-        for key in reference[3]:
-            assert_close_to_scale(pieces[3][key], reference[3][key], tolerance, f"{key} vs {name}")
+        assert_same_step(pieces, reference, f"vs {name}")
+
+
+def assert_same_step(actual, expected, name):
+    """Two ``step`` results equal: loss, aux loss and every gradient to TOLERANCE of their scale, router counts
+    exactly."""
+    assert_close_to_scale(actual[0], expected[0], TOLERANCE, f"loss {name}")
+    assert_close_to_scale(actual[1], expected[1], TOLERANCE, f"aux loss {name}")
+    assert torch.equal(actual[2], expected[2]), f"router counts {name}"
+    assert actual[3].keys() == expected[3].keys()
+    for key in expected[3]:
+        assert_close_to_scale(actual[3][key], expected[3][key], TOLERANCE, f"{key} {name}")
 
 
 def test_a_piece_as_long_as_the_row_is_the_whole_layer():

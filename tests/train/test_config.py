@@ -138,11 +138,13 @@ def test_gradient_checkpointing_offload_is_axolotls_offloaded_checkpointing():
         parse_config(base | {"gradient_checkpointing": "offload", "activation_offloading": False})
 
 
-@pytest.mark.parametrize("key, value, hint", [("tiled_mlp", True, "sequence_piece_len"),
-                                              ("tiled_mlp_num_shards", 4, "sequence_piece_len")])
-def test_axolotl_keys_done_another_way_are_refused_with_what_to_use(key, value, hint):
+def test_axolotls_tiled_mlp_keys_shard_the_feed_forward_blocks():
     from kimitune.config import ConfigError, parse_config
 
     base = {"init_from_config": "unused", "datasets": [{"path": "d.jsonl", "type": "chat_template"}]}
-    with pytest.raises(ConfigError, match=f"`{key}` is not supported: .*{hint}"):
-        parse_config(base | {key: value})
+    config, warnings = parse_config(base | {"tiled_mlp": True, "tiled_mlp_num_shards": 4,
+                                            "tiled_mlp_use_original_mlp": True})
+    assert config.tiled_mlp and config.tiled_mlp_num_shards == 4
+    assert any("tiled_mlp_use_original_mlp" in warning for warning in warnings)
+    with pytest.raises(ConfigError, match="tiled_mlp_num_shards only applies with tiled_mlp: true"):
+        parse_config(base | {"tiled_mlp_num_shards": 4})

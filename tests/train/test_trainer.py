@@ -114,6 +114,19 @@ def test_layers_in_pieces_train_and_evaluate_as_whole_layers(small_data, tmp_pat
         run(raw_config(small_data, tmp_path / "bad", sequence_piece_len=50))
 
 
+def test_tiled_mlp_trains_as_whole_blocks(small_data, tmp_path):
+    """tiled_mlp (Axolotl's key): every layer's MLP / MoE in shards of the row's tokens, recomputed one at a time in
+    the backward: the same losses, with and without recomputed layers, a given shard count or Axolotl's default."""
+    common = dict(max_steps=3, save_steps=None, eval_steps=None)
+    run(raw_config(small_data, tmp_path / "whole", **common))
+    run(raw_config(small_data, tmp_path / "tiled", tiled_mlp=True, tiled_mlp_num_shards=3, **common))
+    run(raw_config(small_data, tmp_path / "both", tiled_mlp=True, gradient_checkpointing=True, **common))
+    whole = [loss for _, loss in losses(tmp_path / "whole")]
+    assert len(whole) == 3
+    for name in ("tiled", "both"):
+        assert [loss for _, loss in losses(tmp_path / name)] == pytest.approx(whole, rel=1e-5)
+
+
 def test_kda_keep_intermediates_reaches_the_model(small_data, tmp_path, monkeypatch):
     from kimitune.model import KimiLinearForCausalLM
 
