@@ -148,6 +148,36 @@ def test_a_new_process_is_seeded_with_the_candidates_that_were_chosen(clean_env,
     assert tuned_kernels.seed_autotuners([other], folder) == 0 and other.cache == {}
 
 
+def test_a_choice_is_kept_as_soon_as_it_is_tuned(clean_env):
+    """Once seeded, an autotuner writes each new key's choice right after the launch that tuned it: a first run
+    stopped before its first step is over (minutes of tuning on a new machine) leaves what it tuned."""
+    folder = clean_env / "configs"
+    chosen = Config({"BT": 64}, num_warps=8)
+    tuner = Autotuner("kernel", {}, configs=[Config({"BT": 16}), chosen])
+    launches = []
+
+    def run(*args, **kwargs):  # Triton's Autotuner.run: tunes the key it has not seen, then launches
+        key = (kwargs["H"],)
+        if key not in tuner.cache:
+            tuner.cache[key] = chosen
+        launches.append(key)
+        return "launched"
+
+    tuner.run = run
+    assert tuned_kernels.seed_autotuners([tuner], folder) == 0
+    assert tuner.run(grid=None, H=32) == "launched"
+    entries = json.loads((folder / "kernel.json").read_text())["autotune_entries"]
+    assert [e["autotune_key"] for e in entries.values()] == [[32]]
+    mtime = (folder / "kernel.json").stat().st_mtime_ns
+    tuner.run(grid=None, H=32)  # nothing tuned: nothing written
+    assert (folder / "kernel.json").stat().st_mtime_ns == mtime and launches == [(32,), (32,)]
+    tuner.run(grid=None, H=64)
+    assert len(json.loads((folder / "kernel.json").read_text())["autotune_entries"]) == 2
+    wrapped = tuner.run
+    tuned_kernels.keep_as_tuned(tuner, folder)
+    assert tuner.run is wrapped  # wrapped once
+
+
 def test_shipped_configs_parse():
     """Every shipped file is fla's format, with entries keyed by the hash of their own key."""
     files = sorted(tuned_kernels.SHIPPED.glob("*/fla-*/*.json"))

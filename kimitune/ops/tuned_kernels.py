@@ -173,7 +173,8 @@ def _is_autotuner(value: Any) -> bool:
 def seed_autotuners(autotuners: list[Any] | None = None, folder: Path | None = None) -> int:
     """Fills the autotuners' in-memory results with the stored configs for their keys (each autotuner once; a key
     it already has stays); returns how many keys were seeded. A stored config must be one of the kernel's
-    candidates (the same kwargs, warps, stages and CTAs), and that candidate itself is used."""
+    candidates (the same kwargs, warps, stages and CTAs), and that candidate itself is used. From then on each
+    autotuner keeps what it tunes as it tunes it (`keep_as_tuned`)."""
     folder = folder or _config_dir
     if folder is None:
         return 0
@@ -182,6 +183,7 @@ def seed_autotuners(autotuners: list[Any] | None = None, folder: Path | None = N
         if id(autotuner) in _seeded:
             continue
         _seeded.add(id(autotuner))
+        keep_as_tuned(autotuner, folder)
         candidates = {json.dumps(serialize_config(c), sort_keys=True): c for c in autotuner.configs}
         for entry in read_entries(folder / f"{kernel_name(autotuner)}.json").values():
             key = tuple(entry.get("autotune_key") or ())
@@ -190,6 +192,25 @@ def seed_autotuners(autotuners: list[Any] | None = None, folder: Path | None = N
                 autotuner.cache[key] = config
                 seeded += 1
     return seeded
+
+
+def keep_as_tuned(autotuner: Any, folder: Path) -> None:
+    """Makes ``autotuner`` write its choice to ``folder`` right after it tunes a new key (a launch whose run grew
+    its results), so that a process stopped in the middle of a first run, minutes of tuning on a new machine,
+    leaves what it tuned for the next one. A launch that tunes nothing costs a length check."""
+    run = getattr(autotuner, "run", None)
+    if run is None or getattr(run, "keeps_as_tuned", False):
+        return
+
+    def run_and_keep(*args: Any, **kwargs: Any) -> Any:
+        known = len(autotuner.cache)
+        result = run(*args, **kwargs)
+        if len(autotuner.cache) != known:
+            save_tuned_configs([autotuner], folder)
+        return result
+
+    run_and_keep.keeps_as_tuned = True  # type: ignore[attr-defined]
+    autotuner.run = run_and_keep  # the instance's own: Triton's launch and heuristics call ``self.run``
 
 
 _seeded: set[int] = set()  # ids of the autotuners seed_autotuners has filled

@@ -5,7 +5,8 @@
 #   bash scripts/device/open_issues.sh quant   # ~10 min: issue 24's expert products, the 48B fp8, the 4-layer rows, the loss
 #   bash scripts/device/open_issues.sh long    # ~9 min: issue 21's lengths, bf16 and 8-bit capped at 80 GiB
 #   bash scripts/device/open_issues.sh dpo     # ~9 min: issue 26's DPO plain, with shared prompts, in pieces, the 48B (int8)
-#   bash scripts/device/open_issues.sh dpo_trl # ~5 min: issue 26's memory target: in pieces and shared prompts beside TRL
+#   bash scripts/device/open_issues.sh dpo_trl # ~7 min: issue 26's memory target: in pieces, shared prompts (and tiled
+#                                              # MLP) beside TRL
 # Several groups run one after another in one call: open_issues.sh tests dpo_trl
 # A fresh machine compiles and autotunes every Triton kernel in its first process (minutes): each group ends by
 # packing the autotuners' choices into $OUT/autotune.tgz; copied to .triton_autotune/ here and carried (carry
@@ -17,6 +18,10 @@ stage() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"
     PYTHONPATH=$([ "$FIRST_CONFIG" = 1 ] && echo "$one_config:")$PYTHONPATH timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "rc $?"; tail -${TAIL:-25} "$OUT/$name.log"; }
 alloc=expandable_segments:True
+# kimitune keeps each fla config it tunes as soon as it is tuned (tuned_kernels.keep_as_tuned): a stage stopped by its
+# timeout still leaves them; $OUT/tuned.tgz brings them back for `python scripts/ship_tuned.py` (this GPU's folder in
+# kimitune/ops/tuned/, so that the next fresh machine of this kind skips the tuning)
+export KIMITUNE_CACHE_DIR=/tmp/kt
 for group in "$@"; do
 case "$group" in
 tests)
@@ -48,9 +53,12 @@ dpo_trl)
     TAIL=10 stage dpo_trl_piece 230 python benchmarks/dpo_gpu.py --pairs 8 --prompt 1024 --reply 512 --piece 2048 \
         --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_piece.json
     TAIL=4 stage dpo_shared 100 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
-        --shared-prompt --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_shared.json ;;
+        --shared-prompt --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_shared.json
+    TAIL=4 stage dpo_shared_tiled 100 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 \
+        --reply 512 --shared-prompt --tiled-mlp --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_shared_tiled.json ;;
 *) echo "usage: open_issues.sh tests|quant|long|dpo|dpo_trl ..."; exit 2 ;;
 esac
 done
 # the autotuners' choices only (the compiled kernels would pass the 16 MiB a file may bring back)
 (cd /tmp && find tcache -name '*.autotune.json' | tar czf "$OUT/autotune.tgz" -T -) && ls -la "$OUT/autotune.tgz"
+[ -d /tmp/kt/tuned_kernels ] && tar czf "$OUT/tuned.tgz" -C /tmp kt/tuned_kernels && ls -la "$OUT/tuned.tgz"
