@@ -441,6 +441,12 @@ def test_tiled_mlp_counts_one_shard_of_a_feed_forward_block():
         assert whole.peak_allocated - tiled.peak_allocated > moe * (tokens - C), keys
         assert four.peak_allocated < two.peak_allocated < whole.peak_allocated, keys
         assert tiled.settings["tiled_mlp"] and not whole.settings["tiled_mlp"]
+    # a run that misses by less than what tiling saves is told to tile
+    train = train_config(gradient_checkpointing=True, sequence_len=16384)
+    between = (predict_peak_memory(train, cfg).device_total
+               + predict_peak_memory(train_config(gradient_checkpointing=True, sequence_len=16384, tiled_mlp=True),
+                                     cfg).device_total) / 2
+    assert {"tiled_mlp": True} in [s.change for s in suggest_settings(train, cfg, between)]
 
 
 def test_a_long_row_that_does_not_fit_is_told_to_run_in_pieces():

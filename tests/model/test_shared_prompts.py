@@ -69,9 +69,10 @@ def build(lora: bool, **widths):
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-@pytest.mark.parametrize("recompute", [False, True], ids=["whole", "recomputed"])
+@pytest.mark.parametrize("recompute, shards", [(False, 1), (True, 1), (True, 3)],
+                         ids=["whole", "recomputed", "recomputed-tiled-mlp"])
 @pytest.mark.parametrize("pad", [0, 4])
-def test_replies_after_a_shared_prompt_equal_replies_after_their_own(lora, recompute, pad):
+def test_replies_after_a_shared_prompt_equal_replies_after_their_own(lora, recompute, shards, pad):
     examples = pairs()
     n = len(examples)
     weights = torch.randn(2 * n, generator=torch.Generator().manual_seed(3))  # a loss that weighs every reply
@@ -81,7 +82,7 @@ def test_replies_after_a_shared_prompt_equal_replies_after_their_own(lora, recom
         model = build(lora)
         ids, labels, bounds = (shared_row if shared else unshared_row)(examples, pad)
         options = RunOptions(recompute_layers=model.recomputed_layers() if recompute else frozenset(),
-                             prompt_sequences=n if shared else 0)
+                             prompt_sequences=n if shared else 0, mlp_shards=shards if shared else 1)
         sums = reply_losses(model, ids, labels, bounds, options, slice(n, 3 * n) if shared else slice(0, 2 * n))
         (sums * weights).sum().backward()
         results.append((sums.detach(), {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
