@@ -158,7 +158,10 @@ def cap_memory(cap_gib: float | None) -> float | None:
 
 
 def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str, options: RunOptions,
-            profile: bool = False, offload: bool = False) -> dict:
+            profile: bool = False, offload: bool = False, progress: bool = False) -> dict:
+    """One length's row: tokens/s over ``steps`` after ``warmup``, losses, peaks, MFU (or ``oom``). ``progress``:
+    a line after every step (its loss, the seconds so far, the peak so far; the loss read waits for the step), so
+    that a run stopped during a long length still tells how far it got."""
     cuda = device == "cuda"
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
@@ -169,7 +172,7 @@ def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str, options:
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    losses = []
+    losses, begun = [], time.perf_counter()
     try:
         with frozen_startup_objects():  # as kimitune's trainer runs its steps
             for i in range(warmup + steps):
@@ -178,6 +181,10 @@ def run_seq(model, cfg, seq: int, warmup: int, steps: int, device: str, options:
                         torch.cuda.synchronize()
                     start = time.perf_counter()
                 losses.append(train_step([batch], batch.num_label_tokens).loss)
+                if progress:
+                    peak = torch.cuda.max_memory_allocated() / GiB if cuda else float("nan")
+                    print(f"  {seq} tokens, step {i + 1}/{warmup + steps}: loss {losses[-1].item():.4f}, "
+                          f"{time.perf_counter() - begun:.0f} s so far, peak {peak:.1f} GiB", flush=True)
         if cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / steps

@@ -61,7 +61,8 @@ def main() -> None:
     options = RunOptions(recompute_layers=model.recomputed_layers(), sequence_piece_len=piece, mlp_shards=mlp_shards)
     rows, longest = [], None
     for seq in seqs:
-        result = run_seq(model, cfg, seq, args.warmup, args.steps, device, options, offload=args.offload)
+        result = run_seq(model, cfg, seq, args.warmup, args.steps, device, options, offload=args.offload,
+                         progress=True)
         result.update(bits=args.bits, seq=seq, piece=piece, cap_gib=args.cap_gib, offload=args.offload,
                       tiled_mlp=args.tiled_mlp)
         rows.append(result)
