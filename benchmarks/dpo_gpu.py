@@ -25,7 +25,8 @@ kimitune only (TRL's row would not be like for like, or would not fit; it is lef
   (train_48b.py's ``build``: no CPU state dict, which at 48B would be too slow and too big); TRL would not fit.
 
 Tokens/s counts the tokens of both sequences of every pair (no padding) over the timed steps; peak is the GPU's
-(kimitune's measured from the built model on: the build's own transients left out).
+(kimitune's measured from the built model on: the build's own transients left out; its JSON row also gives the
+reference pass's peak and the timed steps' apart).
 
     python benchmarks/dpo_gpu.py                         # both tools, 4 layers
     python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512
@@ -141,6 +142,9 @@ def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quan
     built = _allocated_gib()
     batch = packed_batch(examples, shared_prompt)
     reference = reference_log_probs(model, [batch], len(examples), DEVICE, options)
+    reference_peak = _peak_gib()  # the pass without gradients runs its layers whole (or in pieces)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     params = [p for p in model.parameters() if p.requires_grad]
     step = TrainStep(model, torch.optim.AdamW(params, lr=1e-5, fused=DEVICE == "cuda"), DEVICE, options=options,
                      max_grad_norm=1.0, objective=PreferenceObjective(PreferenceSettings("dpo", beta=0.1), reference))
@@ -154,7 +158,8 @@ def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quan
     _sync()
     seconds = (time.perf_counter() - start) / steps
     result = {"tool": "kimitune", "tokens_per_s": batch.num_tokens / seconds, "step_ms": 1e3 * seconds,
-              "peak_gib": _peak_gib(), "built_gib": built, "first_loss": losses[0].item()}
+              "peak_gib": max(reference_peak, _peak_gib()), "built_gib": built, "first_loss": losses[0].item(),
+              "reference_peak_gib": reference_peak, "steps_peak_gib": _peak_gib()}
     del model, step
     return result
 
