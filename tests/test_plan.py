@@ -154,6 +154,20 @@ def test_plan_with_some_layers_recomputed_is_within_5_percent(layers, seq, recom
     assert abs(plan.peak_allocated_gib / measured - 1) < 0.05, (plan.peak_allocated_gib, measured)
 
 
+# The whole 48B with int8 weights, LoRA r=16 on every linear, one sequence, every layer recomputed in pieces of 16,384
+# tokens, offloaded: benchmarks/train_long.py on an H100 80 GB (benchmarks/RESULTS.md, 2026-12-07).
+MEASURED_LONG = [(131072, 53.6), (262144, 56.0)]
+
+
+@pytest.mark.parametrize("seq, measured", MEASURED_LONG)
+def test_plan_of_a_long_row_in_pieces_is_within_5_percent(seq, measured):
+    cfg = KimiLinearConfig.from_pretrained(ROOT / "examples/models/kimi-linear-48b-a3b.json")
+    config = train_config(sequence_len=seq, load_in_8bit=True, gradient_checkpointing=True, sequence_piece_len=16384,
+                          activation_offloading=True)
+    plan = predict_peak_memory(config, cfg, autocast=False, packed=False, fused=True)
+    assert abs(plan.peak_allocated_gib / measured - 1) < 0.05, (plan.peak_allocated_gib, measured)
+
+
 def test_kept_kda_intermediates_add_18_bytes_per_channel_in_each_kda_layer():
     """Measured on the whole 48B in bf16 at 8192 tokens, no layer recomputed, one H200 (benchmarks/RESULTS.md,
     2026-11-26): 121.4 GiB, and 132.6 with kda_keep_intermediates (train_48b.py --kda-keep)."""
