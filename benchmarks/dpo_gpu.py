@@ -248,7 +248,7 @@ def main() -> None:
             parser.error("--quant leaves no tool to run: pass --tools kimitune")
     if args.piece is not None and "trl" in tools:
         print(f"note: --piece {args.piece} is kimitune's; TRL's row runs its layers whole", flush=True)
-    mlp_shards = 1 if args.tiled_mlp is None else (None if args.tiled_mlp == "auto" else int(args.tiled_mlp))
+    mlp_shards = lora_peers.mlp_shards(args.tiled_mlp)
     if args.smoke:
         DEVICE = "cpu"
         args.pairs, args.prompt, args.reply, args.warmup, args.steps = 2, 16, 8, 1, 2

@@ -125,3 +125,11 @@ def planned_peak_gib(cfg: KimiLinearConfig, tool: str, seq: int, ckpt: bool, ckp
                              "optimizer": "adamw_torch_fused", "load_in_fp8": quant == "fp8",
                              "load_in_8bit": quant == "int8"})
     return predict_peak_memory(train, cfg, autocast=False, packed=False).peak_allocated_gib
+
+
+def mlp_shards(tiled_mlp: str | None) -> int | None:
+    """A benchmark's ``--tiled-mlp [N]`` as ``RunOptions.mlp_shards``: not given, 1 (whole blocks); given without a
+    number ("auto"), None (shards of about hidden_size tokens); else N."""
+    if tiled_mlp is None:
+        return 1
+    return None if tiled_mlp == "auto" else int(tiled_mlp)

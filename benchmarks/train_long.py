@@ -22,6 +22,7 @@ import json
 
 import torch
 
+import lora_peers  # benchmarks/lora_peers.py
 from kimitune.model import KimiLinearConfig, RunOptions
 from kimitune.quant import QuantSpec, weight_bytes
 from train_48b import GiB, build, run_seq, smoke_config  # benchmarks/train_48b.py
@@ -57,7 +58,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"{gpu}: {args.bits}-bit weights {weight_bytes(model) / GiB:.1f} GiB, built in {build_s:.0f} s; pieces of "
           f"{piece} tokens; cap {args.cap_gib or '-'} GiB", flush=True)
-    mlp_shards = 1 if args.tiled_mlp is None else (None if args.tiled_mlp == "auto" else int(args.tiled_mlp))
+    mlp_shards = lora_peers.mlp_shards(args.tiled_mlp)
     options = RunOptions(recompute_layers=model.recomputed_layers(), sequence_piece_len=piece, mlp_shards=mlp_shards)
     rows, longest = [], None
     for seq in seqs:

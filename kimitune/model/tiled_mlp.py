@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kimitune.model.moe import KimiLinearMoE, RouterTerms
+from kimitune.model.pieces import router_tensors
 
 
 def shard_count(tokens: int, hidden_size: int, shards: int | None) -> int:
@@ -34,7 +35,7 @@ def shard_count(tokens: int, hidden_size: int, shards: int | None) -> int:
 def _shard(block: nn.Module, x: torch.Tensor):
     out = block(x)
     if isinstance(block, KimiLinearMoE):
-        return out.hidden, out.router.tokens_per_expert, out.router.score_sum
+        return out.hidden, *router_tensors(out.router)
     return out, None, None
 
 
