@@ -10,19 +10,25 @@ train LoRA (r=16, alpha=32, all-linear) with AdamW, beta 0.1, on ``--pairs`` pai
 - TRL 1.16: ``DPOTrainer`` on transformers' ``KimiLinearForCausalLM`` with PEFT's LoRA (the reference is the model
   with its adapter disabled, computed every step, TRL's default), the same pairs pre-tokenised, padded per batch.
 
-kimitune only (TRL's row would not be like for like, or would not fit; it is left out with a note or refused):
+kimitune's settings, ``--kimitune SPEC[,SPEC...]`` (one row each, in one process, TRL's row once; a spec joins
+these with ``+``; ``whole``: none of them):
 
-- ``--piece N``: the recomputed layers (and the reference pass, without gradients) computed in pieces of ``N``
+- ``piece=N``: the recomputed layers (and the reference pass, without gradients) computed in pieces of ``N``
   tokens along the packed row (``RunOptions.sequence_piece_len``, kimitune.model.pieces): activations then grow
-  with ``N``, not the row's length. Needs ``--ckpt on`` (the pieces are what recomputes). TRL ignores it.
-- ``--tiled-mlp [N]``: every layer's MLP / MoE in shards of tokens (N, or Axolotl's default of about hidden_size
-  tokens a shard), each recomputed in the backward (``RunOptions.mlp_shards``, kimitune.model.tiled_mlp).
-- ``--shared-prompt``: each pair's prompt computed once, both replies continued from its states (``rl_shared_prompt``,
+  with ``N``, not the row's length. Needs ``--ckpt on`` (the pieces are what recomputes). TRL runs its layers whole.
+- ``tiled`` or ``tiled=N``: every layer's MLP / MoE in shards of tokens (N, or Axolotl's default of about
+  hidden_size tokens a shard), each recomputed in the backward (``RunOptions.mlp_shards``, kimitune.model.tiled_mlp).
+- ``shared``: each pair's prompt computed once, both replies continued from its states (``rl_shared_prompt``,
   kimitune.model.shared_prompts); tokens/s still counts the pairs' whole sequences. TRL runs its pairs whole.
+
+and for every row of kimitune's:
+
 - ``--quant int8|fp8|nf4``: the frozen weights quantised (``kimitune.quant.quantize_model_``, before LoRA), bf16
   compute; TRL is then left out (a note says so).
 - ``--layers 27``: the whole 48B, built straight on the GPU in bf16 or quantised form, one layer at a time
   (train_48b.py's ``build``: no CPU state dict, which at 48B would be too slow and too big); TRL would not fit.
+- ``--trace-peak``: the allocator's history of the first timed step, replayed (benchmarks/peak_trace.py): what is
+  live at its peak, by where it was allocated.
 
 Tokens/s counts the tokens of both sequences of every pair (no padding) over the timed steps; peak is the GPU's
 (kimitune's measured from the built model on: the build's own transients left out; its JSON row also gives the
@@ -30,7 +36,7 @@ reference pass's peak and the timed steps' apart).
 
     python benchmarks/dpo_gpu.py                         # both tools, 4 layers
     python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512
-    python benchmarks/dpo_gpu.py --pairs 8 --prompt 1024 --reply 512 --piece 2048   # pieces: the memory target
+    python benchmarks/dpo_gpu.py --pairs 8 --prompt 1024 --reply 512 --kimitune whole,shared+tiled,piece=2048
     python benchmarks/dpo_gpu.py --tools kimitune --quant int8 --pairs 8 --prompt 1024 --reply 512
     python benchmarks/dpo_gpu.py --tools kimitune --layers 27 --pairs 4 --prompt 1024 --reply 512   # the whole 48B
     python benchmarks/dpo_gpu.py --tools kimitune --layers 27 --quant nf4 --pairs 4 --prompt 1024 --reply 512
@@ -44,7 +50,7 @@ import gc
 import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -53,6 +59,34 @@ from train_gpu import model_config
 
 DEVICE = "cuda"
 WHOLE_48B = 27  # --layers: the 48B's own depth, built as train_48b.py builds it
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One kimitune row's settings: ``--kimitune``'s spec (``whole``, or ``piece=N``, ``tiled[=N]``, ``shared``
+    joined by ``+``)."""
+
+    piece: int | None = None  # RunOptions.sequence_piece_len
+    mlp_shards: int | None = 1  # RunOptions.mlp_shards: 1 whole blocks, None about hidden_size tokens a shard
+    shared_prompt: bool = False
+    name: str = "whole"
+
+    @classmethod
+    def parse(cls, spec: str) -> Setting:
+        piece, shards, shared = None, 1, False
+        for part in spec.split("+"):
+            name, _, value = part.partition("=")
+            if name == "whole" and not value:
+                continue
+            if name == "piece" and value.isdigit() and int(value) > 0:
+                piece = int(value)
+            elif name == "tiled" and (not value or value.isdigit() and int(value) > 0):
+                shards = int(value) if value else None
+            elif name == "shared" and not value:
+                shared = True
+            else:
+                raise ValueError(f"--kimitune: {part!r} in {spec!r} is none of whole, piece=N, tiled, tiled=N, shared")
+        return cls(piece, shards, shared, spec)
 
 
 def random_pairs(pairs: int, prompt: int, reply: int, vocab: int, seed: int = 1) -> list[dict]:
@@ -132,15 +166,16 @@ def build_kimitune(cfg, state, ckpt: bool, quant: str | None, piece: int | None,
 
 
 def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quant: str | None = None,
-                 piece: int | None = None, shared_prompt: bool = False, mlp_shards: int | None = 1) -> dict:
+                 setting: Setting | None = None, trace_peak: bool = False) -> dict:
     from kimitune.train.preference import PreferenceObjective, PreferenceSettings, reference_log_probs
     from kimitune.train.step import TrainStep
 
+    setting = setting or Setting()
     _fresh()
-    model, options = build_kimitune(cfg, state, ckpt, quant, piece, mlp_shards)
+    model, options = build_kimitune(cfg, state, ckpt, quant, setting.piece, setting.mlp_shards)
     _fresh()  # the peak from the built model on: a quantising build's bf16 transients are not the step's
     built = _allocated_gib()
-    batch = packed_batch(examples, shared_prompt)
+    batch = packed_batch(examples, setting.shared_prompt)
     reference = reference_log_probs(model, [batch], len(examples), DEVICE, options)
     reference_peak = _peak_gib()  # the pass without gradients runs its layers whole (or in pieces)
     if DEVICE == "cuda":
@@ -149,17 +184,27 @@ def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quan
     step = TrainStep(model, torch.optim.AdamW(params, lr=1e-5, fused=DEVICE == "cuda"), DEVICE, options=options,
                      max_grad_norm=1.0, objective=PreferenceObjective(PreferenceSettings("dpo", beta=0.1), reference))
     counts = step.objective.denominator([batch])
-    losses = []
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync()
-            start = time.perf_counter()
+    losses, trace = [], None
+    for i in range(warmup):
+        losses.append(step([batch], counts).loss)
+    if trace_peak and DEVICE == "cuda":  # one step more, recorded, before the timed ones
+        import peak_trace  # benchmarks/peak_trace.py
+
+        with peak_trace.recording() as recorded:
+            step([batch], counts)
+        trace = peak_trace.report(recorded["snapshot"])
+        print("\n".join(trace), flush=True)
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
         losses.append(step([batch], counts).loss)
     _sync()
     seconds = (time.perf_counter() - start) / steps
     result = {"tool": "kimitune", "tokens_per_s": batch.num_tokens / seconds, "step_ms": 1e3 * seconds,
               "peak_gib": max(reference_peak, _peak_gib()), "built_gib": built, "first_loss": losses[0].item(),
-              "reference_peak_gib": reference_peak, "steps_peak_gib": _peak_gib()}
+              "reference_peak_gib": reference_peak, "steps_peak_gib": _peak_gib(), "setting": setting.name}
+    if trace is not None:
+        result["peak_trace"] = trace
     del model, step
     return result
 
@@ -175,6 +220,10 @@ def trl_row(cfg, state, examples, warmup: int, steps: int, tokenizer_dir: str, w
 
     _fresh()
     model, _ = lora_peers.build_peer(cfg, state, DEVICE, torch.bfloat16, peft=False)
+    # transformers' Kimi Linear runs fla's kernels too: they start from the same tuned configs as kimitune's
+    from kimitune.ops.tuned_kernels import seed_after_import
+
+    seed_after_import()
     built = _allocated_gib()
     args = DPOConfig(output_dir=work, per_device_train_batch_size=len(examples), max_steps=warmup + steps,
                      learning_rate=1e-5, beta=0.1, report_to=[], logging_steps=10**6, save_strategy="no",
@@ -218,25 +267,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--ckpt", default="on", choices=("on", "off"),
                         help="recompute every decoder layer in the backward (TRL's default, gradient_checkpointing)")
-    parser.add_argument("--piece", type=int, default=None,
-                        help="kimitune: compute the recomputed layers in pieces of this many tokens along the row "
-                             "(RunOptions.sequence_piece_len; needs --ckpt on); TRL ignores it")
     parser.add_argument("--quant", default=None, choices=("int8", "fp8", "nf4"),
                         help="kimitune: quantise the frozen weights (before LoRA); TRL's row is then left out")
-    parser.add_argument("--shared-prompt", action="store_true",
-                        help="kimitune: each pair's prompt computed once (rl_shared_prompt); TRL runs pairs whole")
-    parser.add_argument("--tiled-mlp", nargs="?", const="auto", default=None,
-                        help="kimitune: every layer's MLP / MoE in this many shards of tokens (no number: about "
-                             "hidden_size tokens a shard), each recomputed in the backward; TRL runs them whole")
+    parser.add_argument("--kimitune", default="whole",
+                        help="kimitune's rows, comma-separated: whole, or piece=N, tiled[=N], shared joined by +")
+    parser.add_argument("--trace-peak", action="store_true",
+                        help="kimitune: print what is live at a recorded step's peak, by where it was allocated")
     parser.add_argument("--work", default="/tmp/dpo_gpu")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU: checks the script only")
     args = parser.parse_args()
     tools = args.tools.split(",")
-    if args.piece is not None and args.piece < 1:
-        parser.error("--piece must be at least 1")
-    if args.piece is not None and args.ckpt != "on":
-        parser.error("--piece needs --ckpt on: the pieces are what recomputes (kimitune's sequence_piece_len)")
+    try:
+        settings = [Setting.parse(spec) for spec in args.kimitune.split(",")]
+    except ValueError as error:
+        parser.error(str(error))
+    if any(setting.piece for setting in settings) and args.ckpt != "on":
+        parser.error("piece=N needs --ckpt on: the pieces are what recomputes (kimitune's sequence_piece_len)")
     if args.layers == WHOLE_48B and "trl" in tools:
         parser.error(f"--layers {WHOLE_48B} is the whole 48B, kimitune only (TRL's bf16 model and its per-step "
                      "reference would not fit): pass --tools kimitune")
@@ -246,9 +293,6 @@ def main() -> None:
         tools = [tool for tool in tools if tool != "trl"]
         if not tools:
             parser.error("--quant leaves no tool to run: pass --tools kimitune")
-    if args.piece is not None and "trl" in tools:
-        print(f"note: --piece {args.piece} is kimitune's; TRL's row runs its layers whole", flush=True)
-    mlp_shards = lora_peers.mlp_shards(args.tiled_mlp)
     if args.smoke:
         DEVICE = "cpu"
         args.pairs, args.prompt, args.reply, args.warmup, args.steps = 2, 16, 8, 1, 2
@@ -260,27 +304,26 @@ def main() -> None:
     examples = random_pairs(args.pairs, args.prompt, args.reply, cfg.vocab_size)
     unquantised = "bf16" if dtype == torch.bfloat16 else "fp32"
     rows = []
+    common = dict(pairs=args.pairs, prompt=args.prompt, reply=args.reply, layers=args.layers, ckpt=args.ckpt)
     for tool in tools:
         if tool == "kimitune":
-            rows.append(kimitune_row(cfg, state, examples, args.warmup, args.steps, args.ckpt == "on", args.quant,
-                                     args.piece, args.shared_prompt, mlp_shards))
+            for setting in settings:
+                rows.append(kimitune_row(cfg, state, examples, args.warmup, args.steps, args.ckpt == "on",
+                                         args.quant, setting, args.trace_peak))
+                rows[-1].update(common, weights=args.quant or unquantised)
+                print(json.dumps(rows[-1]), flush=True)
         elif tool == "trl":
             rows.append(trl_row(cfg, state, examples, args.warmup, args.steps, tokenizer_dir, args.work,
                                 args.ckpt == "on"))
+            rows[-1].update(common, setting="whole", weights=unquantised)
+            print(json.dumps(rows[-1]), flush=True)
         else:
             raise SystemExit(f"unknown tool {tool!r}: kimitune or trl")
-        ours = tool == "kimitune"
-        rows[-1].update(pairs=args.pairs, prompt=args.prompt, reply=args.reply, layers=args.layers, ckpt=args.ckpt,
-                        piece=args.piece if ours else None, shared_prompt=args.shared_prompt and ours,
-                        tiled_mlp=args.tiled_mlp if ours else None,
-                        weights=(args.quant if ours else None) or unquantised)
-        print(json.dumps(rows[-1]), flush=True)
-    print("\n| tool | layers | weights | pairs x (prompt + 2 replies) | recompute | piece | tokens/s | step ms "
+    print("\n| tool | layers | weights | pairs x (prompt + 2 replies) | recompute | setting | tokens/s | step ms "
           "| peak GiB | peak above the built model GiB |\n|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['tool']} | {row['layers']} | {row['weights']} | {args.pairs} x ({args.prompt} + 2 x "
-              f"{args.reply}) | {args.ckpt} | {row['piece'] or 'whole'}"
-              f"{', tiled MLP ' + str(row['tiled_mlp']) if row['tiled_mlp'] else ''} | {row['tokens_per_s'] / 1e3:.1f}k "
+              f"{args.reply}) | {args.ckpt} | {row['setting']} | {row['tokens_per_s'] / 1e3:.1f}k "
               f"| {row['step_ms']:.0f} | {row['peak_gib']:.1f} | {row['peak_gib'] - row['built_gib']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -30,6 +30,10 @@ def main(archive: str) -> None:
             added = tuned_kernels.merge_entries(target, data["kernel_name"], data["autotune_entries"],
                                                 data.get("triton_version"))
             print(f"{gpu}/{version}/{file.name}: {added} added")
+        for info in Path(folder).glob("*/tuned_kernels/*/gpu.json"):  # its compute capability: for its siblings
+            target = tuned_kernels.SHIPPED / info.parent.name / "gpu.json"
+            if target.parent.is_dir() and not target.exists():
+                target.write_text(info.read_text())
 
 
 TUNING = re.compile(r"Triton autotuning for function (\w+),\s*with key as (\(.*?\)),\s*finished after [\d.]+s,\s*"

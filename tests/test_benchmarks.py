@@ -24,7 +24,7 @@ SMOKE_RUNS = {
     "ce_lora": ["benchmarks/ce_lora.py", "speed", "--tiny", "--seq", "128", "--warmup", "1", "--steps", "1"],
     "loss_gpu": ["benchmarks/loss_gpu.py", "--device", "cpu", "--rows", "256,300", "--warmup", "1", "--steps", "1"],
     "train_product": ["benchmarks/train_product.py", "--smoke"],
-    "dpo_gpu": ["benchmarks/dpo_gpu.py", "--smoke", "--piece", "8", "--tiled-mlp", "2"],
+    "dpo_gpu": ["benchmarks/dpo_gpu.py", "--smoke", "--kimitune", "piece=8+tiled=2,shared"],
     "fp8_loss": ["benchmarks/fp8_loss.py", "--smoke"],
     "fp8_grouped": ["benchmarks/fp8_grouped.py", "--smoke", "--repeats", "1"],
 }

@@ -123,6 +123,26 @@ def test_use_tuned_configs_seeds_the_user_folder_from_the_shipped_one(clean_env,
     assert len(json.loads((folder / "k.json").read_text())["autotune_entries"]) == 2
 
 
+@pytest.mark.parametrize("capability", [(9, 0), (8, 0)])
+def test_a_gpu_without_shipped_configs_starts_from_a_same_capability_gpus(clean_env, monkeypatch, capability):
+    """An H100 (no folder shipped for it) starts from the H200's configs, the same architecture; a GPU of another
+    capability starts from nothing. Either way its own folder records its capability, for ship_tuned.py."""
+    monkeypatch.setattr(tuned_kernels, "SHIPPED", clean_env / "shipped")
+    shipped_folder(clean_env / "shipped", {"a": {"autotune_key": [1], "config": {"kwargs": {}}}})
+    (clean_env / "shipped" / "NVIDIA_H200" / "gpu.json").write_text('{"name": "NVIDIA H200", "capability": [9, 0]}')
+    folder = tuned_kernels.use_tuned_configs("NVIDIA H100 80GB HBM3", "0.6.0", capability)
+    assert folder == clean_env / "cache" / "tuned_kernels" / "NVIDIA_H100_80GB_HBM3" / "fla-0.6.0"
+    seeded = (folder / "k.json").exists() and json.loads((folder / "k.json").read_text())["autotune_entries"]
+    assert bool(seeded) == (capability == (9, 0))
+    assert json.loads((folder.parent / "gpu.json").read_text())["capability"] == list(capability)
+
+
+def test_the_shipped_gpus_say_their_capability():
+    for folder in sorted(p for p in tuned_kernels.SHIPPED.iterdir() if p.is_dir()):
+        info = json.loads((folder / "gpu.json").read_text())
+        assert len(info["capability"]) == 2 and info["name"].replace(" ", "_") == folder.name
+
+
 def test_caching_off_keeps_nothing(clean_env, monkeypatch):
     monkeypatch.setenv("FLA_CACHE_RESULTS", "0")
     assert tuned_kernels.use_tuned_configs("NVIDIA H200", "0.6.0") is None

@@ -7,7 +7,8 @@ it, so kimitune fills those results before the first launch (`seed_autotuners`, 
 import fla's kernels) from one folder per GPU model and fla version in the user's cache,
 ``$KIMITUNE_CACHE_DIR/tuned_kernels/<GPU>/fla-<version>`` (default ``$XDG_CACHE_HOME/kimitune``, else
 ``~/.cache/kimitune``), which starts as a copy of the configs shipped in ``kimitune/ops/tuned/<GPU>/fla-<version>/``
-(`use_tuned_configs`), and adds what a process tuned (`save_tuned_configs`, after a training step). Only the exact
+(`use_tuned_configs`; a GPU with no shipped folder of its own starts from a same-capability GPU's: an H100 from the
+H200's), and adds what a process tuned (`save_tuned_configs`, after a training step). Only the exact
 key is seeded, and only with one of the kernel's own candidates: never a config chosen for other sizes. Triton's own
 autotune cache (kimitune/triton_env.py) is keyed by hashes of the Triton build and the kernel's source, so it serves
 only the machine that tuned; fla's config files (``FLA_CACHE_MODE``) reach only fla's own autotuner class, not the
@@ -133,9 +134,33 @@ def seed_from(shipped: Path, folder: Path) -> int:
     return added
 
 
-def use_tuned_configs(device_name: str, fla_version: str | None = None) -> Path | None:
-    """This GPU's kernel config folder, the shipped configs merged in, as the folder this process seeds from and
-    saves to; None where the user turned caching off (``FLA_CACHE_RESULTS=0``) or the cache cannot be written."""
+def shipped_folder(device_name: str, fla_version: str, capability: tuple[int, int] | None = None) -> Path:
+    """The shipped configs for this GPU: its own folder, else (when it has none) that of a GPU of the same compute
+    capability (``<GPU>/gpu.json``: ``{"name", "capability"}``), whose kernels have the same shared memory and
+    instructions, so its choices run here, close to the best: an H100 takes the H200's rather than tuning for
+    minutes. A GPU with neither gets its own (missing) folder: nothing is seeded and fla tunes."""
+    own = folder_for(device_name, fla_version, SHIPPED)
+    if own.is_dir() or capability is None:
+        return own
+    for info in sorted(SHIPPED.glob("*/gpu.json")):
+        sibling = info.parent / f"fla-{fla_version}"
+        try:
+            same = tuple(json.loads(info.read_text())["capability"]) == tuple(capability)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if same and sibling.is_dir():
+            logger.info("no kernel configs are shipped for %s: starting from those tuned on %s (compute "
+                        "capability %d.%d)", device_name, info.parent.name, *capability)
+            return sibling
+    return own
+
+
+def use_tuned_configs(device_name: str, fla_version: str | None = None,
+                      capability: tuple[int, int] | None = None) -> Path | None:
+    """This GPU's kernel config folder, the shipped configs merged in (`shipped_folder`: its own, or a same-
+    capability GPU's), as the folder this process seeds from and saves to; None where the user turned caching off
+    (``FLA_CACHE_RESULTS=0``) or the cache cannot be written. ``capability`` is also written beside it (``gpu.json``)
+    so that configs shipped from there (scripts/ship_tuned.py) can serve that GPU's siblings."""
     global _config_dir
     if os.environ.get("FLA_CACHE_RESULTS") == "0":
         return None
@@ -146,7 +171,9 @@ def use_tuned_configs(device_name: str, fla_version: str | None = None) -> Path 
     folder = folder_for(device_name, version, user_cache_root() / "tuned_kernels")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        seed_from(folder_for(device_name, version, SHIPPED), folder)
+        if capability is not None:
+            (folder.parent / "gpu.json").write_text(json.dumps({"name": device_name, "capability": list(capability)}))
+        seed_from(shipped_folder(device_name, version, capability), folder)
     except OSError as error:  # a read-only home: fla tunes as it would without kimitune
         logger.warning("kernel configs are not kept across processes: %s", error)
         return None
@@ -228,7 +255,7 @@ def seed_after_import() -> int:
         return 0
     if not _prepared:
         _prepared = True
-        use_tuned_configs(torch.cuda.get_device_name())
+        use_tuned_configs(torch.cuda.get_device_name(), capability=torch.cuda.get_device_capability())
     return seed_autotuners()
 
 

@@ -4,9 +4,11 @@
 #   bash scripts/device/open_issues.sh tests   # ~4 min: GPU tests (8-bit kernels, FP8, context parallelism at N = 1)
 #   bash scripts/device/open_issues.sh quant   # ~10 min: issue 24's expert products, the 48B fp8, the 4-layer rows, the loss
 #   bash scripts/device/open_issues.sh long    # ~9 min: issue 21's lengths, bf16 and 8-bit capped at 80 GiB
-#   bash scripts/device/open_issues.sh dpo     # ~9 min: issue 26's DPO plain, with shared prompts, in pieces, the 48B (int8)
-#   bash scripts/device/open_issues.sh dpo_trl # ~7 min: issue 26's memory target: in pieces, shared prompts (and tiled
-#                                              # MLP) beside TRL
+#   bash scripts/device/open_issues.sh pieces_tests  # ~2 min: the GPU tests of pieces, tiled MLP and shared prompts
+#   bash scripts/device/open_issues.sh dpo     # ~8 min: issue 26's DPO whole, shared prompts, tiled MLP, pieces; the 48B
+#                                              # (int8)
+#   bash scripts/device/open_issues.sh dpo_trl # ~8 min: issue 26's targets: those settings beside TRL (what is live
+#                                              # at the peak printed), and at twice the lengths
 # Several groups run one after another in one call: open_issues.sh tests dpo_trl
 # A fresh machine compiles and autotunes every Triton kernel in its first process (minutes): each group ends by
 # packing the autotuners' choices into $OUT/autotune.tgz; copied to .triton_autotune/ here and carried (carry
@@ -40,23 +42,22 @@ long)
         --seq 32768,131072,262144 --warmup 1 --steps 2 --json $OUT/long_bf16.json
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_int8 230 python benchmarks/train_long.py --bits 8 \
         --seq 131072,262144 --cap-gib 80 --offload --warmup 1 --steps 2 --json $OUT/long_int8.json ;;
+pieces_tests)
+    FIRST_CONFIG=1 TAIL=12 stage pieces_tests 150 python -m pytest -q -p no:cacheprovider -m gpu -rfEs \
+        tests/model/test_pieces_gpu.py tests/model/test_shared_prompts.py ;;
 dpo)
-    for how in plain shared; do
-        TAIL=4 stage dpo_$how 100 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
-            --ckpt on --warmup 2 --steps 4 $([ $how = shared ] && echo --shared-prompt) --json $OUT/dpo_$how.json
-    done
-    TAIL=8 stage dpo_piece 120 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
-        --piece 2048 --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_piece.json
-    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b 200 python benchmarks/dpo_gpu.py --tools kimitune --layers 27 \
-        --quant int8 --pairs 8 --prompt 1024 --reply 512 --ckpt on --warmup 1 --steps 3 --json $OUT/dpo_48b.json ;;
+    TAIL=8 stage dpo_kimitune 220 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
+        --kimitune whole,shared,shared+tiled,piece=2048 --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_kimitune.json
+    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b 250 python benchmarks/dpo_gpu.py --tools kimitune --layers 27 \
+        --quant int8 --pairs 8 --prompt 1024 --reply 512 --kimitune whole,shared+tiled --ckpt on --warmup 1 \
+        --steps 3 --json $OUT/dpo_48b.json ;;
 dpo_trl)
-    TAIL=10 stage dpo_trl_piece 230 python benchmarks/dpo_gpu.py --pairs 8 --prompt 1024 --reply 512 --piece 2048 \
-        --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_piece.json
-    TAIL=4 stage dpo_shared 100 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
-        --shared-prompt --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_shared.json
-    TAIL=4 stage dpo_shared_tiled 100 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 \
-        --reply 512 --shared-prompt --tiled-mlp --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_shared_tiled.json ;;
-*) echo "usage: open_issues.sh tests|quant|long|dpo|dpo_trl ..."; exit 2 ;;
+    TAIL=40 stage dpo_trl 280 python benchmarks/dpo_gpu.py --pairs 8 --prompt 1024 --reply 512 \
+        --kimitune whole,shared,shared+tiled,piece=2048 --trace-peak --ckpt on --warmup 2 --steps 4 \
+        --json $OUT/dpo_trl.json
+    TAIL=8 stage dpo_trl_long 200 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
+        --kimitune shared,shared+tiled --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_long.json ;;
+*) echo "usage: open_issues.sh tests|pieces_tests|quant|long|dpo|dpo_trl ..."; exit 2 ;;
 esac
 done
 # the autotuners' choices only (the compiled kernels would pass the 16 MiB a file may bring back)

@@ -1,4 +1,5 @@
-"""On a CUDA GPU with fla-core: layers in pieces (model/pieces.py) against whole layers in bf16 (fla's KDA with
+"""On a CUDA GPU with fla-core: layers in pieces (model/pieces.py), and feed-forward blocks in shards of tokens
+(model/tiled_mlp.py), against whole layers in bf16 (fla's KDA with
 carried states, MLA over the earlier pieces block by block: kimitune.ops.prefix_attention, whose own GPU test is in
 tests/ops/test_prefix_attention.py).
 
@@ -26,7 +27,8 @@ def relative(got, ref):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_pieces_equal_the_whole_layers_in_bf16(packed):
+@pytest.mark.parametrize("piece, shards", [(128, 1), (None, 3), (128, 2)], ids=["pieces", "tiled", "both"])
+def test_pieces_equal_the_whole_layers_in_bf16(packed, piece, shards):
     torch.manual_seed(0)
     config = micro_config(hidden_size=128, kda_num_heads=2, kda_head_dim=64, num_attention_heads=2, head_dim=64,
                           qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, kv_lora_rank=64)
@@ -45,9 +47,10 @@ def test_pieces_equal_the_whole_layers_in_bf16(packed):
     else:
         input_ids, cu = torch.randint(0, 250, (2, 300), device="cuda"), None
     results = []
-    for piece in (None, 128):
+    for piece_len, mlp_shards in ((None, 1), (piece, shards)):
         model.zero_grad(set_to_none=True)
-        options = RunOptions(recompute_layers=model.recomputed_layers(), sequence_piece_len=piece)
+        options = RunOptions(recompute_layers=model.recomputed_layers(), sequence_piece_len=piece_len,
+                             mlp_shards=mlp_shards)
         out = model(input_ids, labels=input_ids, cu_seqlens=cu, return_logits=False, options=options)
         out.loss.backward()
         results.append((out.loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}))
