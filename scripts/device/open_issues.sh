@@ -43,7 +43,7 @@ long)
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_int8 230 python benchmarks/train_long.py --bits 8 \
         --seq 131072,262144 --cap-gib 80 --offload --warmup 1 --steps 2 --json $OUT/long_int8.json ;;
 pieces_tests)
-    FIRST_CONFIG=1 TAIL=12 stage pieces_tests 150 python -m pytest -q -p no:cacheprovider -m gpu -rfEs \
+    FIRST_CONFIG=1 TAIL=12 stage pieces_tests 100 python -m pytest -q -p no:cacheprovider -m gpu -rfEs \
         tests/model/test_pieces_gpu.py tests/model/test_shared_prompts.py ;;
 dpo)
     TAIL=8 stage dpo_kimitune 220 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
@@ -55,7 +55,7 @@ dpo_trl)
     TAIL=40 stage dpo_trl 280 python benchmarks/dpo_gpu.py --pairs 8 --prompt 1024 --reply 512 \
         --kimitune whole,shared,shared+tiled,piece=2048 --trace-peak --ckpt on --warmup 2 --steps 4 \
         --json $OUT/dpo_trl.json
-    TAIL=8 stage dpo_trl_long 200 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
+    TAIL=8 stage dpo_trl_long 180 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
         --kimitune shared,shared+tiled --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_long.json ;;
 *) echo "usage: open_issues.sh tests|pieces_tests|quant|long|dpo|dpo_trl ..."; exit 2 ;;
 esac
