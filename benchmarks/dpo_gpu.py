@@ -27,8 +27,6 @@ and for every row of kimitune's:
   compute; TRL is then left out (a note says so).
 - ``--layers 27``: the whole 48B, built straight on the GPU in bf16 or quantised form, one layer at a time
   (train_48b.py's ``build``: no CPU state dict, which at 48B would be too slow and too big); TRL would not fit.
-- ``--trace-peak``: the allocator's history of the first timed step, replayed (benchmarks/peak_trace.py): what is
-  live at its peak, by where it was allocated.
 
 Tokens/s counts the tokens of both sequences of every pair (no padding) over the timed steps; peak is the GPU's
 (kimitune's measured from the built model on: the build's own transients left out; its JSON row also gives the
@@ -126,6 +124,15 @@ def packed_batch(examples: list[dict], shared_prompt: bool = False):
                            len(ids), trained)
 
 
+_STARTED = time.perf_counter()
+
+
+def _say(message: str) -> None:
+    """A progress line with the seconds since the start: a run stopped by a time limit still tells how far it got
+    (a fresh GPU's first steps compile and autotune for minutes)."""
+    print(f"[{time.perf_counter() - _STARTED:6.1f} s] {message}", flush=True)
+
+
 def _sync() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
@@ -166,7 +173,7 @@ def build_kimitune(cfg, state, ckpt: bool, quant: str | None, piece: int | None,
 
 
 def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quant: str | None = None,
-                 setting: Setting | None = None, trace_peak: bool = False) -> dict:
+                 setting: Setting | None = None) -> dict:
     from kimitune.train.preference import PreferenceObjective, PreferenceSettings, reference_log_probs
     from kimitune.train.step import TrainStep
 
@@ -176,7 +183,9 @@ def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quan
     _fresh()  # the peak from the built model on: a quantising build's bf16 transients are not the step's
     built = _allocated_gib()
     batch = packed_batch(examples, setting.shared_prompt)
+    _say(f"kimitune {setting.name}: built")
     reference = reference_log_probs(model, [batch], len(examples), DEVICE, options)
+    _say(f"kimitune {setting.name}: reference log-probabilities")
     reference_peak = _peak_gib()  # the pass without gradients runs its layers whole (or in pieces)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -184,16 +193,10 @@ def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quan
     step = TrainStep(model, torch.optim.AdamW(params, lr=1e-5, fused=DEVICE == "cuda"), DEVICE, options=options,
                      max_grad_norm=1.0, objective=PreferenceObjective(PreferenceSettings("dpo", beta=0.1), reference))
     counts = step.objective.denominator([batch])
-    losses, trace = [], None
+    losses = []
     for i in range(warmup):
         losses.append(step([batch], counts).loss)
-    if trace_peak and DEVICE == "cuda":  # one step more, recorded, before the timed ones
-        import peak_trace  # benchmarks/peak_trace.py
-
-        with peak_trace.recording() as recorded:
-            step([batch], counts)
-        trace = peak_trace.report(recorded["snapshot"])
-        print("\n".join(trace), flush=True)
+        _say(f"kimitune {setting.name}: warm-up step {i + 1} done")
     _sync()
     start = time.perf_counter()
     for _ in range(steps):
@@ -203,8 +206,6 @@ def kimitune_row(cfg, state, examples, warmup: int, steps: int, ckpt: bool, quan
     result = {"tool": "kimitune", "tokens_per_s": batch.num_tokens / seconds, "step_ms": 1e3 * seconds,
               "peak_gib": max(reference_peak, _peak_gib()), "built_gib": built, "first_loss": losses[0].item(),
               "reference_peak_gib": reference_peak, "steps_peak_gib": _peak_gib(), "setting": setting.name}
-    if trace is not None:
-        result["peak_trace"] = trace
     del model, step
     return result
 
@@ -235,6 +236,7 @@ def trl_row(cfg, state, examples, warmup: int, steps: int, tokenizer_dir: str, w
         def on_step_end(self, *_, **__):
             _sync()
             marks.append(time.perf_counter())
+            _say(f"trl: step {len(marks)} done")
 
     # The pairs go in as TRL's own pre-tokenised examples (its collator's input), in place of the dataset it
     # tokenised at construction: both tools train on the very same tokens.
@@ -271,8 +273,6 @@ def main() -> None:
                         help="kimitune: quantise the frozen weights (before LoRA); TRL's row is then left out")
     parser.add_argument("--kimitune", default="whole",
                         help="kimitune's rows, comma-separated: whole, or piece=N, tiled[=N], shared joined by +")
-    parser.add_argument("--trace-peak", action="store_true",
-                        help="kimitune: print what is live at a recorded step's peak, by where it was allocated")
     parser.add_argument("--work", default="/tmp/dpo_gpu")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU: checks the script only")
@@ -301,6 +301,7 @@ def main() -> None:
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     # The whole 48B is built on the device by kimitune_row itself: no state dict on the CPU.
     state = None if args.layers == WHOLE_48B else lora_peers.random_state(cfg, dtype, DEVICE)
+    _say("weights drawn")
     examples = random_pairs(args.pairs, args.prompt, args.reply, cfg.vocab_size)
     unquantised = "bf16" if dtype == torch.bfloat16 else "fp32"
     rows = []
@@ -309,7 +310,7 @@ def main() -> None:
         if tool == "kimitune":
             for setting in settings:
                 rows.append(kimitune_row(cfg, state, examples, args.warmup, args.steps, args.ckpt == "on",
-                                         args.quant, setting, args.trace_peak))
+                                         args.quant, setting))
                 rows[-1].update(common, weights=args.quant or unquantised)
                 print(json.dumps(rows[-1]), flush=True)
         elif tool == "trl":

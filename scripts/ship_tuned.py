@@ -26,13 +26,22 @@ def main(archive: str) -> None:
         for file in sorted(Path(folder).glob("*/tuned_kernels/*/fla-*/*.json")):
             gpu, version = file.parent.parent.name, file.parent.name
             data = json.loads(file.read_text())
+            # a process's folder also holds what it was seeded with from another GPU's shipped configs
+            # (tuned_kernels.shipped_folders): only what was tuned on this GPU is shipped as its own
+            seeded = {}
+            for other in tuned_kernels.SHIPPED.glob(f"*/{version}/{file.name}"):
+                if other.parent.parent.name != gpu:
+                    seeded.update(tuned_kernels.read_entries(other))
+            entries = {digest: entry for digest, entry in data["autotune_entries"].items()
+                       if seeded.get(digest, {}).get("config") != entry["config"]}
+            if not entries:
+                continue
             target = tuned_kernels.SHIPPED / gpu / version / file.name
-            added = tuned_kernels.merge_entries(target, data["kernel_name"], data["autotune_entries"],
-                                                data.get("triton_version"))
+            added = tuned_kernels.merge_entries(target, data["kernel_name"], entries, data.get("triton_version"))
             print(f"{gpu}/{version}/{file.name}: {added} added")
         for info in Path(folder).glob("*/tuned_kernels/*/gpu.json"):  # its compute capability: for its siblings
             target = tuned_kernels.SHIPPED / info.parent.name / "gpu.json"
-            if target.parent.is_dir() and not target.exists():
+            if target.parent.is_dir() and not target.exists():  # its folder exists once something was shipped
                 target.write_text(info.read_text())
 
 

@@ -137,6 +137,20 @@ def test_a_gpu_without_shipped_configs_starts_from_a_same_capability_gpus(clean_
     assert json.loads((folder.parent / "gpu.json").read_text())["capability"] == list(capability)
 
 
+def test_a_gpus_own_configs_come_before_a_same_capability_gpus(clean_env, monkeypatch):
+    monkeypatch.setattr(tuned_kernels, "SHIPPED", clean_env / "shipped")
+    shipped_folder(clean_env / "shipped", {"a": {"autotune_key": [1], "config": {"kwargs": {"B": 1}}},
+                                           "b": {"autotune_key": [2], "config": {"kwargs": {"B": 1}}}})
+    (clean_env / "shipped" / "NVIDIA_H200" / "gpu.json").write_text('{"name": "NVIDIA H200", "capability": [9, 0]}')
+    own = clean_env / "shipped" / "NVIDIA_H100" / "fla-0.6.0"
+    own.mkdir(parents=True)
+    (own / "k.json").write_text(json.dumps({"kernel_name": "k", "autotune_entries": {
+        "a": {"autotune_key": [1], "config": {"kwargs": {"B": 2}}}}}))
+    folder = tuned_kernels.use_tuned_configs("NVIDIA H100", "0.6.0", (9, 0))
+    entries = json.loads((folder / "k.json").read_text())["autotune_entries"]
+    assert entries["a"]["config"]["kwargs"] == {"B": 2} and entries["b"]["config"]["kwargs"] == {"B": 1}
+
+
 def test_the_shipped_gpus_say_their_capability():
     for folder in sorted(p for p in tuned_kernels.SHIPPED.iterdir() if p.is_dir()):
         info = json.loads((folder / "gpu.json").read_text())

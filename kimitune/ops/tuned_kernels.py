@@ -7,8 +7,8 @@ it, so kimitune fills those results before the first launch (`seed_autotuners`, 
 import fla's kernels) from one folder per GPU model and fla version in the user's cache,
 ``$KIMITUNE_CACHE_DIR/tuned_kernels/<GPU>/fla-<version>`` (default ``$XDG_CACHE_HOME/kimitune``, else
 ``~/.cache/kimitune``), which starts as a copy of the configs shipped in ``kimitune/ops/tuned/<GPU>/fla-<version>/``
-(`use_tuned_configs`; a GPU with no shipped folder of its own starts from a same-capability GPU's: an H100 from the
-H200's), and adds what a process tuned (`save_tuned_configs`, after a training step). Only the exact
+(`use_tuned_configs`; the keys a GPU's own shipped configs lack are filled from a same-capability GPU's: an H100's
+from the H200's), and adds what a process tuned (`save_tuned_configs`, after a training step). Only the exact
 key is seeded, and only with one of the kernel's own candidates: never a config chosen for other sizes. Triton's own
 autotune cache (kimitune/triton_env.py) is keyed by hashes of the Triton build and the kernel's source, so it serves
 only the machine that tuned; fla's config files (``FLA_CACHE_MODE``) reach only fla's own autotuner class, not the
@@ -134,31 +134,32 @@ def seed_from(shipped: Path, folder: Path) -> int:
     return added
 
 
-def shipped_folder(device_name: str, fla_version: str, capability: tuple[int, int] | None = None) -> Path:
-    """The shipped configs for this GPU: its own folder, else (when it has none) that of a GPU of the same compute
-    capability (``<GPU>/gpu.json``: ``{"name", "capability"}``), whose kernels have the same shared memory and
-    instructions, so its choices run here, close to the best: an H100 takes the H200's rather than tuning for
-    minutes. A GPU with neither gets its own (missing) folder: nothing is seeded and fla tunes."""
+def shipped_folders(device_name: str, fla_version: str, capability: tuple[int, int] | None = None) -> list[Path]:
+    """The shipped configs for this GPU, first choice first: its own folder, then those of the GPUs of the same
+    compute capability (``<GPU>/gpu.json``: ``{"name", "capability"}``), whose kernels have the same shared memory
+    and instructions, so their choices run here close to the best: an H100 fills the keys it has not tuned with the
+    H200's rather than tuning them for minutes."""
     own = folder_for(device_name, fla_version, SHIPPED)
-    if own.is_dir() or capability is None:
-        return own
+    folders = [own] if own.is_dir() else []
+    if capability is None:
+        return folders
     for info in sorted(SHIPPED.glob("*/gpu.json")):
         sibling = info.parent / f"fla-{fla_version}"
         try:
             same = tuple(json.loads(info.read_text())["capability"]) == tuple(capability)
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if same and sibling.is_dir():
-            logger.info("no kernel configs are shipped for %s: starting from those tuned on %s (compute "
-                        "capability %d.%d)", device_name, info.parent.name, *capability)
-            return sibling
-    return own
+        if same and sibling.is_dir() and sibling != own:
+            logger.info("kernel configs tuned on %s (compute capability %d.%d) fill the keys not tuned on %s",
+                        info.parent.name, *capability, device_name)
+            folders.append(sibling)
+    return folders
 
 
 def use_tuned_configs(device_name: str, fla_version: str | None = None,
                       capability: tuple[int, int] | None = None) -> Path | None:
-    """This GPU's kernel config folder, the shipped configs merged in (`shipped_folder`: its own, or a same-
-    capability GPU's), as the folder this process seeds from and saves to; None where the user turned caching off
+    """This GPU's kernel config folder, the shipped configs merged in (`shipped_folders`: its own, then same-
+    capability GPUs' for the keys still missing), as the folder this process seeds from and saves to; None where the user turned caching off
     (``FLA_CACHE_RESULTS=0``) or the cache cannot be written. ``capability`` is also written beside it (``gpu.json``)
     so that configs shipped from there (scripts/ship_tuned.py) can serve that GPU's siblings."""
     global _config_dir
@@ -173,7 +174,8 @@ def use_tuned_configs(device_name: str, fla_version: str | None = None,
         folder.mkdir(parents=True, exist_ok=True)
         if capability is not None:
             (folder.parent / "gpu.json").write_text(json.dumps({"name": device_name, "capability": list(capability)}))
-        seed_from(shipped_folder(device_name, version, capability), folder)
+        for shipped in shipped_folders(device_name, version, capability):
+            seed_from(shipped, folder)
     except OSError as error:  # a read-only home: fla tunes as it would without kimitune
         logger.warning("kernel configs are not kept across processes: %s", error)
         return None

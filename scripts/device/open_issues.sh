@@ -16,8 +16,10 @@
 . scripts/device/setup.sh
 # FIRST_CONFIG=1: every Triton autotuner tries its first config only (memory figures, not speed, on a fresh machine)
 one_config=$PWD/scripts/device/one_config
+# (a stage with one config keeps none of its choices: FLA_CACHE_RESULTS=0)
 stage() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"
-    PYTHONPATH=$([ "$FIRST_CONFIG" = 1 ] && echo "$one_config:")$PYTHONPATH timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    PYTHONPATH=$([ "$FIRST_CONFIG" = 1 ] && echo "$one_config:")$PYTHONPATH \
+        FLA_CACHE_RESULTS=$([ "$FIRST_CONFIG" = 1 ] && echo 0 || echo 1) timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "rc $?"; tail -${TAIL:-25} "$OUT/$name.log"; }
 alloc=expandable_segments:True
 # kimitune keeps each fla config it tunes as soon as it is tuned (tuned_kernels.keep_as_tuned): a stage stopped by its
@@ -52,11 +54,10 @@ dpo)
         --quant int8 --pairs 8 --prompt 1024 --reply 512 --kimitune whole,shared+tiled --ckpt on --warmup 1 \
         --steps 3 --json $OUT/dpo_48b.json ;;
 dpo_trl)
-    TAIL=40 stage dpo_trl 280 python benchmarks/dpo_gpu.py --pairs 8 --prompt 1024 --reply 512 \
-        --kimitune whole,shared,shared+tiled,piece=2048 --trace-peak --ckpt on --warmup 2 --steps 4 \
-        --json $OUT/dpo_trl.json
-    TAIL=8 stage dpo_trl_long 180 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
-        --kimitune shared,shared+tiled --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_long.json ;;
+    TAIL=14 stage dpo_trl 330 python benchmarks/dpo_gpu.py --pairs 8 --prompt 1024 --reply 512 \
+        --kimitune shared+tiled,shared --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl.json
+    TAIL=10 stage dpo_trl_long 220 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
+        --kimitune shared+tiled --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_long.json ;;
 *) echo "usage: open_issues.sh tests|pieces_tests|quant|long|dpo|dpo_trl ..."; exit 2 ;;
 esac
 done
