@@ -5,10 +5,10 @@
 #   bash scripts/device/open_issues.sh quant   # ~10 min: issue 24's expert products, the 48B fp8, the 4-layer rows, the loss
 #   bash scripts/device/open_issues.sh long    # ~9 min: issue 21's lengths, bf16 and 8-bit capped at 80 GiB
 #   bash scripts/device/open_issues.sh pieces_tests  # ~2 min: the GPU tests of pieces, tiled MLP and shared prompts
-#   bash scripts/device/open_issues.sh dpo     # ~8 min: issue 26's DPO whole, shared prompts, tiled MLP, pieces; the 48B
-#                                              # (int8)
-#   bash scripts/device/open_issues.sh dpo_trl # ~8 min: issue 26's targets: those settings beside TRL (what is live
-#                                              # at the peak printed), and at twice the lengths
+#   bash scripts/device/open_issues.sh dpo     # ~4 min: issue 26's DPO whole, shared prompts, tiled MLP, pieces
+#   bash scripts/device/open_issues.sh dpo_48b # ~3 min: the whole 48B's DPO (int8, shared prompts)
+#   bash scripts/device/open_issues.sh dpo_trl # ~4 min: issue 26's targets: shared prompts and whole pairs beside TRL,
+#                                              # 8 pairs of 2048 + 2 x 1024 tokens
 # Several groups run one after another in one call: open_issues.sh tests dpo_trl
 # A fresh machine compiles and autotunes every Triton kernel in its first process (minutes): each group ends by
 # packing the autotuners' choices into $OUT/autotune.tgz; copied to .triton_autotune/ here and carried (carry
@@ -49,16 +49,15 @@ pieces_tests)
         tests/model/test_pieces_gpu.py tests/model/test_shared_prompts.py ;;
 dpo)
     TAIL=8 stage dpo_kimitune 220 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
-        --kimitune whole,shared,shared+tiled,piece=2048 --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_kimitune.json
-    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b 250 python benchmarks/dpo_gpu.py --tools kimitune --layers 27 \
-        --quant int8 --pairs 8 --prompt 1024 --reply 512 --kimitune whole,shared+tiled --ckpt on --warmup 1 \
-        --steps 3 --json $OUT/dpo_48b.json ;;
+        --kimitune whole,shared,shared+tiled,piece=2048 --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_kimitune.json ;;
+dpo_48b)
+    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b 170 python benchmarks/dpo_gpu.py --tools kimitune --layers 27 \
+        --quant int8 --pairs 8 --prompt 1024 --reply 512 --kimitune shared --ckpt on --warmup 1 --steps 3 \
+        --json $OUT/dpo_48b.json ;;
 dpo_trl)
-    TAIL=14 stage dpo_trl 330 python benchmarks/dpo_gpu.py --pairs 8 --prompt 1024 --reply 512 \
-        --kimitune shared+tiled,shared --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl.json
-    TAIL=10 stage dpo_trl_long 220 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
-        --kimitune shared+tiled --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_long.json ;;
-*) echo "usage: open_issues.sh tests|pieces_tests|quant|long|dpo|dpo_trl ..."; exit 2 ;;
+    TAIL=10 stage dpo_trl_long 260 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
+        --kimitune shared,whole --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_long.json ;;
+*) echo "usage: open_issues.sh tests|pieces_tests|quant|long|dpo|dpo_48b|dpo_trl ..."; exit 2 ;;
 esac
 done
 # the autotuners' choices only (the compiled kernels would pass the 16 MiB a file may bring back)
