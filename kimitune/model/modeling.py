@@ -98,21 +98,35 @@ class KimiLinearDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, RouterTerms | None, KDAState | MLAState | None]:
         """-> (h, the MoE's routing terms (None for dense layers), new state or None). ``cp_context``: fla's context
         parallelism for a KDA layer on this rank's tokens (model/context_parallel.py); an MLA layer takes none."""
+        h, new_state = self.attend(h, layout, state, return_state, options, cp_context)
+        h, router = self.feed_forward(h, options)
+        return h, router, new_state
+
+    def attend(self, h: torch.Tensor, layout: BatchLayout | None = None, state: KDAState | MLAState | None = None,
+               return_state: bool = False, options: RunOptions = RunOptions(),
+               cp_context=None) -> tuple[torch.Tensor, KDAState | MLAState | None]:
+        """The layer's first half, h [B, T, C] -> (h + attn(norm(h)), new state or None): the part that mixes
+        tokens."""
         if cp_context is not None and not self.is_kda:
             raise ValueError("cp_context is fla's context parallelism for KDA layers: an MLA layer takes none")
         attention_options = {"keep_intermediates": options.kda_keep_intermediates} if self.is_kda else {}
         if cp_context is not None:
             attention_options["cp_context"] = cp_context
         attn_out, new_state = self.self_attn(self.input_layernorm(h), layout, state, return_state, **attention_options)
-        h = h + attn_out
+        return h + attn_out, new_state
+
+    def feed_forward(self, h: torch.Tensor, options: RunOptions = RunOptions()) -> tuple[torch.Tensor,
+                                                                                        RouterTerms | None]:
+        """The layer's second half, token by token: h [B, T, C] -> (h + mlp(norm(h)), the MoE's routing terms or
+        None)."""
         mlp_in = self.post_attention_layernorm(h)
         if options.mlp_shards != 1 and torch.is_grad_enabled():  # nothing to save without gradients
             out, router = tiled_feed_forward(self.mlp, mlp_in, options.mlp_shards)
-            return h + out, router, new_state
+            return h + out, router
         if not self.is_moe:
-            return h + self.mlp(mlp_in), None, new_state
+            return h + self.mlp(mlp_in), None
         moe = self.mlp(mlp_in)
-        return h + moe.hidden, moe.router, new_state
+        return h + moe.hidden, moe.router
 
 
 class KimiLinearModel(nn.Module):

@@ -8,13 +8,13 @@ after that last token:
 
 (``RunOptions.prompt_sequences`` = n: the first n packed sequences are prompts; reply sequence j, counted after
 them, continues from prompt j // 2; sequences after the 2n replies, the row's padding, start from nothing). Every
-decoder layer runs twice: over the prompts, keeping each one's end (a KDA layer's short-conv and recurrent states,
-an MLA layer's normalised latents), then over the replies, each one from its prompt's end: the KDA ops take the
-states as initial states, and an MLA reply's queries attend over its prompt's latents and then its own tokens
-(``MultiheadLatentAttention.attention_over``). Gradients from both replies flow back into the prompt. Each reply
-token's loss is the one it has in ``[P C]``: the reply sequence starts with the prompt's last token p, whose position
-predicts the reply's first token. MoE and MLP blocks are token-wise; their routing terms count each prompt token
-once.
+decoder layer's attention runs twice: over the prompts, keeping each one's end (a KDA layer's short-conv and
+recurrent states, an MLA layer's normalised latents), then over the replies, each one from its prompt's end: the
+KDA ops take the states as initial states, and an MLA reply's queries attend over its prompt's latents and then its
+own tokens (``MultiheadLatentAttention.attention_over``). The MoE or MLP, token by token, then runs once over the
+whole row, and its routing terms count each prompt token once. Gradients from both replies flow back into the
+prompt. Each reply token's loss is the one it has in ``[P C]``: the reply sequence starts with the prompt's last
+token p, whose position predicts the reply's first token.
 
     h [1, T, C], layout (the row's packed bounds), n -> (h [1, T, C], the MoE's RouterTerms or None)
 """
@@ -78,16 +78,15 @@ class PromptSplit:
 
 def layer_after_prompts(layer: nn.Module, h: torch.Tensor, split: PromptSplit, options: RunOptions):
     """A decoder layer over a shared-prompt row h [1, T, C] (the module docstring) -> (out [1, T, C], RouterTerms
-    of its MoE or None)."""
+    of its MoE or None). The attention runs twice, prompts then replies; the feed-forward block, token by token,
+    once over the whole row (twice as many rows for every expert's GEMM as either half would give it)."""
     head, tail = h[:, :split.split], h[:, split.split:]
-    out_head, router, end = layer(head, split.prompts, None, True, options)
+    head, end = layer.attend(head, split.prompts, None, True, options)
     if layer.is_kda:
         state = KDAState(split.starts(end.conv), split.starts(end.recurrent))
     else:
         bounds = split.prompts.host_bounds.tolist()
         state = SequencePrefixes(end.latent, end.k_shared,
                                  [(bounds[p], bounds[p + 1]) if p >= 0 else (0, 0) for p in split.parents])
-    out_tail, tail_router, _ = layer(tail, split.replies, state, False, options)
-    if router is not None:
-        router = router + tail_router
-    return torch.cat([out_head, out_tail], dim=1), router
+    tail, _ = layer.attend(tail, split.replies, state, False, options)
+    return layer.feed_forward(torch.cat([head, tail], dim=1), options)
