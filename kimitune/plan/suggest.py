@@ -61,7 +61,9 @@ def _candidates(train: TrainConfig, model_config: KimiLinearConfig, gpu_bytes: f
         pieced = _long_row_change(train, model_config, gpu_bytes, gpus, rows, host_bytes, **kwargs)
         if pieced is not None:
             candidates.append(pieced)
-    if not train.tiled_mlp:  # one more forward of each feed-forward block; its activations a shard at a time
+    # one more forward of each feed-forward block, its activations a shard at a time; shards of ~hidden_size tokens
+    # starve the experts' GEMMs (it halved a DPO step's speed on the 48B's MoE: benchmarks/RESULTS.md)
+    if not train.tiled_mlp:
         candidates.append({"tiled_mlp": True})
     if train.adapter is None:
         candidates.append({"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True})

@@ -108,6 +108,20 @@ def test_rows_that_cannot_share_their_prompts_are_refused():
         model(ids, labels=labels, cu_seqlens=bounds, options=RunOptions(prompt_sequences=1, sequence_piece_len=4))
 
 
+def test_each_feed_forward_block_runs_once_over_the_whole_row(monkeypatch):
+    """The attention runs over the prompts, then the replies; the MoE / MLP, token by token, once over all the row's
+    tokens (each expert's GEMMs at the whole row's rows: twice the rows of either half)."""
+    model = build(False)
+    ids, labels, bounds = shared_row(pairs(), 4)
+    calls = []
+    for layer in model.model.layers:
+        forward = layer.mlp.forward
+        monkeypatch.setattr(layer.mlp, "forward",
+                            lambda x, forward=forward: calls.append(x.reshape(-1, x.shape[-1]).shape[0]) or forward(x))
+    model(ids, labels=labels, cu_seqlens=bounds, options=RunOptions(prompt_sequences=3))
+    assert calls == [ids.shape[1]] * len(model.model.layers)
+
+
 def test_an_mla_layer_takes_one_span_per_sequence():
     from kimitune.model.mla import SequencePrefixes
 
