@@ -45,17 +45,17 @@ long)
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_int8 230 python benchmarks/train_long.py --bits 8 \
         --seq 131072,262144 --cap-gib 80 --offload --warmup 1 --steps 2 --json $OUT/long_int8.json ;;
 pieces_tests)
-    FIRST_CONFIG=1 TAIL=12 stage pieces_tests 100 python -m pytest -q -p no:cacheprovider -m gpu -rfEs \
+    FIRST_CONFIG=1 TAIL=12 stage pieces_tests 85 python -m pytest -q -p no:cacheprovider -m gpu -rfEs \
         tests/model/test_pieces_gpu.py tests/model/test_shared_prompts.py ;;
 dpo)
     TAIL=8 stage dpo_kimitune 220 python benchmarks/dpo_gpu.py --tools kimitune --pairs 8 --prompt 1024 --reply 512 \
         --kimitune whole,shared,shared+tiled,piece=2048 --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_kimitune.json ;;
 dpo_48b)
-    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b 170 python benchmarks/dpo_gpu.py --tools kimitune --layers 27 \
-        --quant int8 --pairs 8 --prompt 1024 --reply 512 --kimitune shared --ckpt on --warmup 1 --steps 3 \
+    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b 125 python benchmarks/dpo_gpu.py --tools kimitune --layers 27 \
+        --quant int8 --pairs 8 --prompt 1024 --reply 512 --kimitune shared --ckpt on --warmup 1 --steps 2 \
         --json $OUT/dpo_48b.json ;;
 dpo_trl)
-    TAIL=10 stage dpo_trl_long 260 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
+    TAIL=10 stage dpo_trl_long 230 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
         --kimitune shared,whole --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_long.json ;;
 *) echo "usage: open_issues.sh tests|pieces_tests|quant|long|dpo|dpo_48b|dpo_trl ..."; exit 2 ;;
 esac
