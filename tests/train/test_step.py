@@ -134,17 +134,20 @@ def test_cuda_steps_never_wait_for_the_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kind", ["dpo", "orpo"])
+@pytest.mark.parametrize("kind", ["dpo", "orpo", "dpo-shared-prompts"])
 def test_cuda_preference_steps_never_wait_for_the_gpu(kind):
-    """A packed row of two pairs (DPO with its reference log-probabilities, ORPO with its whole-sequence NLL): the
-    per-sequence sums, the pair terms and the rewards stay on the device too."""
+    """A packed row of two pairs (DPO with its reference log-probabilities, ORPO with its whole-sequence NLL, DPO
+    with the pairs' prompts computed once): the per-sequence sums, the pair terms and the rewards stay on the device
+    too."""
     from kimitune.data.preference import PreferenceBatch
     from kimitune.train.preference import PreferenceObjective, PreferenceSettings
 
     model = lora_model(device="cuda", dtype=torch.bfloat16)
-    rows = packed_batch(3, lengths=(6, 8, 7, 9))
+    shared = kind == "dpo-shared-prompts"  # two prompts, then each pair's two replies (model/shared_prompts.py)
+    rows = packed_batch(3, lengths=(5, 7, 3, 4, 2, 5) if shared else (6, 8, 7, 9))
     batch = PreferenceBatch(rows.input_ids, rows.labels, rows.cu_seqlens, torch.tensor([1, 0]), rows.num_tokens,
-                            rows.num_label_tokens)
+                            rows.num_label_tokens, prompts=2 if shared else 0)
+    kind = "dpo" if shared else kind
     reference = torch.tensor([[-40.0, -41.0], [-30.0, -32.0]]) if kind == "dpo" else None
     objective = PreferenceObjective(PreferenceSettings(kind, beta=0.1), reference)
     step = TrainStep(model, optimizer_for(model), "cuda", max_grad_norm=1.0, objective=objective)
