@@ -172,8 +172,9 @@ def use_tuned_configs(device_name: str, fla_version: str | None = None,
     folder = folder_for(device_name, version, user_cache_root() / "tuned_kernels")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if capability is not None:
-            (folder.parent / "gpu.json").write_text(json.dumps({"name": device_name, "capability": list(capability)}))
+        info = folder.parent / "gpu.json"
+        if capability is not None and not info.exists():
+            info.write_text(json.dumps({"name": device_name, "capability": list(capability)}))
         for shipped in shipped_folders(device_name, version, capability):
             seed_from(shipped, folder)
     except OSError as error:  # a read-only home: fla tunes as it would without kimitune
