@@ -159,9 +159,10 @@ def shipped_folders(device_name: str, fla_version: str, capability: tuple[int, i
 def use_tuned_configs(device_name: str, fla_version: str | None = None,
                       capability: tuple[int, int] | None = None) -> Path | None:
     """This GPU's kernel config folder, the shipped configs merged in (`shipped_folders`: its own, then same-
-    capability GPUs' for the keys still missing), as the folder this process seeds from and saves to; None where the user turned caching off
-    (``FLA_CACHE_RESULTS=0``) or the cache cannot be written. ``capability`` is also written beside it (``gpu.json``)
-    so that configs shipped from there (scripts/ship_tuned.py) can serve that GPU's siblings."""
+    capability GPUs' for the keys still missing), as the folder this process seeds from and saves to; None where
+    the user turned caching off (``FLA_CACHE_RESULTS=0``) or the cache cannot be written. ``capability`` is also
+    written beside it once (``gpu.json``), so that configs shipped from there (scripts/ship_tuned.py) can serve that
+    GPU's siblings."""
     global _config_dir
     if os.environ.get("FLA_CACHE_RESULTS") == "0":
         return None
