@@ -48,3 +48,12 @@ def test_benchmark_smoke_run(name, tmp_path):
         rows = json.loads(out.read_text())
         rows = rows["results"] if isinstance(rows, dict) else rows
         assert rows and all("error" not in row and "failed" not in row for row in rows), rows
+
+
+@pytest.mark.parametrize("spec, named", [("shared+bogus", "'bogus'"), ("piece=0", "'piece=0'"),
+                                         ("tiled=x", "'tiled=x'")])
+def test_dpo_gpu_names_a_kimitune_setting_it_does_not_know(spec, named):
+    finished = subprocess.run([sys.executable, "benchmarks/dpo_gpu.py", "--smoke", "--kimitune", f"whole,{spec}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2 and f"--kimitune: {named} in {spec!r} is none of" in finished.stderr, \
+        finished.stderr

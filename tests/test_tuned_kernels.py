@@ -151,6 +151,13 @@ def test_a_gpus_own_configs_come_before_a_same_capability_gpus(clean_env, monkey
     assert entries["a"]["config"]["kwargs"] == {"B": 2} and entries["b"]["config"]["kwargs"] == {"B": 1}
 
 
+def test_a_malformed_gpu_json_is_passed_over(clean_env, monkeypatch):
+    monkeypatch.setattr(tuned_kernels, "SHIPPED", clean_env / "shipped")
+    shipped_folder(clean_env / "shipped", {"a": {"autotune_key": [1], "config": {"kwargs": {}}}})
+    (clean_env / "shipped" / "NVIDIA_H200" / "gpu.json").write_text('{"capability": 9}')
+    assert tuned_kernels.shipped_folders("NVIDIA H100", "0.6.0", (9, 0)) == []
+
+
 def test_the_shipped_gpus_say_their_capability():
     for folder in sorted(p for p in tuned_kernels.SHIPPED.iterdir() if p.is_dir()):
         info = json.loads((folder / "gpu.json").read_text())
