@@ -122,9 +122,10 @@ def estimate(cfg: KimiLinearConfig, spec: QuantSpec, seq: int, experts: bool) ->
     return parts
 
 
-def build(cfg: KimiLinearConfig, spec: QuantSpec | None, device: str, dtype: torch.dtype, experts: bool):
-    """The quantised model (``spec`` None: all in ``dtype``, initialised on ``device`` in that dtype) with LoRA;
-    returns (model, build seconds)."""
+def build(cfg: KimiLinearConfig, spec: QuantSpec | None, device: str, dtype: torch.dtype, experts: bool,
+          lora: bool = True):
+    """The quantised model (``spec`` None: all in ``dtype``, initialised on ``device`` in that dtype) with LoRA
+    (``lora`` False: without, e.g. for its weights to go to the peer); returns (model, build seconds)."""
     start = time.perf_counter()
     torch.manual_seed(0)
     if spec is None:
@@ -137,7 +138,9 @@ def build(cfg: KimiLinearConfig, spec: QuantSpec | None, device: str, dtype: tor
             torch.set_default_dtype(default)
     else:
         model = init_quantized(cfg, spec, device=device, dtype=dtype)
-    apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear", target_experts=experts))
+    if lora:
+        apply_lora(model, LoraSettings(r=LORA_R, alpha=LORA_ALPHA, target_modules="all-linear",
+                                       target_experts=experts))
     model.train()
     if device == "cuda":
         torch.cuda.synchronize()

@@ -17,6 +17,7 @@ SMOKE_RUNS = {
                   "--ckpt", "off,on", "--warmup", "1", "--steps", "1"],
     "train_48b": ["benchmarks/train_48b.py", "--smoke"],
     "train_long": ["benchmarks/train_long.py", "--smoke", "--tiled-mlp"],
+    "train_long_peer": ["benchmarks/train_long.py", "--smoke", "--peer", "--steps", "1"],
     "long_data": ["benchmarks/long_data.py", "--words", "2000"],
     "train_multi_gpu": ["benchmarks/train_multi_gpu.py", "--smoke", "--gpus", "1,2", "--seq", "64", "--reshard",
                         "on,off", "--warmup", "1", "--steps", "1"],

@@ -9,6 +9,8 @@
 #   bash scripts/device/open_issues.sh dpo_48b # ~3 min: the whole 48B's DPO (int8, shared prompts)
 #   bash scripts/device/open_issues.sh h200    # ~9 min, an H200 (needs_h200): the bf16 48B's DPO and 32,768 and
 #                                              # 262,144 tokens in bf16
+#   bash scripts/device/open_issues.sh peer_long  # ~5 min, an H200 (needs_h200): the peer's (transformers + PEFT)
+#                                                 # longest sequence of the bf16 48B, issue 21's 10x
 #   bash scripts/device/open_issues.sh dpo_trl # ~4 min: issue 26's targets: shared prompts and whole pairs beside TRL,
 #                                              # 8 pairs of 2048 + 2 x 1024 tokens
 # Several groups run one after another in one call: open_issues.sh tests dpo_trl
@@ -62,10 +64,13 @@ h200)  # what needs an H200's memory (run with needs_h200): the bf16 48B's DPO, 
         --json $OUT/dpo_48b_bf16.json
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_bf16 400 python benchmarks/train_long.py --bits 16 \
         --seq 32768,262144 --warmup 1 --steps 1 --json $OUT/long_bf16.json ;;
+peer_long)
+    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=12 stage peer_long 330 python benchmarks/train_long.py --peer \
+        --seq 8192,16384,24576,32768,40960,49152,65536 --warmup 1 --steps 1 --json $OUT/peer_long.json ;;
 dpo_trl)
     TAIL=10 stage dpo_trl_long 230 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
         --kimitune shared,whole --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_long.json ;;
-*) echo "usage: open_issues.sh tests|pieces_tests|quant|long|dpo|dpo_48b|h200|dpo_trl ..."; exit 2 ;;
+*) echo "usage: open_issues.sh tests|pieces_tests|quant|long|dpo|dpo_48b|h200|peer_long|dpo_trl ..."; exit 2 ;;
 esac
 done
 # the autotuners' choices only (the compiled kernels would pass the 16 MiB a file may bring back)
