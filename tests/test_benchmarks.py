@@ -28,6 +28,7 @@ SMOKE_RUNS = {
     "dpo_gpu": ["benchmarks/dpo_gpu.py", "--smoke", "--kimitune", "piece=8+tiled=2,shared"],
     "fp8_loss": ["benchmarks/fp8_loss.py", "--smoke"],
     "fp8_grouped": ["benchmarks/fp8_grouped.py", "--smoke", "--repeats", "1"],
+    "prefix_attention_gpu": ["benchmarks/prefix_attention_gpu.py", "--smoke", "--blocks", "0,2", "--reps", "1"],
 }
 
 
@@ -36,7 +37,7 @@ def test_benchmark_smoke_run(name, tmp_path):
     out = tmp_path / "rows.json"
     command = [sys.executable, *SMOKE_RUNS[name]]
     if name in ("train_gpu", "train_multi_gpu", "decode", "ce_lora", "loss_gpu", "train_product", "dpo_gpu",
-                "fp8_loss", "fp8_grouped"):
+                "fp8_loss", "fp8_grouped", "prefix_attention_gpu"):
         command += ["--json", str(out)]
     if name in ("train_product", "dpo_gpu"):  # what they write (a model folder and data; TRL's output_dir) goes here
         command += ["--work", str(tmp_path / "work")]

@@ -16,12 +16,15 @@ their log-sum-exps (o = sum_j exp(lse_j - lse) o_j, lse = log sum_j exp(lse_j)).
 attention's backward per block with the merged output and log-sum-exp, which gives that block's exact share of the
 query gradient and its keys' and values' gradients (the method of ring attention); a block's keys and values are
 expanded again there, with gradients, and their gradients flow into the latents and ``params``.
-On CUDA: aten's flash kernels (bf16 / fp16); on the CPU: aten's CPU flash kernels. Values are zero-padded to the
-key width (flash attention takes one head size).
+On a Hopper GPU: cuDNN's fused attention, which takes MLA's value width as it is (128 beside the keys' 192) and runs
+near twice flash attention's rate there (benchmarks/prefix_attention_gpu.py); on other GPUs aten's flash kernels
+(bf16 / fp16), and on the CPU aten's CPU flash kernels, both with the values zero-padded to the key width (flash
+attention takes one head size). ``BACKEND`` names the GPU route ("auto": cuDNN on Hopper; "cudnn"; "flash").
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -30,9 +33,34 @@ import torch.nn.functional as F
 Expand = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+BACKEND = "auto"
+
+
+@functools.cache
+def _hopper_with_cudnn(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0) and torch.backends.cudnn.is_available()
+
+
+def _route(q: torch.Tensor) -> str:
+    """ "cudnn" or "flash" (CUDA, as ``BACKEND`` says), or "cpu"."""
+    if not q.is_cuda:
+        return "cpu"
+    if BACKEND != "auto":
+        return BACKEND
+    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    return "cudnn" if _hopper_with_cudnn(index) else "flash"
+
+
 def _forward(q, k, v, causal: bool, scale: float):
-    """(out, lse [B, H, T] float32, what the backward needs of this call)."""
-    if q.is_cuda:
+    """(out [B, H, T, Dv], lse [B, H, T] float32, what the backward needs of this call). ``v`` is padded to the key
+    width by the caller on the flash routes."""
+    route = _route(q)
+    if route == "cudnn":
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale)
+        # cuDNN's statistics may carry a trailing unit dimension; the merge works on [B, H, T]
+        return out, lse.view(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset, lse.shape)
+    if route == "flash":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale)
         return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
@@ -42,7 +70,13 @@ def _forward(q, k, v, causal: bool, scale: float):
 
 def _backward(grad, q, k, v, out, lse, causal: bool, scale: float, saved):
     """(dq, dk, dv) of one block, given the merged ``out`` and ``lse``."""
-    if q.is_cuda:
+    route = _route(q)
+    if route == "cudnn":
+        cum_q, cum_k, max_q, max_k, seed, offset, lse_shape = saved
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad, q, k, v, out, lse.reshape(lse_shape), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0,
+            causal, scale=scale)
+    if route == "flash":
         cum_q, cum_k, max_q, max_k, seed, offset = saved
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset, scale=scale)
@@ -54,11 +88,16 @@ def _padded(v: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(v, (0, width - v.shape[-1])) if v.shape[-1] < width else v
 
 
+def _value_width(q: torch.Tensor, v: torch.Tensor) -> int:
+    """The width values take in the attention calls: their own on cuDNN's route, the keys' on flash's."""
+    return v.shape[-1] if _route(q) == "cudnn" else q.shape[-1]
+
+
 class _PrefixAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, expand: Expand, scale: float, num_params: int, *tensors):
         params, flat_blocks = tensors[:num_params], tensors[num_params:]
-        width, v_dim = q.shape[-1], v.shape[-1]
+        width, v_dim = _value_width(q, v), v.shape[-1]
         blocks = list(zip(flat_blocks[0::2], flat_blocks[1::2]))
         out, lse, own_saved = _forward(q, k, _padded(v, width), True, scale)
         merged, merged_lse, saved = out.float(), lse, []
@@ -70,7 +109,8 @@ class _PrefixAttention(torch.autograd.Function):
                 o.float() * (block_lse - new_lse).exp().unsqueeze(-1)
             merged_lse = new_lse
             saved.append(block_saved)
-        out = merged.to(q.dtype)
+        # one layout for the output and its gradient, which cuDNN's backward reads side by side
+        out = merged.to(q.dtype, memory_format=torch.contiguous_format)
         ctx.expand, ctx.scale, ctx.v_dim, ctx.own_saved, ctx.block_saved = expand, scale, v_dim, own_saved, saved
         ctx.num_params = num_params
         ctx.save_for_backward(q, k, v, out, merged_lse, *params, *flat_blocks)
@@ -81,7 +121,7 @@ class _PrefixAttention(torch.autograd.Function):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
         params, flat_blocks = tensors[:ctx.num_params], tensors[ctx.num_params:]
         param_grads = [None] * len(params)
-        width = q.shape[-1]
+        width = _value_width(q, v)
         grad = _padded(grad_out.contiguous(), width)
         dq, dk, dv = _backward(grad, q, k, _padded(v, width), out, lse, True, ctx.scale, ctx.own_saved)
         dq = dq.float()

@@ -2,6 +2,7 @@
 # The open issues' GPU runs on one GPU, in groups that each fit one call (each stage under its own timeout, logs and
 # JSON in $OUT):
 #   bash scripts/device/open_issues.sh tests   # ~4 min: GPU tests (8-bit kernels, FP8, context parallelism at N = 1)
+#   bash scripts/device/open_issues.sh attention  # ~1 min: MLA's attention in pieces, cuDNN against flash
 #   bash scripts/device/open_issues.sh quant   # ~10 min: issue 24's expert products, the 48B fp8, the 4-layer rows, the loss
 #   bash scripts/device/open_issues.sh long    # ~9 min: issue 21's lengths, bf16 and 8-bit capped at 80 GiB
 #   bash scripts/device/open_issues.sh pieces_tests  # ~2 min: the GPU tests of pieces, tiled MLP and shared prompts
@@ -35,7 +36,11 @@ case "$group" in
 tests)
     FIRST_CONFIG=1 TAIL=30 stage gpu_tests 200 python -m pytest -v -p no:cacheprovider -m gpu -rfEs \
         tests/model/test_context_parallel.py tests/model/test_shared_prompts.py tests/model/test_pieces_gpu.py \
-        tests/train/test_step.py tests/ops/test_quant_grouped_mm.py tests/ops/test_fp8_rows.py tests/quant/test_fp8.py ;;
+        tests/train/test_step.py tests/ops/test_quant_grouped_mm.py tests/ops/test_fp8_rows.py tests/quant/test_fp8.py \
+        tests/ops/test_prefix_attention.py ;;
+attention)
+    TAIL=8 stage prefix_attention 120 python benchmarks/prefix_attention_gpu.py --piece 16384 --blocks 0,3 \
+        --json $OUT/prefix_attention.json ;;
 quant)
     TAIL=22 stage fp8_grouped 90 python benchmarks/fp8_grouped.py --tokens 8192 --repeats 10 --json $OUT/fp8_grouped.json
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=4 stage fp8_48b 150 python benchmarks/train_48b.py --bits 8 --fp8 --seq 8192 \
@@ -70,7 +75,7 @@ peer_long)
 dpo_trl)
     TAIL=10 stage dpo_trl_long 230 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
         --kimitune shared,whole --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_long.json ;;
-*) echo "usage: open_issues.sh tests|pieces_tests|quant|long|dpo|dpo_48b|h200|peer_long|dpo_trl ..."; exit 2 ;;
+*) echo "usage: open_issues.sh tests|attention|pieces_tests|quant|long|dpo|dpo_48b|h200|peer_long|dpo_trl ..."; exit 2 ;;
 esac
 done
 # the autotuners' choices only (the compiled kernels would pass the 16 MiB a file may bring back)

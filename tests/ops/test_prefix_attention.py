@@ -58,7 +58,13 @@ def test_only_one_block_is_expanded_at_a_time():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_blockwise_on_the_gpu_matches_the_masked_reference_in_bf16():
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_blockwise_on_the_gpu_matches_the_masked_reference_in_bf16(backend, monkeypatch):
+    """Both GPU routes; the values (64 wide) narrower than the keys (96), as MLA's, and blocks of other lengths than
+    the piece's."""
+    from kimitune.ops import prefix_attention as module
+
+    monkeypatch.setattr(module, "BACKEND", backend)
     kv_b, expand, q, k, v, blocks = setup(B=1, H=4, T=300, rank=64, rope=32, nope=64, v_dim=64, sizes=(256, 100))
     kv_b.cuda().bfloat16()
     move = lambda t: t.detach().cuda().bfloat16().requires_grad_()  # noqa: E731
