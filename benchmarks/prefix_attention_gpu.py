@@ -6,7 +6,8 @@ from its latents (512 + 64 per token) through a kv_b projection (32 heads x (128
 ``kimitune.model.mla`` with ``sequence_piece_len``. The flash route pads the values from 128 to the keys' 192 (flash
 attention takes one head size); cuDNN takes them as they are. TFLOP/s counts the useful attention work only
 (causal own block: half the pairs; 2 x H x (192 + 128) FLOPs a pair forward, 2.5 times that backward), not the
-expansions. The two routes' outputs and gradients are compared.
+expansions. The two routes' outputs and gradients are compared: the script fails if they are further apart than
+bf16 rounding allows.
 
     python benchmarks/prefix_attention_gpu.py                       # piece 16384, 0 and 3 earlier pieces
     python benchmarks/prefix_attention_gpu.py --piece 8192 --blocks 0,1,7
@@ -133,6 +134,10 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    # two bf16 routes apart by more than bf16's rounding: one of them is wrong (exit 1, e.g. for a script to fall back)
+    apart = [r for r in rows if r["out_vs_first"] > 3e-2 or r["grads_vs_first"] > 5e-2]
+    if apart:
+        raise SystemExit(f"the routes disagree: {apart}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 
 import lora_peers  # benchmarks/lora_peers.py
 from kimitune.model import KimiLinearConfig, RunOptions
+from kimitune.ops import prefix_attention
 from kimitune.quant import QuantSpec, weight_bytes
 from train_48b import GiB, build, run_seq, smoke_config  # benchmarks/train_48b.py
 
@@ -47,12 +48,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--attention", choices=("auto", "cudnn", "flash"), default="auto",
+                        help="MLA's attention over earlier pieces (kimitune.ops.prefix_attention.BACKEND)")
     parser.add_argument("--peer", action="store_true", help="transformers + PEFT instead of kimitune (bf16)")
     parser.add_argument("--smoke", action="store_true", help="tiny depth/width on the CPU: checks the script only")
     args = parser.parse_args()
     if args.peer and args.bits != 16:
         parser.error("--peer runs bf16 weights (--bits 16)")
 
+    prefix_attention.BACKEND = args.attention
     device = "cpu" if args.smoke else "cuda"
     cfg = smoke_config() if args.smoke else KimiLinearConfig.preset("kimi-linear-48b-a3b")
     seqs = sorted(int(s) for s in args.seq.split(","))
@@ -83,7 +87,7 @@ def main() -> None:
     rows, longest = [], None
     for seq in seqs:
         result = run_row(seq)
-        result.update(tool="peer" if args.peer else "kimitune", bits=args.bits, seq=seq, piece=piece,
+        result.update(tool="peer" if args.peer else "kimitune", attention=args.attention, bits=args.bits, seq=seq, piece=piece,
                       cap_gib=args.cap_gib, offload=args.offload, tiled_mlp=args.tiled_mlp)
         rows.append(result)
         print(json.dumps(result), flush=True)

@@ -25,7 +25,7 @@ one_config=$PWD/scripts/device/one_config
 stage() { local name=$1 limit=$2; shift 2; echo "== $name ($(date +%T))"
     PYTHONPATH=$([ "$FIRST_CONFIG" = 1 ] && echo "$one_config:")$PYTHONPATH \
         FLA_CACHE_RESULTS=$([ "$FIRST_CONFIG" = 1 ] && echo 0 || echo 1) timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    echo "rc $?"; tail -${TAIL:-25} "$OUT/$name.log"; }
+    local rc=$?; echo "rc $rc"; tail -${TAIL:-25} "$OUT/$name.log"; return $rc; }
 alloc=expandable_segments:True
 # kimitune keeps each fla config it tunes as soon as it is tuned (tuned_kernels.keep_as_tuned): a stage stopped by its
 # timeout still leaves them; $OUT/tuned.tgz brings them back for `python scripts/ship_tuned.py` (this GPU's folder in
@@ -64,11 +64,14 @@ dpo_48b)
         --quant int8 --pairs 8 --prompt 1024 --reply 512 --kimitune shared --ckpt on --warmup 1 --steps 2 \
         --json $OUT/dpo_48b.json ;;
 h200)  # what needs an H200's memory (run with needs_h200): the bf16 48B's DPO, and its long lengths in bf16
+    # MLA's attention in pieces on cuDNN, checked and timed against flash first; flash for the lengths if it failed
+    TAIL=8 stage prefix_attention 60 python benchmarks/prefix_attention_gpu.py --piece 16384 --blocks 0,3 \
+        --json $OUT/prefix_attention.json && attention=auto || attention=flash
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b_bf16 120 python benchmarks/dpo_gpu.py --tools kimitune \
         --layers 27 --pairs 8 --prompt 1024 --reply 512 --kimitune shared --ckpt on --warmup 1 --steps 2 \
         --json $OUT/dpo_48b_bf16.json
-    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_bf16 400 python benchmarks/train_long.py --bits 16 \
-        --seq 32768,262144 --warmup 1 --steps 1 --json $OUT/long_bf16.json ;;
+    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_bf16 330 python benchmarks/train_long.py --bits 16 \
+        --seq 32768,262144 --attention $attention --warmup 1 --steps 1 --json $OUT/long_bf16.json ;;
 peer_long)
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=12 stage peer_long 330 python benchmarks/train_long.py --peer \
         --seq 8192,16384,24576,32768,40960,49152,65536 --warmup 1 --steps 1 --json $OUT/peer_long.json ;;
