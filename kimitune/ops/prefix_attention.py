@@ -16,8 +16,9 @@ their log-sum-exps (o = sum_j exp(lse_j - lse) o_j, lse = log sum_j exp(lse_j)).
 attention's backward per block with the merged output and log-sum-exp, which gives that block's exact share of the
 query gradient and its keys' and values' gradients (the method of ring attention); a block's keys and values are
 expanded again there, with gradients, and their gradients flow into the latents and ``params``.
-On a Hopper GPU: cuDNN's fused attention, which takes MLA's value width as it is (128 beside the keys' 192) and runs
-near twice flash attention's rate there (benchmarks/prefix_attention_gpu.py); on other GPUs aten's flash kernels
+On a Hopper GPU: cuDNN's fused attention, which takes MLA's value width as it is (128 beside the keys' 192), so no
+work goes to padding, and is what sdpa itself picks there (benchmarks/prefix_attention_gpu.py times it against
+flash attention); on other GPUs aten's flash kernels
 (bf16 / fp16), and on the CPU aten's CPU flash kernels, both with the values zero-padded to the key width (flash
 attention takes one head size). ``BACKEND`` names the GPU route ("auto": cuDNN on Hopper; "cudnn"; "flash").
 """
