@@ -60,7 +60,7 @@ def _forward(q, k, v, causal: bool, scale: float):
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale)
         # cuDNN's statistics may carry a trailing unit dimension; the merge works on [B, H, T]
-        return out, lse.view(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset, lse.shape)
+        return out, lse.reshape(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset, lse.shape)
     if route == "flash":
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale)
