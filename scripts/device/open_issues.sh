@@ -73,8 +73,9 @@ h200)  # what needs an H200's memory (run with needs_h200): the bf16 48B's DPO, 
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_bf16 330 python benchmarks/train_long.py --bits 16 \
         --seq 32768,262144 --attention $attention --warmup 1 --steps 1 --json $OUT/long_bf16.json ;;
 peer_long)
-    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=12 stage peer_long 330 python benchmarks/train_long.py --peer \
-        --seq 8192,16384,24576,32768,40960,49152,65536 --warmup 1 --steps 1 --json $OUT/peer_long.json ;;
+    # the longest length that fits is the figure (one autotune config: the peer's kernels at each new length)
+    FIRST_CONFIG=1 PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=12 stage peer_long 330 python benchmarks/train_long.py --peer \
+        --seq 8192,12288,16384,20480,24576,32768,49152,65536 --warmup 1 --steps 1 --json $OUT/peer_long.json ;;
 dpo_trl)
     TAIL=10 stage dpo_trl_long 230 python benchmarks/dpo_gpu.py --pairs 8 --prompt 2048 --reply 1024 \
         --kimitune shared,whole --ckpt on --warmup 2 --steps 4 --json $OUT/dpo_trl_long.json ;;
