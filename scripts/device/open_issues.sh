@@ -70,8 +70,10 @@ h200)  # what needs an H200's memory (run with needs_h200): the bf16 48B's DPO, 
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b_bf16 120 python benchmarks/dpo_gpu.py --tools kimitune \
         --layers 27 --pairs 8 --prompt 1024 --reply 512 --kimitune shared --ckpt on --warmup 1 --steps 2 \
         --json $OUT/dpo_48b_bf16.json
-    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_bf16 330 python benchmarks/train_long.py --bits 16 \
-        --seq 32768,262144 --attention $attention --warmup 1 --steps 1 --json $OUT/long_bf16.json ;;
+    # LONG_SEQ / LONG_LIMIT: shorter lengths and stage for a call with less device time left
+    PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_bf16 ${LONG_LIMIT:-330} python benchmarks/train_long.py \
+        --bits 16 --seq ${LONG_SEQ:-32768,262144} --attention $attention --warmup 1 --steps 1 \
+        --json $OUT/long_bf16.json ;;
 peer_long)
     # the longest length that fits is the figure (one autotune config: the peer's kernels at each new length)
     FIRST_CONFIG=1 PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=12 stage peer_long 330 python benchmarks/train_long.py --peer \
