@@ -44,6 +44,18 @@ def test_blockwise_equals_one_masked_attention(sizes):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_a_gpu_route_named_leaves_cpu_tensors_on_the_cpu_route(backend, monkeypatch):
+    from kimitune.ops import prefix_attention as module
+
+    monkeypatch.setattr(module, "BACKEND", backend)
+    kv_b, expand, q, k, v, blocks = setup()
+    out = prefix_attention(q, k, v, blocks, expand, [kv_b.weight], 0.2)
+    torch.testing.assert_close(out, prefix_attention_reference(q, k, v, blocks, expand, [kv_b.weight], 0.2),
+                               rtol=1e-5, atol=1e-5)
+    assert module._route(q) == "cpu" and module._value_width(q, v) == q.shape[-1]
+
+
 def test_only_one_block_is_expanded_at_a_time():
     """What autograd keeps: the queries, own keys and values, the output, its log-sum-exp and the latents; no
     expanded block."""
