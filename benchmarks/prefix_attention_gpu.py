@@ -114,7 +114,7 @@ def main() -> None:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     heads = 2 if args.smoke else HEADS
     piece = 64 if args.smoke else args.piece
-    backends = ["auto"] if args.smoke else args.backends.split(",")
+    backends = ["flash"] if args.smoke else args.backends.split(",")
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"{gpu}: piece {piece}, {heads} heads, keys {NOPE + ROPE} wide, values {V_DIM}")
     rows = []
@@ -130,7 +130,7 @@ def main() -> None:
                   f"gradients {r['grads_vs_first']:.1e}", flush=True)
             rows.append({key: value for key, value in r.items() if not key.startswith("_")})
         del results, first
-    module.BACKEND = "auto"
+    module.BACKEND = "flash"
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

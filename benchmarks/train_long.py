@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the rows here")
-    parser.add_argument("--attention", choices=("auto", "cudnn", "flash"), default="auto",
+    parser.add_argument("--attention", choices=("cudnn", "flash"), default="flash",
                         help="MLA's attention over earlier pieces (kimitune.ops.prefix_attention.BACKEND)")
     parser.add_argument("--peer", action="store_true", help="transformers + PEFT instead of kimitune (bf16)")
     parser.add_argument("--smoke", action="store_true", help="tiny depth/width on the CPU: checks the script only")

@@ -16,16 +16,15 @@ their log-sum-exps (o = sum_j exp(lse_j - lse) o_j, lse = log sum_j exp(lse_j)).
 attention's backward per block with the merged output and log-sum-exp, which gives that block's exact share of the
 query gradient and its keys' and values' gradients (the method of ring attention); a block's keys and values are
 expanded again there, with gradients, and their gradients flow into the latents and ``params``.
-On a Hopper GPU: cuDNN's fused attention, which takes MLA's value width as it is (128 beside the keys' 192), so no
-work goes to padding, and is what sdpa itself picks there (benchmarks/prefix_attention_gpu.py times it against
-flash attention); on other GPUs aten's flash kernels
-(bf16 / fp16), and on the CPU aten's CPU flash kernels, both with the values zero-padded to the key width (flash
-attention takes one head size). ``BACKEND`` names the GPU route ("auto": cuDNN on Hopper; "cudnn"; "flash").
+On CUDA: aten's flash kernels (bf16 / fp16); on the CPU: aten's CPU flash kernels; both with the values zero-padded
+to the key width (flash attention takes one head size). ``BACKEND = "cudnn"`` runs the CUDA calls on cuDNN's fused
+attention instead, which takes MLA's values at their own width (128 beside the keys' 192: no work on padding) and is
+what sdpa itself picks on Hopper. It stays off by default until it has run on a GPU: tests/ops/test_prefix_attention.py
+checks it and benchmarks/prefix_attention_gpu.py times it against flash.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -34,22 +33,12 @@ import torch.nn.functional as F
 Expand = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-BACKEND = "auto"
-
-
-@functools.cache
-def _hopper_with_cudnn(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0) and torch.backends.cudnn.is_available()
+BACKEND = "flash"  # the CUDA route: "flash" or "cudnn"
 
 
 def _route(q: torch.Tensor) -> str:
     """ "cudnn" or "flash" (CUDA, as ``BACKEND`` says), or "cpu"."""
-    if not q.is_cuda:
-        return "cpu"
-    if BACKEND != "auto":
-        return BACKEND
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    return "cudnn" if _hopper_with_cudnn(index) else "flash"
+    return BACKEND if q.is_cuda else "cpu"
 
 
 def _forward(q, k, v, causal: bool, scale: float):

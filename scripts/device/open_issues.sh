@@ -64,9 +64,9 @@ dpo_48b)
         --quant int8 --pairs 8 --prompt 1024 --reply 512 --kimitune shared --ckpt on --warmup 1 --steps 2 \
         --json $OUT/dpo_48b.json ;;
 h200)  # what needs an H200's memory (run with needs_h200): the bf16 48B's DPO, and its long lengths in bf16
-    # MLA's attention in pieces on cuDNN, checked and timed against flash first; flash for the lengths if it failed
+    # MLA's attention in pieces on cuDNN, checked and timed against flash first; the lengths on cuDNN if it agreed
     TAIL=8 stage prefix_attention 60 python benchmarks/prefix_attention_gpu.py --piece 16384 --blocks 0,3 \
-        --json $OUT/prefix_attention.json && attention=auto || attention=flash
+        --json $OUT/prefix_attention.json && attention=cudnn || attention=flash
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b_bf16 120 python benchmarks/dpo_gpu.py --tools kimitune \
         --layers 27 --pairs 8 --prompt 1024 --reply 512 --kimitune shared --ckpt on --warmup 1 --steps 2 \
         --json $OUT/dpo_48b_bf16.json
