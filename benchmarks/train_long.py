@@ -87,8 +87,8 @@ def main() -> None:
     rows, longest = [], None
     for seq in seqs:
         result = run_row(seq)
-        result.update(tool="peer" if args.peer else "kimitune", attention=args.attention, bits=args.bits, seq=seq, piece=piece,
-                      cap_gib=args.cap_gib, offload=args.offload, tiled_mlp=args.tiled_mlp)
+        result.update(tool="peer" if args.peer else "kimitune", attention=args.attention, bits=args.bits, seq=seq,
+                      piece=piece, cap_gib=args.cap_gib, offload=args.offload, tiled_mlp=args.tiled_mlp)
         rows.append(result)
         print(json.dumps(result), flush=True)
         if result.get("oom"):
