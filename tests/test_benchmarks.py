@@ -52,6 +52,12 @@ def test_benchmark_smoke_run(name, tmp_path):
         assert rows and all("error" not in row and "failed" not in row for row in rows), rows
 
 
+def test_train_long_refuses_the_peer_with_quantised_weights():
+    finished = subprocess.run([sys.executable, "benchmarks/train_long.py", "--smoke", "--peer", "--bits", "8"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2 and "--peer runs bf16 weights (--bits 16)" in finished.stderr, finished.stderr
+
+
 @pytest.mark.parametrize("spec, named", [("shared+bogus", "'bogus'"), ("piece=0", "'piece=0'"),
                                          ("tiled=x", "'tiled=x'")])
 def test_dpo_gpu_names_a_kimitune_setting_it_does_not_know(spec, named):
