@@ -149,13 +149,17 @@ def build(cfg: KimiLinearConfig, spec: QuantSpec | None, device: str, dtype: tor
 
 def cap_memory(cap_gib: float | None) -> float | None:
     """Limits the memory this process's caching allocator reserves on the GPU to ``cap_gib`` GiB (None: no limit),
-    before anything is allocated; returns the cap. Past it an allocation raises OutOfMemoryError, which a row
-    reports as OOM, as on a card of that size."""
+    before anything is allocated; returns the cap in force. Past it an allocation raises OutOfMemoryError, which a
+    row reports as OOM, as on a card of that size. A cap above the card's memory leaves the card as the limit (an
+    H100's 79.1 GiB under ``--cap-gib 80``), and says so."""
     if cap_gib is None:
         return None
+    if cap_gib <= 0:
+        raise SystemExit(f"--cap-gib {cap_gib:g}: a cap must be above 0 GiB")
     total = torch.cuda.get_device_properties(0).total_memory
-    if not 0 < cap_gib * GiB <= total:
-        raise SystemExit(f"--cap-gib {cap_gib:g}: the GPU has {total / GiB:.1f} GiB")
+    if cap_gib * GiB >= total:
+        print(f"--cap-gib {cap_gib:g}: the GPU has {total / GiB:.1f} GiB, which is the cap", flush=True)
+        return total / GiB
     torch.cuda.set_per_process_memory_fraction(cap_gib * GiB / total)
     return cap_gib
 

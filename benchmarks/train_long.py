@@ -32,7 +32,7 @@ import lora_peers  # benchmarks/lora_peers.py
 from kimitune.model import KimiLinearConfig, RunOptions
 from kimitune.ops import prefix_attention
 from kimitune.quant import QuantSpec, weight_bytes
-from train_48b import GiB, build, run_seq, smoke_config  # benchmarks/train_48b.py
+from train_48b import GiB, build, cap_memory, run_seq, smoke_config  # benchmarks/train_48b.py
 
 
 def main() -> None:
@@ -63,16 +63,14 @@ def main() -> None:
     piece = args.piece
     if args.smoke:
         seqs, piece = [min(s, 96 * (i + 1)) for i, s in enumerate(seqs[:2])], 64
-    if args.cap_gib and device == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GiB / total))
+    cap_gib = cap_memory(args.cap_gib) if device == "cuda" else None
     spec = None if args.bits == 16 else QuantSpec(args.bits, "nf4", False)
     model, build_s = build(cfg, spec, device, torch.float32 if args.smoke else torch.bfloat16, experts=False,
                            lora=not args.peer)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     tool = "the peer (transformers + PEFT)" if args.peer else f"pieces of {piece} tokens"
     print(f"{gpu}: {args.bits}-bit weights {weight_bytes(model) / GiB:.1f} GiB, built in {build_s:.0f} s; {tool}; "
-          f"cap {args.cap_gib or '-'} GiB", flush=True)
+          f"cap {f'{cap_gib:.1f}' if cap_gib else '-'} GiB", flush=True)
     if args.peer:
         run_row = peer_rows(cfg, model, args.warmup, args.steps, device)
         del model  # its tensors live on in the peer's state dict
@@ -88,7 +86,7 @@ def main() -> None:
     for seq in seqs:
         result = run_row(seq)
         result.update(tool="peer" if args.peer else "kimitune", attention=args.attention, bits=args.bits, seq=seq,
-                      piece=piece, cap_gib=args.cap_gib, offload=args.offload, tiled_mlp=args.tiled_mlp)
+                      piece=piece, cap_gib=cap_gib, offload=args.offload, tiled_mlp=args.tiled_mlp)
         rows.append(result)
         print(json.dumps(result), flush=True)
         if result.get("oom"):
