@@ -48,8 +48,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the rows here")
-    parser.add_argument("--attention", choices=("cudnn", "flash"), default="flash",
-                        help="MLA's attention over earlier pieces (kimitune.ops.prefix_attention.BACKEND)")
+    parser.add_argument("--attention", choices=("auto", "cudnn", "flash"), default="auto",
+                        help="MLA's attention over earlier pieces (kimitune.ops.prefix_attention.BACKEND; auto: "
+                             "cuDNN on Hopper)")
     parser.add_argument("--peer", action="store_true", help="transformers + PEFT instead of kimitune (bf16)")
     parser.add_argument("--smoke", action="store_true", help="tiny depth/width on the CPU: checks the script only")
     args = parser.parse_args()
@@ -85,7 +86,7 @@ def main() -> None:
     rows, longest = [], None
     for seq in seqs:
         result = run_row(seq)
-        result.update(tool="peer" if args.peer else "kimitune", attention=args.attention, bits=args.bits, seq=seq,
+        result.update(tool="peer" if args.peer else "kimitune", attention=prefix_attention.route(torch.device(device)), bits=args.bits, seq=seq,
                       piece=piece, cap_gib=cap_gib, offload=args.offload, tiled_mlp=args.tiled_mlp)
         rows.append(result)
         print(json.dumps(result), flush=True)

@@ -11,16 +11,16 @@ tensors it reads that need gradients (its adapter's). Expanding all S
 earlier tokens at once would hold [B, H, S, Dqk + Dv] and its gradient (43 GiB for the 48B at 1M tokens); here one
 block's exists at a time, in the forward and again in the backward.
 
-Each block is one flash-attention call that also returns the log-sum-exp of its scores; the blocks' outputs merge by
-their log-sum-exps (o = sum_j exp(lse_j - lse) o_j, lse = log sum_j exp(lse_j)). The backward runs flash
+Each block is one fused attention call that also returns the log-sum-exp of its scores; the blocks' outputs merge by
+their log-sum-exps (o = sum_j exp(lse_j - lse) o_j, lse = log sum_j exp(lse_j)). The backward runs the fused
 attention's backward per block with the merged output and log-sum-exp, which gives that block's exact share of the
 query gradient and its keys' and values' gradients (the method of ring attention); a block's keys and values are
 expanded again there, with gradients, and their gradients flow into the latents and ``params``.
-On CUDA: aten's flash kernels (bf16 / fp16); on the CPU: aten's CPU flash kernels; both with the values zero-padded
-to the key width (flash attention takes one head size). ``BACKEND = "cudnn"`` runs the CUDA calls on cuDNN's fused
-attention instead, which takes MLA's values at their own width (128 beside the keys' 192: no work on padding) and is
-what sdpa itself picks on Hopper. It stays off by default until it has run on a GPU: tests/ops/test_prefix_attention.py
-checks it and benchmarks/prefix_attention_gpu.py times it against flash.
+The CUDA calls run on cuDNN's fused attention on Hopper (``BACKEND = "auto"``, the default), which takes MLA's
+values at their own width (128 beside the keys' 192), and on aten's flash kernels on other GPUs (``"flash"``), with
+the values zero-padded to the key width (flash attention takes one head size), as on the CPU (aten's CPU flash
+kernels). cuDNN is the faster route on an H100 (benchmarks/prefix_attention_gpu.py; figures in
+benchmarks/RESULTS.md); tests/ops/test_prefix_attention.py holds both routes to the float32 reference on a GPU.
 """
 
 from __future__ import annotations
@@ -33,12 +33,21 @@ import torch.nn.functional as F
 Expand = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-BACKEND = "flash"  # the CUDA route: "flash" or "cudnn"
+BACKEND = "auto"  # the CUDA route: "auto" (cuDNN on Hopper, flash elsewhere), "cudnn" or "flash"
+
+
+def route(device: torch.device) -> str:
+    """The route attention on ``device`` takes: "cudnn" or "flash" (CUDA, as ``BACKEND`` says), or "cpu"."""
+    if device.type != "cuda":
+        return "cpu"
+    if BACKEND == "auto":
+        # measured on Hopper only (sm_90); other GPUs keep the route their tests and figures come from
+        return "cudnn" if torch.cuda.get_device_capability(device)[0] == 9 else "flash"
+    return BACKEND
 
 
 def _route(q: torch.Tensor) -> str:
-    """ "cudnn" or "flash" (CUDA, as ``BACKEND`` says), or "cpu"."""
-    return BACKEND if q.is_cuda else "cpu"
+    return route(q.device)
 
 
 def _forward(q, k, v, causal: bool, scale: float):

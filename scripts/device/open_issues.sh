@@ -8,7 +8,7 @@
 #   bash scripts/device/open_issues.sh pieces_tests  # ~2 min: the GPU tests of pieces, tiled MLP and shared prompts
 #   bash scripts/device/open_issues.sh dpo     # ~4 min: issue 26's DPO whole, shared prompts, tiled MLP, pieces
 #   bash scripts/device/open_issues.sh dpo_48b # ~3 min: the whole 48B's DPO (int8, shared prompts)
-#   bash scripts/device/open_issues.sh h200    # ~9 min, an H200 (needs_h200): the bf16 48B's DPO and 32,768 and
+#   bash scripts/device/open_issues.sh h200    # ~8 min, an H200 (needs_h200): the bf16 48B's DPO and 32,768 and
 #                                              # 262,144 tokens in bf16
 #   bash scripts/device/open_issues.sh peer_long  # ~5 min, an H200 (needs_h200): the peer's (transformers + PEFT)
 #                                                 # longest sequence of the bf16 48B, issue 21's 10x
@@ -64,15 +64,12 @@ dpo_48b)
         --quant int8 --pairs 8 --prompt 1024 --reply 512 --kimitune shared --ckpt on --warmup 1 --steps 2 \
         --json $OUT/dpo_48b.json ;;
 h200)  # what needs an H200's memory (run with needs_h200): the bf16 48B's DPO, and its long lengths in bf16
-    # MLA's attention in pieces on cuDNN, checked and timed against flash first; the lengths on cuDNN if it agreed
-    TAIL=8 stage prefix_attention 60 python benchmarks/prefix_attention_gpu.py --piece 16384 --blocks 0,3 \
-        --json $OUT/prefix_attention.json && attention=cudnn || attention=flash
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage dpo_48b_bf16 120 python benchmarks/dpo_gpu.py --tools kimitune \
         --layers 27 --pairs 8 --prompt 1024 --reply 512 --kimitune shared --ckpt on --warmup 1 --steps 2 \
         --json $OUT/dpo_48b_bf16.json
     # LONG_SEQ / LONG_LIMIT: shorter lengths and stage for a call with less device time left
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=8 stage long_bf16 ${LONG_LIMIT:-330} python benchmarks/train_long.py \
-        --bits 16 --seq ${LONG_SEQ:-32768,262144} --attention $attention --warmup 1 --steps 1 \
+        --bits 16 --seq ${LONG_SEQ:-32768,262144} --warmup 1 --steps 1 \
         --json $OUT/long_bf16.json ;;
 peer_long)
     # the longest length that fits is the figure (one autotune config: the peer's kernels at each new length)

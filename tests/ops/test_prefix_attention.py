@@ -56,6 +56,21 @@ def test_a_gpu_route_named_leaves_cpu_tensors_on_the_cpu_route(backend, monkeypa
     assert module._route(q) == "cpu" and module._value_width(q, v) == q.shape[-1]
 
 
+@pytest.mark.parametrize("capability, expected", [((9, 0), "cudnn"), ((8, 0), "flash"), ((10, 0), "flash")])
+def test_the_default_route_is_cudnn_on_hopper_only(capability, expected, monkeypatch):
+    """cuDNN was measured faster on Hopper; other GPUs keep flash until measured there. A named route is taken as
+    named, and a CPU device is always the CPU route."""
+    from kimitune.ops import prefix_attention as module
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert module.BACKEND == "auto"
+    assert module.route(torch.device("cuda", 0)) == expected
+    assert module.route(torch.device("cpu")) == "cpu"
+    for named in ("cudnn", "flash"):
+        monkeypatch.setattr(module, "BACKEND", named)
+        assert module.route(torch.device("cuda", 0)) == named
+
+
 def test_only_one_block_is_expanded_at_a_time():
     """What autograd keeps: the queries, own keys and values, the output, its log-sum-exp and the latents; no
     expanded block."""
