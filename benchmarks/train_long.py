@@ -86,8 +86,9 @@ def main() -> None:
     rows, longest = [], None
     for seq in seqs:
         result = run_row(seq)
-        result.update(tool="peer" if args.peer else "kimitune", attention=prefix_attention.route(torch.device(device)), bits=args.bits, seq=seq,
-                      piece=piece, cap_gib=cap_gib, offload=args.offload, tiled_mlp=args.tiled_mlp)
+        result.update(tool="peer" if args.peer else "kimitune", attention=prefix_attention.route(torch.device(device)),
+                      bits=args.bits, seq=seq, piece=piece, cap_gib=cap_gib, offload=args.offload,
+                      tiled_mlp=args.tiled_mlp)
         rows.append(result)
         print(json.dumps(result), flush=True)
         if result.get("oom"):

@@ -28,7 +28,8 @@ SMOKE_RUNS = {
     "dpo_gpu": ["benchmarks/dpo_gpu.py", "--smoke", "--kimitune", "piece=8+tiled=2,shared"],
     "fp8_loss": ["benchmarks/fp8_loss.py", "--smoke"],
     "fp8_grouped": ["benchmarks/fp8_grouped.py", "--smoke", "--repeats", "1"],
-    "prefix_attention_gpu": ["benchmarks/prefix_attention_gpu.py", "--smoke", "--blocks", "0,2", "--reps", "1"],
+    "prefix_attention_gpu": ["benchmarks/prefix_attention_gpu.py", "--smoke", "--blocks", "0,2", "--reps", "1",
+                             "--key-layouts", "model,tokens"],
 }
 
 

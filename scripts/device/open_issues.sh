@@ -2,7 +2,7 @@
 # The open issues' GPU runs on one GPU, in groups that each fit one call (each stage under its own timeout, logs and
 # JSON in $OUT):
 #   bash scripts/device/open_issues.sh tests   # ~4 min: GPU tests (8-bit kernels, FP8, context parallelism at N = 1)
-#   bash scripts/device/open_issues.sh attention  # ~1 min: MLA's attention in pieces, cuDNN against flash
+#   bash scripts/device/open_issues.sh attention  # ~2 min: MLA's attention in pieces, cuDNN against flash, two key layouts
 #   bash scripts/device/open_issues.sh quant   # ~10 min: issue 24's expert products, the 48B fp8, the 4-layer rows, the loss
 #   bash scripts/device/open_issues.sh long    # ~9 min: issue 21's lengths, bf16 and 8-bit capped at 80 GiB
 #   bash scripts/device/open_issues.sh pieces_tests  # ~2 min: the GPU tests of pieces, tiled MLP and shared prompts
@@ -39,8 +39,8 @@ tests)
         tests/train/test_step.py tests/ops/test_quant_grouped_mm.py tests/ops/test_fp8_rows.py tests/quant/test_fp8.py \
         tests/ops/test_prefix_attention.py ;;
 attention)
-    TAIL=8 stage prefix_attention 120 python benchmarks/prefix_attention_gpu.py --piece 16384 --blocks 0,3 \
-        --json $OUT/prefix_attention.json ;;
+    TAIL=10 stage prefix_attention 120 python benchmarks/prefix_attention_gpu.py --piece 16384 --blocks 0,3 \
+        --key-layouts model,tokens --json $OUT/prefix_attention.json ;;
 quant)
     TAIL=22 stage fp8_grouped 90 python benchmarks/fp8_grouped.py --tokens 8192 --repeats 10 --json $OUT/fp8_grouped.json
     PYTORCH_CUDA_ALLOC_CONF=$alloc TAIL=4 stage fp8_48b 150 python benchmarks/train_48b.py --bits 8 --fp8 --seq 8192 \
