@@ -34,7 +34,7 @@ from datetime import date
 
 import torch
 
-import kimitune  # noqa: F401  (sets OMP_WAIT_POLICY before torch's thread pool starts)
+import kimitune  # noqa: F401  (sets OpenMP's spin count before torch's thread pool starts)
 import lora_peers
 from kimitune.config import load_config
 from kimitune.data import load_tokenizer, make_batches, prepare_datasets
