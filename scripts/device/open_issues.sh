@@ -2,7 +2,7 @@
 # The open issues' GPU runs on one GPU, in groups that each fit one call (each stage under its own timeout, logs and
 # JSON in $OUT):
 #   bash scripts/device/open_issues.sh tests   # ~4 min: GPU tests (8-bit kernels, FP8, context parallelism at N = 1)
-#   bash scripts/device/open_issues.sh attention  # ~2 min: MLA's attention in pieces, cuDNN against flash, two key layouts
+#   bash scripts/device/open_issues.sh attention  # ~2 min: MLA's attention in pieces, cuDNN against flash, key layouts
 #   bash scripts/device/open_issues.sh quant   # ~10 min: issue 24's expert products, the 48B fp8, the 4-layer rows, the loss
 #   bash scripts/device/open_issues.sh long    # ~9 min: issue 21's lengths, bf16 and 8-bit capped at 80 GiB
 #   bash scripts/device/open_issues.sh pieces_tests  # ~2 min: the GPU tests of pieces, tiled MLP and shared prompts
