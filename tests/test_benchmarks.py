@@ -66,3 +66,22 @@ def test_dpo_gpu_names_a_kimitune_setting_it_does_not_know(spec, named):
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 2 and f"--kimitune: {named} in {spec!r} is none of" in finished.stderr, \
         finished.stderr
+
+
+def test_the_gpu_memory_cap(monkeypatch):
+    """train_48b.cap_memory (train_48b.py and train_long.py): a cap of 0 or less is refused by name, a cap above the
+    card's memory leaves the card as the limit (--cap-gib 80 on an H100's 79.2 GiB), a smaller one is set."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from train_48b import GiB, cap_memory
+
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Card", (), {"total_memory": int(79.2 * GiB)})())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction: fractions.append(fraction))
+    with pytest.raises(SystemExit, match=r"--cap-gib 0: a cap must be above 0 GiB"):
+        cap_memory(0)
+    assert cap_memory(None) is None and fractions == []
+    assert cap_memory(80) == pytest.approx(79.2, abs=1e-6) and fractions == []
+    assert cap_memory(40) == 40 and fractions == [pytest.approx(40 / 79.2)]

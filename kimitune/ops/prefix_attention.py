@@ -25,6 +25,7 @@ benchmarks/RESULTS.md); tests/ops/test_prefix_attention.py holds both routes to 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -36,13 +37,19 @@ Expand = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor
 BACKEND = "auto"  # the CUDA route: "auto" (cuDNN on Hopper, flash elsewhere), "cudnn" or "flash"
 
 
+@functools.cache
+def _cudnn_is_measured_on(device_index: int) -> bool:
+    # measured on Hopper only (sm_90); other GPUs keep the route their tests and figures come from
+    return torch.cuda.get_device_capability(device_index)[0] == 9 and torch.backends.cudnn.is_available()
+
+
 def route(device: torch.device) -> str:
     """The route attention on ``device`` takes: "cudnn" or "flash" (CUDA, as ``BACKEND`` says), or "cpu"."""
     if device.type != "cuda":
         return "cpu"
     if BACKEND == "auto":
-        # measured on Hopper only (sm_90); other GPUs keep the route their tests and figures come from
-        return "cudnn" if torch.cuda.get_device_capability(device)[0] == 9 else "flash"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return "cudnn" if _cudnn_is_measured_on(index) else "flash"
     return BACKEND
 
 

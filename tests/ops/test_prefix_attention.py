@@ -63,8 +63,14 @@ def test_the_default_route_is_cudnn_on_hopper_only(capability, expected, monkeyp
     from kimitune.ops import prefix_attention as module
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    module._cudnn_is_measured_on.cache_clear()  # a GPU's answer is kept: this test fakes three GPUs as device 0
     assert module.BACKEND == "auto"
     assert module.route(torch.device("cuda", 0)) == expected
+    module._cudnn_is_measured_on.cache_clear()
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: False)  # a torch built without cuDNN
+    assert module.route(torch.device("cuda", 0)) == "flash"
+    module._cudnn_is_measured_on.cache_clear()
     assert module.route(torch.device("cpu")) == "cpu"
     for named in ("cudnn", "flash"):
         monkeypatch.setattr(module, "BACKEND", named)
