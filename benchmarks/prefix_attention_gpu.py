@@ -28,6 +28,7 @@ from torch import nn
 from kimitune.ops import prefix_attention as module
 
 HEADS, NOPE, ROPE, V_DIM, RANK = 32, 128, 64, 128, 512
+KEY_LAYOUTS = ("model", "tokens")
 
 
 def inputs(piece: int, blocks: int, device: str, dtype: torch.dtype, heads: int, key_layout: str, seed: int = 0):
@@ -105,9 +106,8 @@ def run(backend: str, piece: int, blocks: int, reps: int, device: str, dtype: to
     out, grads = forward_backward()
     flops = useful_flops(piece, blocks, heads)
     return {"backend": backend, "key_layout": key_layout, "piece": piece, "blocks": blocks, "forward_ms": forward_ms,
-            "train_ms": train_ms,
-            "forward_tflops": flops / forward_ms / 1e9, "train_tflops": 3.5 * flops / train_ms / 1e9,
-            "_out": out.detach().float(), "_grads": [g.float() for g in grads]}
+            "train_ms": train_ms, "forward_tflops": flops / forward_ms / 1e9,
+            "train_tflops": 3.5 * flops / train_ms / 1e9, "_out": out.detach().float(), "_grads": [g.float() for g in grads]}
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,6 +125,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="the CPU route at a tiny size: checks the script only")
     args = parser.parse_args()
+    layouts = args.key_layouts.split(",")
+    if unknown := [layout for layout in layouts if layout not in KEY_LAYOUTS]:
+        parser.error(f"--key-layouts: {', '.join(unknown)} unknown; known: {', '.join(KEY_LAYOUTS)}")
     default_backend = module.BACKEND
 
     device = "cpu" if args.smoke else "cuda"
@@ -137,7 +140,7 @@ def main() -> None:
     rows = []
     for blocks in (int(b) for b in args.blocks.split(",")):
         results = [run(backend, piece, blocks, args.reps, device, dtype, heads, layout)
-                   for layout in args.key_layouts.split(",") for backend in backends]
+                   for layout in layouts for backend in backends]
         first = results[0]
         for r in results:
             r["out_vs_first"] = relative(r["_out"], first["_out"])

@@ -85,3 +85,9 @@ def test_the_gpu_memory_cap(monkeypatch):
     assert cap_memory(None) is None and fractions == []
     assert cap_memory(80) == pytest.approx(79.2, abs=1e-6) and fractions == []
     assert cap_memory(40) == 40 and fractions == [pytest.approx(40 / 79.2)]
+
+
+def test_prefix_attention_gpu_names_a_key_layout_it_does_not_know():
+    finished = subprocess.run([sys.executable, "benchmarks/prefix_attention_gpu.py", "--smoke", "--key-layouts",
+                               "model,rows"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 2 and "--key-layouts: rows unknown; known: model, tokens" in finished.stderr
