@@ -107,7 +107,8 @@ def run(backend: str, piece: int, blocks: int, reps: int, device: str, dtype: to
     flops = useful_flops(piece, blocks, heads)
     return {"backend": backend, "key_layout": key_layout, "piece": piece, "blocks": blocks, "forward_ms": forward_ms,
             "train_ms": train_ms, "forward_tflops": flops / forward_ms / 1e9,
-            "train_tflops": 3.5 * flops / train_ms / 1e9, "_out": out.detach().float(), "_grads": [g.float() for g in grads]}
+            "train_tflops": 3.5 * flops / train_ms / 1e9,
+            "_out": out.detach().float(), "_grads": [g.float() for g in grads]}
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
